@@ -1,0 +1,234 @@
+"""The ``activation`` command: administration, and the programs that supervisord runs.
+
+Settings come from the environment (see config.py); a few options override them. Every error
+ends in a one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from activation import __version__
+from activation.config import Settings, load_settings
+from activation.errors import ActivationError
+from activation.logs import configure_logging
+from activation.spool import Spool
+
+EXIT_FAILED = 1  # the command ran, and what it reports is a failure (a failed task, a sick worker)
+EXIT_USAGE = 2  # bad arguments or settings
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"activation: {message}", err=True)
+    sys.exit(code)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+class Context:
+    """Lazily built settings, so that `--help` works even when the environment is broken."""
+
+    def __init__(self, spool: Path | None) -> None:
+        self._spool = spool
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(spool=self._spool)
+        return self._settings
+
+    @property
+    def spool(self) -> Spool:
+        return Spool(self.settings.spool)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class Group(click.Group):
+    """Turns ActivationError into a one-line message and exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ActivationError as exc:
+            fail(str(exc), EXIT_USAGE if type(exc).__name__ == "ConfigError" else EXIT_FAILED)
+        except OSError as exc:
+            fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="activation")
+@click.option(
+    "--spool",
+    type=click.Path(path_type=Path),
+    envvar="ACTIVATION_SPOOL",
+    help="Spool root (env ACTIVATION_SPOOL, default ./var/spool).",
+)
+@click.pass_context
+def main(ctx: click.Context, spool: Path | None) -> None:
+    """Wake AI-agent workers the moment a task arrives, and lose no task on the way."""
+    ctx.obj = Context(spool.absolute() if spool else None)
+
+
+def setup_logging(settings: Settings) -> None:
+    configure_logging(level=settings.log_level, fmt=settings.log_format, worker=settings.worker_name)
+
+
+# -- spool administration -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("workers", nargs=-1)
+@pass_ctx
+def init(obj: Context, workers: tuple[str, ...]) -> None:
+    """Create the spool layout, with an inbox for each WORKER."""
+    from activation.config import WORKER_NAME_PATTERN
+
+    for worker in workers:
+        if not WORKER_NAME_PATTERN.match(worker):
+            fail(f"invalid worker name {worker!r}", EXIT_USAGE)
+    obj.spool.init(workers)
+    click.echo(f"spool ready at {obj.spool.root}" + (f" for {', '.join(workers)}" if workers else ""))
+
+
+def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    meta = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--meta expects KEY=VALUE, got {pair!r}", EXIT_USAGE)
+        meta[key] = value
+    return meta
+
+
+@main.command()
+@click.argument("worker")
+@click.argument("description")
+@click.option("--task-id", help="Task id (default: time-sortable and unique).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Agent timeout in seconds.")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata copied into the result; repeatable.")
+@click.option("--wait", is_flag=True, help="Block until the result, print it, exit 1 unless it completed.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), help="Give up waiting after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def dispatch(
+    obj: Context,
+    worker: str,
+    description: str,
+    task_id: str | None,
+    timeout: float | None,
+    meta: tuple[str, ...],
+    wait: bool,
+    wait_timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Give WORKER a task: write it atomically into its inbox and print its id."""
+    from activation import dispatch as dispatching
+
+    settings = obj.settings
+    task = dispatching.build_task(
+        description, task_id=task_id, timeout=timeout, metadata=_parse_meta(meta), max_timeout=settings.max_task_timeout
+    )
+    sent = dispatching.dispatch(obj.spool, worker, task)
+    if not wait:
+        if as_json:
+            print_json({"task_id": sent.task_id, "worker": worker, "transport": sent.transport})
+        else:
+            click.echo(sent.task_id)
+        return
+    location = dispatching.wait_for_outcome(obj.spool, worker, sent.task_id, wait_timeout)
+    outcome = dispatching.read_outcome(location)
+    if as_json:
+        print_json(outcome)
+    else:
+        _print_outcome(location.state, outcome)
+    if location.state != "done" or outcome.get("status") != "completed":
+        sys.exit(EXIT_FAILED)
+
+
+def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
+    if state == "dead":
+        click.echo(f"{outcome.get('task_id')}: dead letter ({outcome.get('reason')}: {outcome.get('detail')})")
+        return
+    click.echo(
+        f"{outcome.get('task_id')}: {outcome.get('status')} (exit {outcome.get('exit_code')}, "
+        f"{outcome.get('duration_s', 0):.3f}s, attempt {outcome.get('attempts')})"
+    )
+    if outcome.get("stdout"):
+        click.echo(outcome["stdout"], nl=not str(outcome["stdout"]).endswith("\n"))
+    if outcome.get("stderr"):
+        click.echo(outcome["stderr"], nl=not str(outcome["stderr"]).endswith("\n"), err=True)
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def show(obj: Context, task_id: str, as_json: bool) -> None:
+    """Show where TASK_ID is, and its result or dead-letter record."""
+    from activation.dispatch import read_outcome
+
+    location = obj.spool.locate(task_id)
+    if location is None:
+        fail(f"no task {task_id!r} in {obj.spool.root}")
+    record = read_outcome(location) if location.state in ("done", "dead", "pending", "processing") else {}
+    if as_json:
+        print_json({"state": location.state, "worker": location.worker, "path": str(location.path), "record": record})
+        return
+    click.echo(f"{task_id}: {location.state} (worker {location.worker}, {location.path})")
+    if location.state in ("done", "dead"):
+        _print_outcome(location.state, record)
+
+
+# -- the programs supervisord runs ------------------------------------------------------------
+
+
+def _run(factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> NoReturn:
+    from activation import metrics
+    from activation.process import run_program
+
+    settings = load_settings()
+    settings.require_worker()
+    setup_logging(settings)
+    if needs_metrics:
+        metrics.enable_multiprocess(settings.run_dir / "metrics")
+    sys.exit(run_program(factory(settings)))
+
+
+@main.group()
+def worker() -> None:
+    """The worker's programs, as supervisord runs them (configured by environment)."""
+
+
+@worker.command()
+def listener() -> None:
+    """Wake on new tasks and serve the work queue."""
+    from activation.listener import Listener
+
+    _run(Listener)
+
+
+@worker.command()
+def executor() -> None:
+    """Run the agent for each task, one at a time."""
+    from activation.executor import Executor
+
+    _run(Executor)
+
+
+@worker.command()
+def heartbeat() -> None:
+    """Report the worker's health and serve its metrics."""
+    from activation.heartbeat import Heartbeat
+
+    _run(Heartbeat)

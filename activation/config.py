@@ -1,0 +1,228 @@
+"""Settings: every knob, read once from the environment into one frozen, validated object.
+
+Nothing else in activation reads ``os.environ`` for configuration. A bad value raises
+`ConfigError` with a one-line message that names the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from activation.errors import ConfigError
+
+WAKE_SOURCES = ("inotify", "poll", "redis")
+ORCHESTRATOR_MODES = ("files", "events", "auto")
+WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+# Variables that are activation's own secrets: never logged, never handed to the agent.
+SECRET_VARIABLES = ("ACTIVATION_ADMIN_TOKEN", "REDIS_URL", "REDIS_PASSWORD")
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to know, validated. Field comments name the variable."""
+
+    worker_name: str | None = None  # WORKER_NAME
+    spool: Path = Path("var/spool")  # ACTIVATION_SPOOL
+    run_dir: Path = Path("var/run")  # ACTIVATION_RUN_DIR (default var/run/<worker>)
+    mode: tuple[str, ...] = ("inotify",)  # ACTIVATION_MODE, comma-separated wake sources
+    agent_command: str = "claude -p {description}"  # ACTIVATION_AGENT_COMMAND
+    task_timeout: float = 600.0  # ACTIVATION_TASK_TIMEOUT
+    max_task_timeout: float = 86400.0  # ACTIVATION_MAX_TASK_TIMEOUT
+    kill_grace: float = 5.0  # ACTIVATION_KILL_GRACE
+    drain_timeout: float = 50.0  # ACTIVATION_DRAIN_TIMEOUT
+    max_attempts: int = 3  # ACTIVATION_MAX_ATTEMPTS
+    poll_interval: float = 1.0  # ACTIVATION_POLL_INTERVAL
+    rescan_interval: float = 5.0  # ACTIVATION_RESCAN_INTERVAL
+    settle_time: float = 2.0  # ACTIVATION_SETTLE_TIME: how old an unreadable file must be to be bad
+    heartbeat_interval: float = 10.0  # ACTIVATION_HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = 30.0  # ACTIVATION_HEARTBEAT_TIMEOUT
+    output_limit: int = 1024 * 1024  # ACTIVATION_OUTPUT_LIMIT, bytes kept per stream
+    metrics_port: int = 9100  # ACTIVATION_METRICS_PORT (0 disables)
+    log_format: str = "text"  # ACTIVATION_LOG_FORMAT: text | json
+    log_level: str = "INFO"  # ACTIVATION_LOG_LEVEL
+    redis_url: str | None = None  # REDIS_URL
+    redis_backoff_max: float = 5.0  # ACTIVATION_REDIS_BACKOFF_MAX
+    orchestrator_mode: str = "files"  # ORCHESTRATOR_MODE
+    response_time_threshold_ms: float = 500.0  # RESPONSE_TIME_THRESHOLD_MS
+    task_rate_threshold: float = 10.0  # TASK_RATE_THRESHOLD, tasks per minute
+    queue_size_threshold: int = 5  # QUEUE_SIZE_THRESHOLD
+    fallback_to_files: bool = True  # FALLBACK_TO_FILES
+    node_env: str | None = None  # NODE_ENV
+    admin_bind: str = "127.0.0.1:8000"  # ACTIVATION_ADMIN_BIND
+    admin_token: str | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_ADMIN_TOKEN
+    recovery_interval: float = 30.0  # ACTIVATION_RECOVERY_INTERVAL
+    orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
+
+    def require_worker(self) -> str:
+        """The worker name, for the programs that cannot run without one."""
+        if not self.worker_name:
+            raise ConfigError("WORKER_NAME: required for this command, but not set")
+        return self.worker_name
+
+    @property
+    def redis_url_redacted(self) -> str | None:
+        """REDIS_URL with any password replaced, safe to log or show."""
+        return redact_url(self.redis_url) if self.redis_url else None
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL such as ``redis://user:secret@host/0``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{netloc}").geturl()
+
+
+def _number(cast: Callable[[str], T], minimum: float | None = None) -> Callable[[str, str], T]:
+    def parse(name: str, raw: str) -> T:
+        try:
+            value = cast(raw.strip())
+        except ValueError:
+            kind = "an integer" if cast is int else "a number"
+            raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+        if minimum is not None and float(value) < minimum:  # type: ignore[arg-type]
+            raise ConfigError(f"{name}: must be at least {minimum:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _boolean(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _mode(name: str, raw: str) -> tuple[str, ...]:
+    sources = tuple(dict.fromkeys(s.strip().lower() for s in raw.split(",") if s.strip()))
+    unknown = [s for s in sources if s not in WAKE_SOURCES]
+    if not sources or unknown:
+        raise ConfigError(f"{name}: expected a comma-separated set of {', '.join(WAKE_SOURCES)}, got {raw!r}")
+    if "inotify" in sources and "poll" in sources:
+        raise ConfigError(f"{name}: choose inotify or poll, not both, got {raw!r}")
+    return sources
+
+
+def _worker(name: str, raw: str) -> str:
+    if not WORKER_NAME_PATTERN.match(raw):
+        raise ConfigError(f"{name}: expected letters, digits, '_' or '-' (max 64), got {raw!r}")
+    return raw
+
+
+def _redis_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name}: expected a redis://, rediss:// or unix:// URL, got {redact_url(raw)!r}")
+    return raw
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _path(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise ConfigError(f"{name}: must not be empty")
+    return Path(raw).expanduser().absolute()
+
+
+def _bind(name: str, raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: expected HOST:PORT, got {raw!r}")
+    return raw
+
+
+# variable -> (field, parser)
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "WORKER_NAME": ("worker_name", _worker),
+    "ACTIVATION_SPOOL": ("spool", _path),
+    "ACTIVATION_RUN_DIR": ("run_dir", _path),
+    "ACTIVATION_MODE": ("mode", _mode),
+    "ACTIVATION_AGENT_COMMAND": ("agent_command", _text),
+    "ACTIVATION_TASK_TIMEOUT": ("task_timeout", _number(float, 0.001)),
+    "ACTIVATION_MAX_TASK_TIMEOUT": ("max_task_timeout", _number(float, 0.001)),
+    "ACTIVATION_KILL_GRACE": ("kill_grace", _number(float, 0)),
+    "ACTIVATION_DRAIN_TIMEOUT": ("drain_timeout", _number(float, 0)),
+    "ACTIVATION_MAX_ATTEMPTS": ("max_attempts", _number(int, 1)),
+    "ACTIVATION_POLL_INTERVAL": ("poll_interval", _number(float, 0.01)),
+    "ACTIVATION_RESCAN_INTERVAL": ("rescan_interval", _number(float, 0.01)),
+    "ACTIVATION_SETTLE_TIME": ("settle_time", _number(float, 0)),
+    "ACTIVATION_HEARTBEAT_INTERVAL": ("heartbeat_interval", _number(float, 0.01)),
+    "ACTIVATION_HEARTBEAT_TIMEOUT": ("heartbeat_timeout", _number(float, 0.01)),
+    "ACTIVATION_OUTPUT_LIMIT": ("output_limit", _number(int, 0)),
+    "ACTIVATION_METRICS_PORT": ("metrics_port", _number(int, 0)),
+    "ACTIVATION_LOG_FORMAT": ("log_format", _choice("text", "json")),
+    "ACTIVATION_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "REDIS_URL": ("redis_url", _redis_url),
+    "ACTIVATION_REDIS_BACKOFF_MAX": ("redis_backoff_max", _number(float, 0.01)),
+    "ORCHESTRATOR_MODE": ("orchestrator_mode", _choice(*ORCHESTRATOR_MODES)),
+    "RESPONSE_TIME_THRESHOLD_MS": ("response_time_threshold_ms", _number(float, 0)),
+    "TASK_RATE_THRESHOLD": ("task_rate_threshold", _number(float, 0)),
+    "QUEUE_SIZE_THRESHOLD": ("queue_size_threshold", _number(int, 0)),
+    "FALLBACK_TO_FILES": ("fallback_to_files", _boolean),
+    "NODE_ENV": ("node_env", _text),
+    "ACTIVATION_ADMIN_BIND": ("admin_bind", _bind),
+    "ACTIVATION_ADMIN_TOKEN": ("admin_token", _text),
+    "ACTIVATION_RECOVERY_INTERVAL": ("recovery_interval", _number(float, 0.01)),
+    "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
+}
+
+KNOWN_VARIABLES = frozenset(_VARIABLES)
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from ``env`` (default: the process environment), then ``overrides``.
+
+    Empty variables count as unset. Overrides are already-typed values, e.g. from click options.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for variable, (field, parse) in _VARIABLES.items():
+        raw = env.get(variable)
+        if raw is not None and raw.strip() != "":
+            values[field] = parse(variable, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.setdefault("spool", Path("var/spool").absolute())
+    if "run_dir" not in values:
+        base = Path("var/run").absolute()
+        worker = values.get("worker_name")
+        values["run_dir"] = base / worker if worker else base
+    values["log_level"] = str(values.get("log_level", "INFO")).upper()
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if settings.task_timeout > settings.max_task_timeout:
+        raise ConfigError(
+            "ACTIVATION_TASK_TIMEOUT: must not exceed ACTIVATION_MAX_TASK_TIMEOUT "
+            f"({settings.task_timeout:g} > {settings.max_task_timeout:g})"
+        )
+    if "{description}" not in settings.agent_command:
+        raise ConfigError("ACTIVATION_AGENT_COMMAND: must contain {description}")

@@ -1,0 +1,302 @@
+"""The spool: the shared folder that is the source of truth for every task.
+
+It owns the layout, atomic writes (temp file, fsync, rename, fsync the folder), claiming by
+rename, results, and the dead letter. A task is always in exactly one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from activation.errors import SpoolError
+from activation.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+
+DEAD_LETTER = ".dead_letter"
+PROCESSING = ".processing"
+RAW_SUFFIX = ".raw"
+TEMP_PREFIX = ".tmp_"
+
+
+def iso_now() -> str:
+    """The current time in UTC, ISO 8601 with microseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def parse_iso(value: object) -> float | None:
+    """An ISO 8601 timestamp as epoch seconds, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
+    """Write ``data`` so that ``path`` is either absent, old, or complete; never half-written.
+
+    The temp file lives in the same folder (a rename never crosses filesystems) and starts
+    with a dot, so no reader ever takes it for a task.
+    """
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, json_bytes(obj), durable=durable)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file the spool wrote; raises OSError or ValueError."""
+    with open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a task id is right now."""
+
+    state: str  # pending | processing | done | dead
+    worker: str | None
+    path: Path
+
+
+class Spool:
+    """Paths and moves inside one spool root. Every method is safe to call from any process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tasks_dir = self.root / "tasks"
+        self.results_dir = self.root / "results"
+        self.heartbeats_dir = self.root / "heartbeats"
+        self.dead_letter_dir = self.tasks_dir / DEAD_LETTER
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def inbox(self, worker: str) -> Path:
+        return self.tasks_dir / worker
+
+    def processing(self, worker: str) -> Path:
+        return self.tasks_dir / worker / PROCESSING
+
+    def results(self, worker: str) -> Path:
+        return self.results_dir / worker
+
+    def task_path(self, worker: str, task_id: str) -> Path:
+        return self.inbox(worker) / f"{task_id}{TASK_SUFFIX}"
+
+    def claim_path(self, worker: str, task_id: str) -> Path:
+        return self.processing(worker) / f"{task_id}{TASK_SUFFIX}"
+
+    def result_path(self, worker: str, task_id: str) -> Path:
+        return self.results(worker) / f"{task_id}{TASK_SUFFIX}"
+
+    def heartbeat_path(self, worker: str) -> Path:
+        return self.heartbeats_dir / f"{worker}.json"
+
+    def dead_letter_path(self, key: str) -> Path:
+        return self.dead_letter_dir / f"{key}{TASK_SUFFIX}"
+
+    def init(self, workers: Iterable[str] = ()) -> None:
+        """Create the layout; existing folders and files are left as they are."""
+        try:
+            for folder in (self.tasks_dir, self.results_dir, self.heartbeats_dir, self.dead_letter_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            for worker in workers:
+                for folder in (self.inbox(worker), self.processing(worker), self.results(worker)):
+                    folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create the spool layout under {self.root}: {exc.strerror}") from None
+
+    def workers(self) -> list[str]:
+        """Every worker the spool knows of: an inbox, a results folder or a heartbeat."""
+        names: set[str] = set()
+        for folder in (self.tasks_dir, self.results_dir):
+            with contextlib.suppress(FileNotFoundError):
+                names.update(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        with contextlib.suppress(FileNotFoundError):
+            names.update(task_id_of(e.name) for e in os.scandir(self.heartbeats_dir) if is_task_name(e.name))
+        return sorted(names)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def inbox_names(self, worker: str) -> list[str]:
+        """Task file names in the inbox, oldest first (FIFO by arrival, then by name)."""
+        entries = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.inbox(worker)) as it:
+            for entry in it:
+                if not is_task_name(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                entries.append((info.st_mtime_ns, entry.name))
+        entries.sort()
+        return [name for _, name in entries]
+
+    def count_inbox(self, worker: str) -> int:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.inbox(worker)) as it:
+            return sum(1 for e in it if is_task_name(e.name))
+        return 0
+
+    def claimed_ids(self, worker: str) -> list[str]:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.processing(worker)) as it:
+            return sorted(task_id_of(e.name) for e in it if is_task_name(e.name))
+        return []
+
+    def has_result(self, worker: str, task_id: str) -> bool:
+        return self.result_path(worker, task_id).exists()
+
+    def dead_letters(self) -> Iterator[Path]:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.dead_letter_dir) as it:
+            for entry in it:
+                if is_task_name(entry.name):
+                    yield Path(entry.path)
+
+    def locate(self, task_id: str, workers: Iterable[str] | None = None) -> Location | None:
+        """Find a task id in the spool: result first, because the result wins over a claim."""
+        if not is_valid_task_id(task_id):
+            return None
+        names = list(workers) if workers is not None else self.workers()
+        for worker in names:
+            path = self.result_path(worker, task_id)
+            if path.exists():
+                return Location("done", worker, path)
+        for worker in names:
+            for state, path in (
+                ("processing", self.claim_path(worker, task_id)),
+                ("pending", self.task_path(worker, task_id)),
+            ):
+                if os.path.lexists(path):
+                    return Location(state, worker, path)
+        path = self.dead_letter_path(task_id)
+        if path.exists():
+            owner: str | None = None
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                owner = read_json(path).get("worker")
+            return Location("dead", owner, path)
+        return None
+
+    # -- moves ------------------------------------------------------------------------------
+
+    def claim(self, worker: str, task_id: str) -> Path | None:
+        """Claim a pending task by renaming it out of the inbox; None if someone else did."""
+        claim = self.claim_path(worker, task_id)
+        try:
+            os.rename(self.task_path(worker, task_id), claim)
+        except FileNotFoundError:
+            return None
+        return claim
+
+    def requeue(self, worker: str, task_id: str, task: dict[str, Any] | None = None) -> Path:
+        """Put a claimed task back in the inbox, first rewriting it in place when ``task`` is given."""
+        claim = self.claim_path(worker, task_id)
+        if task is not None:
+            atomic_write_json(claim, task)
+        target = self.task_path(worker, task_id)
+        os.rename(claim, target)
+        return target
+
+    def write_result(self, worker: str, result: dict[str, Any]) -> Path:
+        """Write the result, then drop the claim. A crash in between leaves both: the result wins."""
+        task_id = result["task_id"]
+        path = self.result_path(worker, task_id)
+        atomic_write_json(path, result)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.claim_path(worker, task_id))
+        return path
+
+    def dead_letter(
+        self,
+        source: Path,
+        *,
+        reason: str,
+        detail: str,
+        worker: str | None,
+        task: dict[str, Any] | None = None,
+    ) -> Path:
+        """Move ``source`` to the dead letter with a reason.
+
+        When the task parsed as a JSON object it is kept in the record; otherwise the original
+        file (or symlink, or folder) is moved beside the record as ``<key>.raw``, so nothing is
+        lost either way. The record is written first: a crash in between leaves the source in
+        place, and handling it again gives the same record.
+        """
+        name = source.name
+        stem = task_id_of(name)
+        if is_valid_task_id(stem):
+            key = stem
+        else:  # a hostile or malformed name never becomes a path component
+            key = "invalid-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        record_path = self.dead_letter_path(key)
+        if task is None and record_path.exists() and not _same_source(record_path, source):
+            key = f"{key}.{secrets.token_hex(3)}"
+            record_path = self.dead_letter_path(key)
+        record: dict[str, Any] = {
+            "task_id": stem if is_valid_task_id(stem) else None,
+            "worker": worker,
+            "reason": reason,
+            "detail": detail,
+            "dead_at": iso_now(),
+            "source": str(source),
+        }
+        if task is not None:
+            record["task"] = task
+        else:
+            record["raw"] = str(self.dead_letter_dir / f"{key}{RAW_SUFFIX}")
+        self.dead_letter_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record_path, record)
+        with contextlib.suppress(FileNotFoundError):  # someone else moved it first
+            if task is None:
+                os.rename(source, record["raw"])
+            else:
+                os.unlink(source)
+        return record_path
+
+
+def _same_source(record_path: Path, source: Path) -> bool:
+    try:
+        return bool(read_json(record_path).get("source") == str(source) and os.path.lexists(source))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,141 @@
+"""The task format: reading a task file safely and validating it against the contract.
+
+A bad task is reported as `BadTask(reason, detail)`, never as a crash. A file that may still
+be being written is `NotReady`, so that nobody dead-letters a writer's half-finished work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from activation.errors import BadTask, NotReady
+
+TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_TASK_BYTES = 1024 * 1024
+TASK_SUFFIX = ".json"
+
+# Machine-readable dead-letter reasons for bad input.
+SYMLINK = "symlink"
+NOT_A_FILE = "not_a_file"
+TOO_LARGE = "too_large"
+NOT_UTF8 = "not_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+INVALID_FIELD = "invalid_field"
+INVALID_TASK_ID = "invalid_task_id"
+ID_MISMATCH = "id_mismatch"
+DUPLICATE = "duplicate"
+# Reasons given by the executor and the orchestrator.
+MAX_ATTEMPTS = "max_attempts"
+ORPHANED = "orphaned"
+
+
+def is_valid_task_id(task_id: object) -> bool:
+    return isinstance(task_id, str) and TASK_ID_PATTERN.match(task_id) is not None
+
+
+def is_task_name(name: str) -> bool:
+    """Whether a file name in an inbox is meant as a task. Dot files never are."""
+    return name.endswith(TASK_SUFFIX) and not name.startswith(".")
+
+
+def task_id_of(name: str) -> str:
+    return name[: -len(TASK_SUFFIX)] if name.endswith(TASK_SUFFIX) else name
+
+
+def read_task_bytes(path: Path) -> bytes:
+    """Read a task file without following symlinks and without reading past the size cap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadTask(SYMLINK, "task files must not be symlinks") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadTask(NOT_A_FILE, "not a regular file")
+        if info.st_size > MAX_TASK_BYTES:
+            raise BadTask(TOO_LARGE, f"{info.st_size} bytes, the limit is {MAX_TASK_BYTES}")
+        chunks = []
+        remaining = MAX_TASK_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 256 * 1024))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > MAX_TASK_BYTES:
+            raise BadTask(TOO_LARGE, f"more than {MAX_TASK_BYTES} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def parse_task(data: bytes, expected_id: str, *, max_timeout: float | None = None) -> dict[str, Any]:
+    """Validate a task's bytes. Unknown fields are kept; the returned dict is the task."""
+    if not data.strip():
+        raise NotReady("empty file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadTask(NOT_UTF8, f"byte {exc.start} is not UTF-8") from None
+    try:
+        task = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadTask(INVALID_JSON, f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(task, dict):
+        raise BadTask(NOT_AN_OBJECT, f"a task is a JSON object, got {type(task).__name__}")
+    validate_task(task, expected_id, max_timeout=max_timeout)
+    return task
+
+
+def validate_task(task: dict[str, Any], expected_id: str | None, *, max_timeout: float | None = None) -> None:
+    for field in ("task_id", "description"):
+        if field not in task:
+            raise BadTask(MISSING_FIELD, f"{field} is required")
+    task_id = task["task_id"]
+    if not isinstance(task_id, str):
+        raise BadTask(INVALID_FIELD, f"task_id must be a string, got {type(task_id).__name__}")
+    if not is_valid_task_id(task_id):
+        raise BadTask(INVALID_TASK_ID, f"task_id {task_id[:140]!r} does not match {TASK_ID_PATTERN.pattern}")
+    if expected_id is not None and task_id != expected_id:
+        raise BadTask(ID_MISMATCH, f"task_id {task_id!r} differs from the file name {expected_id[:140]!r}")
+    description = task["description"]
+    if not isinstance(description, str) or not description.strip():
+        raise BadTask(INVALID_FIELD, "description must be a non-empty string")
+    if "\x00" in description:
+        raise BadTask(INVALID_FIELD, "description must not contain NUL characters")
+    timeout = task.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise BadTask(INVALID_FIELD, f"timeout must be a positive number, got {timeout!r}")
+        if max_timeout is not None and timeout > max_timeout:
+            raise BadTask(INVALID_FIELD, f"timeout {timeout:g} exceeds the worker's maximum {max_timeout:g}")
+    created_at = task.get("created_at")
+    if created_at is not None and not isinstance(created_at, str):
+        raise BadTask(INVALID_FIELD, "created_at must be an ISO 8601 string")
+    attempts = task.get("attempts")
+    if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0):
+        raise BadTask(INVALID_FIELD, f"attempts must be a non-negative integer, got {attempts!r}")
+    metadata = task.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadTask(INVALID_FIELD, "metadata must be an object")
+
+
+def load_task(path: Path, *, max_timeout: float | None = None) -> dict[str, Any]:
+    """Read and validate the task file at ``path``, whose name gives the expected id."""
+    name = path.name
+    if not name.endswith(TASK_SUFFIX):
+        raise BadTask(INVALID_TASK_ID, f"file name {name[:140]!r} does not end in .json")
+    if not is_valid_task_id(task_id_of(name)):
+        raise BadTask(INVALID_TASK_ID, f"file name {name[:140]!r} is not a valid task id")
+    return parse_task(read_task_bytes(path), task_id_of(name), max_timeout=max_timeout)
