@@ -1,0 +1,114 @@
+"""Fixtures shared by every test: a fresh spool, settings, the fake agent, and a leak check."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from activation.config import Settings, load_settings
+from activation.spool import Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_AGENT = ROOT / "tests" / "fake_agent.py"
+WORKER = "w1"
+
+
+def fake_agent_command(*extra: str) -> str:
+    """The agent command template that runs the project's fake agent."""
+    return shlex.join([sys.executable, str(FAKE_AGENT), *extra]) + " -p {description}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A short private folder: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="act-"))
+    path.chmod(0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.init([WORKER])
+    return spool
+
+
+@pytest.fixture
+def make_settings(spool: Spool, run_dir: Path) -> Callable[..., Settings]:
+    """Settings for worker w1 on the test's spool; keyword arguments override fields."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "worker_name": WORKER,
+            "spool": spool.root,
+            "run_dir": run_dir,
+            "agent_command": fake_agent_command(),
+            "metrics_port": 0,
+        }
+        values.update(overrides)
+        return load_settings(env={}, **values)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail any test that leaves a child process or a thread running behind it."""
+    threads_before = set(threading.enumerate())
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 5
+    while True:
+        children = [p for p in me.children(recursive=True) if _alive(p)]
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        if not children and not threads:
+            return
+        if time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+            pytest.fail(
+                "test leaked "
+                + ", ".join([f"process {p.pid} {_cmdline(p)}" for p in children] + [f"thread {t.name}" for t in threads])
+            )
+        time.sleep(0.05)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            os.waitpid(process.pid, os.WNOHANG)
+            return False
+        return True
+    except (psutil.NoSuchProcess, ChildProcessError):
+        return False
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())[:120]
+    except psutil.Error:
+        return "?"
