@@ -16,7 +16,7 @@ import click
 
 from activation import __version__
 from activation.config import Settings, load_settings
-from activation.errors import ActivationError
+from activation.errors import ActivationError, ConfigError
 from activation.logs import configure_logging
 from activation.spool import Spool
 
@@ -61,7 +61,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except ActivationError as exc:
-            fail(str(exc), EXIT_USAGE if type(exc).__name__ == "ConfigError" else EXIT_FAILED)
+            fail(str(exc), EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
         except OSError as exc:
             fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
@@ -232,3 +232,56 @@ def heartbeat() -> None:
     from activation.heartbeat import Heartbeat
 
     _run(Heartbeat)
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status(obj: Context, as_json: bool) -> None:
+    """Show every worker: alive or stale, current task, queue, programs, dead letters."""
+    from activation.status import all_health
+
+    healths = all_health(obj.spool, timeout=obj.settings.heartbeat_timeout)
+    if as_json:
+        print_json([h.as_dict() for h in healths])
+        return
+    if not healths:
+        click.echo(f"no workers in {obj.spool.root}")
+        return
+    for h in healths:
+        age = "never" if h.age_s is None else f"{h.age_s:g}s ago"
+        mark = "ok" if h.healthy else "SICK"
+        programs = " ".join(f"{name}={state}" for name, state in sorted((h.programs or {}).items())) or "programs=?"
+        done = " ".join(f"{k}={v}" for k, v in sorted(h.counts.items())) or "none yet"
+        click.echo(
+            f"{h.worker:<12} {mark:<4} heartbeat {age:<10} task={h.current_task or '-'} "
+            f"queue={h.queue_size if h.queue_size is not None else '?'} dead_letters={h.dead_letters} {programs}"
+        )
+        click.echo(f"{'':<12} results: {done}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+
+
+@main.command()
+@click.argument("worker")
+@pass_ctx
+def check(obj: Context, worker: str) -> None:
+    """Exit 0 when WORKER is alive and all its programs run, 1 otherwise (for HEALTHCHECK)."""
+    from activation.status import worker_health
+
+    health = worker_health(obj.spool, worker, timeout=obj.settings.heartbeat_timeout)
+    if not health.healthy:
+        fail(f"{worker} unhealthy: {'; '.join(health.problems)}")
+    click.echo(f"{worker} healthy (heartbeat {health.age_s:g}s ago)")
+
+
+@main.command()
+@click.option("--workers", default="marie,anga,fabien", show_default=True, help="Comma-separated worker names.")
+@pass_ctx
+def up(obj: Context, workers: str) -> None:
+    """Run a local stack in the foreground: one supervisord per worker, state under ./var/."""
+    from activation.localstack import run_local_stack
+
+    names = [w.strip() for w in workers.split(",") if w.strip()]
+    sys.exit(run_local_stack(obj.settings, names))

@@ -49,7 +49,7 @@ class Settings:
     metrics_port: int = 9100  # ACTIVATION_METRICS_PORT (0 disables)
     log_format: str = "text"  # ACTIVATION_LOG_FORMAT: text | json
     log_level: str = "INFO"  # ACTIVATION_LOG_LEVEL
-    redis_url: str | None = None  # REDIS_URL
+    redis_url: str | None = dataclasses.field(default=None, repr=False)  # REDIS_URL
     redis_backoff_max: float = 5.0  # ACTIVATION_REDIS_BACKOFF_MAX
     orchestrator_mode: str = "files"  # ORCHESTRATOR_MODE
     response_time_threshold_ms: float = 500.0  # RESPONSE_TIME_THRESHOLD_MS

@@ -270,7 +270,7 @@ class Spool:
         else:  # a hostile or malformed name never becomes a path component
             key = "invalid-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         record_path = self.dead_letter_path(key)
-        if task is None and record_path.exists() and not _same_source(record_path, source):
+        if _is_other_entry(record_path, task):
             key = f"{key}.{secrets.token_hex(3)}"
             record_path = self.dead_letter_path(key)
         record: dict[str, Any] = {
@@ -295,8 +295,21 @@ class Spool:
         return record_path
 
 
-def _same_source(record_path: Path, source: Path) -> bool:
+def _is_other_entry(record_path: Path, task: dict[str, Any] | None) -> bool:
+    """Whether an existing record belongs to another dead letter, not to a retry of this one.
+
+    A crash between writing the record and moving the source leaves a record whose raw file
+    was never moved, or whose task equals this one: handling it again reuses the record.
+    """
     try:
-        return bool(read_json(record_path).get("source") == str(source) and os.path.lexists(source))
-    except (OSError, ValueError, AttributeError):
+        record = read_json(record_path)
+    except FileNotFoundError:
         return False
+    except (OSError, ValueError):
+        return True
+    if not isinstance(record, dict):
+        return True
+    if task is not None:
+        return bool(record.get("task") != task)
+    raw = record.get("raw")
+    return not isinstance(raw, str) or os.path.lexists(raw)

@@ -1,0 +1,163 @@
+"""The heartbeat program: the worker's last sign of life, and its metrics endpoint.
+
+Every interval it writes ``heartbeats/<worker>.json`` atomically, with the state of its sibling
+programs (read over supervisord's XML-RPC socket) and the listener's own report (over the work
+queue's socket). It serves the whole worker's Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+from activation import __version__
+from activation.config import Settings
+from activation.errors import QueueError
+from activation.metrics import forget_dead_processes, multiprocess_registry, worker_metrics
+from activation.process import Program
+from activation.spool import Spool, atomic_write_json, iso_now
+
+SUPERVISOR_SOCKET = "supervisor.sock"
+
+
+def supervisor_socket(run_dir: Path) -> Path:
+    return run_dir / SUPERVISOR_SOCKET
+
+
+def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
+    """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # SupervisorTransport opens its own sockets
+    try:
+        infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+    except xmlrpc.client.Fault as exc:
+        raise OSError(f"supervisord refused: {exc.faultString}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+        with contextlib.suppress(Exception):
+            transport.close()
+    return {str(info["name"]): str(info["statename"]) for info in infos}
+
+
+class Heartbeat(Program):
+    name = "heartbeat"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.worker = settings.require_worker()
+        self.spool = Spool(settings.spool)
+        self.path = self.spool.heartbeat_path(self.worker)
+        self.metrics = worker_metrics()
+        self.started_at = iso_now()
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._queue_client: Any = None
+
+    def initialize(self) -> None:
+        self.spool.init([self.worker])
+        if self.settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            self._server, self._server_thread = start_http_server(
+                self.settings.metrics_port, registry=multiprocess_registry()
+            )
+            self.log.info("serving metrics on :%s", self.settings.metrics_port, extra={"event": "metrics_up"})
+        self.metrics.worker_up.set(1)
+
+    def loop(self) -> None:
+        try:
+            self.beat()
+        except OSError as exc:  # a full or unwritable spool must not kill the heartbeat
+            self.log.error("cannot write heartbeat %s: %s", self.path, exc, extra={"event": "heartbeat_failed"})
+        self.stopping.wait(self.settings.heartbeat_interval)
+
+    def shutdown(self) -> None:
+        self.metrics.worker_up.set(0)
+        with contextlib.suppress(OSError):
+            self.beat(state="stopped")
+        if self._queue_client is not None:
+            self._queue_client.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=2)
+
+    def beat(self, state: str = "running") -> dict[str, Any]:
+        report = self.report(state)
+        atomic_write_json(self.path, report)
+        return report
+
+    def report(self, state: str = "running") -> dict[str, Any]:
+        """Everything the heartbeat file says about this worker right now."""
+        queue_size = self.spool.count_inbox(self.worker)
+        self.metrics.task_queue_size.labels(self.worker).set(queue_size)
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if metrics_dir:
+            forget_dead_processes(Path(metrics_dir))
+        claimed = self.spool.claimed_ids(self.worker)
+        return {
+            "worker": self.worker,
+            "state": state,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "timestamp": iso_now(),
+            "epoch": time.time(),
+            "interval_s": self.settings.heartbeat_interval,
+            "started_at": self.started_at,
+            "current_task": claimed[0] if claimed else None,
+            "queue_size": queue_size,
+            "counts": self._counts(),
+            "programs": self._programs(),
+            "listener": self._listener(),
+            "wake_sources": list(self.settings.mode),
+            "redis": None,
+            "version": __version__,
+        }
+
+    def _programs(self) -> dict[str, str] | None:
+        sock = supervisor_socket(self.settings.run_dir)
+        if not sock.exists():
+            return None  # not under supervisord (a test, or a hand-run program)
+        try:
+            return program_states(sock)
+        except OSError as exc:
+            self.log.warning("cannot read program states from %s: %s", sock, exc, extra={"event": "supervisor_down"})
+            return None
+
+    def _listener(self) -> dict[str, Any] | None:
+        """The listener's own report: its wake sources, whether the observer thread lives."""
+        from activation.queue import QueueClient, load_authkey, socket_path
+
+        if self._queue_client is None:
+            self._queue_client = QueueClient(socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir))
+        try:
+            stats: dict[str, Any] = self._queue_client.stats()
+            return stats
+        except QueueError as exc:
+            return {"reachable": False, "error": str(exc)}
+
+    def _counts(self) -> dict[str, int]:
+        """Results by status since the metrics folder was created, from the shared counters."""
+        counts: dict[str, int] = {}
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return counts
+        for family in multiprocess_registry().collect():
+            if family.name != "tasks_completed":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("worker") == self.worker:
+                    status = sample.labels.get("status", "?")
+                    counts[status] = counts.get(status, 0) + int(sample.value)
+        return counts

@@ -1,0 +1,124 @@
+"""``activation up``: a local stack in the foreground, one supervisord per worker, state under ./var/.
+
+Each supervisord runs the repo's own ``supervisor_conf/worker.conf`` with the environment a
+container would give it. Without a ``claude`` on PATH, it runs the project's fake agent, loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+import psutil
+
+from activation.config import WORKER_NAME_PATTERN, Settings
+from activation.errors import ConfigError
+from activation.spool import Spool
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+WORKER_CONF = REPO_DIR / "supervisor_conf" / "worker.conf"
+FAKE_AGENT = REPO_DIR / "tests" / "fake_agent.py"
+DEFAULT_AGENT = "claude"
+
+
+def agent_command(settings: Settings) -> tuple[str, bool]:
+    """The agent command to run, and whether it is the fake stand-in for a missing ``claude``."""
+    program = shlex.split(settings.agent_command)[0]
+    if shutil.which(program):
+        return settings.agent_command, False
+    if program != DEFAULT_AGENT:
+        raise ConfigError(f"ACTIVATION_AGENT_COMMAND: {program!r} is not on PATH")
+    if not FAKE_AGENT.exists():
+        raise ConfigError(f"claude is not on PATH and the fake agent {FAKE_AGENT} is missing")
+    return shlex.join([sys.executable, str(FAKE_AGENT)]) + " -p {description}", True
+
+
+def worker_environment(settings: Settings, worker: str, index: int, agent: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WORKER_NAME=worker,
+        ACTIVATION_SPOOL=str(settings.spool),
+        ACTIVATION_RUN_DIR=str(settings.run_dir.parent / worker if settings.worker_name else settings.run_dir / worker),
+        ACTIVATION_AGENT_COMMAND=agent,
+        ACTIVATION_METRICS_PORT=str(settings.metrics_port + index) if settings.metrics_port else "0",
+        # supervisord finds `activation` on PATH: put this interpreter's scripts first.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _already_running(run_dir: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((run_dir / "supervisord.pid").read_text().strip())
+        if psutil.pid_exists(pid) and "supervisord" in " ".join(psutil.Process(pid).cmdline()):
+            return pid
+    return None
+
+
+def run_local_stack(settings: Settings, workers: list[str]) -> int:
+    """Start, wait until interrupted, stop. Returns the exit code."""
+    for worker in workers:
+        if not WORKER_NAME_PATTERN.match(worker):
+            raise ConfigError(f"invalid worker name {worker!r}")
+    if not WORKER_CONF.exists():
+        raise ConfigError(f"{WORKER_CONF} is missing: run `activation up` from a checkout of the repo")
+    agent, fake = agent_command(settings)
+    spool = Spool(settings.spool)
+    spool.init(workers)
+    environments = [worker_environment(settings, w, i, agent) for i, w in enumerate(workers)]
+    for worker, env in zip(workers, environments, strict=True):
+        run_dir = Path(env["ACTIVATION_RUN_DIR"])
+        pid = _already_running(run_dir)
+        if pid:
+            raise ConfigError(f"worker {worker} already runs under supervisord pid {pid}")
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.rmtree(run_dir / "metrics", ignore_errors=True)  # a fresh tree starts fresh counters
+
+    say = click.echo
+    say(f"activation: local stack with workers {', '.join(workers)}; spool {spool.root}", err=True)
+    if fake:
+        banner = "!" * 78
+        say(
+            f"{banner}\n!! claude is not on PATH: the workers run the project's FAKE agent\n!!   {agent}\n{banner}",
+            err=True,
+        )
+    say(f'activation: try `activation dispatch {workers[0]} "hello" --wait` and `activation status`', err=True)
+
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(WORKER_CONF)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for env in environments
+    ]
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = 0
+    while any(child.poll() is None for child in children):
+        if not stopping and any(child.returncode is not None for child in children):
+            say("activation: a supervisord exited; stopping the stack", err=True)
+            code = 1
+            forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return code

@@ -1,0 +1,108 @@
+"""Worker health, judged from the heartbeat files in the spool.
+
+Used by ``activation status`` and ``activation check`` (and later the orchestrator). A worker is
+healthy when its heartbeat is fresh, every program of its tree is RUNNING, and the listener's
+wake sources are alive.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from activation.spool import Spool, parse_iso, read_json
+
+EXPECTED_PROGRAMS = ("listener", "executor", "heartbeat")
+
+
+@dataclass
+class WorkerHealth:
+    worker: str
+    alive: bool
+    age_s: float | None
+    state: str | None = None
+    current_task: str | None = None
+    queue_size: int | None = None
+    programs: dict[str, str] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+    wake_sources: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive and not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["healthy"] = self.healthy
+        return data
+
+
+def worker_health(
+    spool: Spool, worker: str, *, timeout: float, dead_letters: int = 0, now: float | None = None
+) -> WorkerHealth:
+    now = time.time() if now is None else now
+    path = spool.heartbeat_path(worker)
+    try:
+        beat = read_json(path)
+        if not isinstance(beat, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=["no heartbeat"])
+    except (OSError, ValueError) as exc:
+        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=[f"unreadable heartbeat: {exc}"])
+    stamp = beat.get("epoch") or parse_iso(beat.get("timestamp"))
+    age = max(0.0, now - float(stamp)) if isinstance(stamp, (int, float)) else None
+    health = WorkerHealth(
+        worker=worker,
+        alive=age is not None and age <= timeout and beat.get("state") != "stopped",
+        age_s=None if age is None else round(age, 1),
+        state=beat.get("state"),
+        current_task=beat.get("current_task"),
+        queue_size=beat.get("queue_size"),
+        programs=beat.get("programs"),
+        counts=beat.get("counts") or {},
+        dead_letters=dead_letters,
+        wake_sources=beat.get("wake_sources") or [],
+    )
+    if beat.get("state") == "stopped":
+        health.problems.append("stopped")
+    elif age is None or age > timeout:
+        health.problems.append(f"heartbeat stale ({'?' if age is None else f'{age:.0f}'}s old)")
+    if health.programs is not None:
+        for program in EXPECTED_PROGRAMS:
+            state = health.programs.get(program, "MISSING")
+            if state != "RUNNING":
+                health.problems.append(f"{program} {state}")
+    listener = beat.get("listener")
+    if isinstance(listener, dict):
+        if listener.get("reachable") is False:
+            health.problems.append("listener unreachable")
+        elif listener.get("observer_alive") is False:
+            health.problems.append("inotify observer dead")
+        for name, source in (listener.get("sources") or {}).items():
+            if isinstance(source, dict) and source.get("alive") is False and name != "inotify":
+                health.problems.append(f"wake source {name} dead")
+    return health
+
+
+def dead_letter_counts(spool: Spool) -> dict[str | None, int]:
+    """Dead letters per worker (records that name none count under None)."""
+    counts: dict[str | None, int] = {}
+    for path in spool.dead_letters():
+        try:
+            worker = read_json(path).get("worker")
+        except (OSError, ValueError, AttributeError):
+            worker = None
+        counts[worker] = counts.get(worker, 0) + 1
+    return counts
+
+
+def all_health(spool: Spool, *, timeout: float, now: float | None = None) -> list[WorkerHealth]:
+    dead = dead_letter_counts(spool)
+    return [
+        worker_health(spool, worker, timeout=timeout, dead_letters=dead.get(worker, 0), now=now)
+        for worker in spool.workers()
+    ]
