@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -18,27 +16,20 @@ import pytest
 
 from activation.config import Settings, load_settings
 from activation.spool import Spool
+from tests.harness import FAKE_AGENT, ROOT, fake_agent_command, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_AGENT = ROOT / "tests" / "fake_agent.py"
 WORKER = "w1"
+__all__ = ["FAKE_AGENT", "ROOT", "fake_agent_command", "wait_for"]
 
 
-def fake_agent_command(*extra: str) -> str:
-    """The agent command template that runs the project's fake agent."""
-    return shlex.join([sys.executable, str(FAKE_AGENT), *extra]) + " -p {description}"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str | Callable[[], str] = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, interval, what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -92,7 +83,9 @@ def no_leaks() -> Iterator[None]:
                 child.kill()
             pytest.fail(
                 "test leaked "
-                + ", ".join([f"process {p.pid} {_cmdline(p)}" for p in children] + [f"thread {t.name}" for t in threads])
+                + ", ".join(
+                    [f"process {p.pid} {_cmdline(p)}" for p in children] + [f"thread {t.name}" for t in threads]
+                )
             )
         time.sleep(0.05)
 

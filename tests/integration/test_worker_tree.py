@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from activation.cli import main
 from tests.conftest import wait_for
-from tests.integration.conftest import PROGRAMS, WorkerTree
+from tests.harness import PROGRAMS, WorkerTree
 
 
 def test_supervisorctl_shows_every_program_running(make_tree):

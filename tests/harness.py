@@ -1,0 +1,229 @@
+"""A real worker tree under supervisord, started from the repo's own supervisor_conf/worker.conf.
+
+Shared by the integration tests, the chaos run and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from activation.spool import Spool, atomic_write_json, iso_now
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_AGENT = ROOT / "tests" / "fake_agent.py"
+BIN = Path(sys.executable).parent
+
+
+def fake_agent_command(*extra: str) -> str:
+    """The agent command template that runs the project's fake agent."""
+    return shlex.join([sys.executable, str(FAKE_AGENT), *extra]) + " -p {description}"
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str | Callable[[], str] = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout``.
+
+    ``what`` says what was awaited; a callable is asked only on failure (e.g. for a log tail).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            said = what() if callable(what) else what
+            raise TimeoutError(f"timed out after {timeout}s waiting for {said or predicate}")
+        time.sleep(interval)
+
+
+WORKER_CONF = ROOT / "supervisor_conf" / "worker.conf"
+PROGRAMS = ("listener", "executor", "heartbeat")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerTree:
+    """One supervisord with listener, executor and heartbeat, and ways to poke at it."""
+
+    def __init__(self, spool: Spool, run_dir: Path, worker: str, env: dict[str, str], log: Path) -> None:
+        self.spool = spool
+        self.run_dir = run_dir
+        self.worker = worker
+        self.env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> WorkerTree:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(WORKER_CONF)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.wait_running()
+        return self
+
+    def wait_running(self, timeout: float = 20) -> None:
+        def all_running() -> bool:
+            states = self.states()
+            return bool(states) and all(states.get(p) == "RUNNING" for p in PROGRAMS)
+
+        wait_until(all_running, timeout, 0.1, lambda: f"all programs RUNNING; log:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 70) -> int:
+        """SIGTERM supervisord as `docker stop` would, and wait for it."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill_everything(self) -> None:
+        """SIGKILL supervisord and every descendant, then drop the run folder."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.process is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            tree = psutil.Process(self.process.pid)
+            procs = [tree, *tree.children(recursive=True)]
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(procs, timeout=5)
+        with contextlib.suppress(Exception):
+            self.process.wait(5)
+
+    # -- looking ------------------------------------------------------------------------------
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(WORKER_CONF), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def states(self) -> dict[str, str]:
+        out = self.ctl("status").stdout
+        states = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in PROGRAMS:
+                states[parts[0]] = parts[1]
+        return states
+
+    def pid(self, program: str) -> int:
+        out = self.ctl("pid", program).stdout.strip()
+        return int(out)
+
+    def kill(self, program: str, sig: int = signal.SIGKILL) -> int:
+        pid = self.pid(program)
+        os.kill(pid, sig)
+        return pid
+
+    def wait_restarted(self, program: str, old_pid: int, timeout: float = 20) -> int:
+        def restarted() -> int | None:
+            states = self.states()
+            if states.get(program) != "RUNNING":
+                return None
+            pid = self.pid(program)
+            return pid if pid not in (0, old_pid) else None
+
+        return int(wait_until(restarted, timeout, 0.1, f"{program} restarted"))
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def write_task(self, task_id: str, description: str, *, atomic: bool = True, **fields: Any) -> Path:
+        task = {"task_id": task_id, "description": description, "created_at": iso_now(), **fields}
+        path = self.spool.task_path(self.worker, task_id)
+        if atomic:
+            atomic_write_json(path, task, durable=False)
+        else:
+            path.write_text(json.dumps(task))
+        return path
+
+    def result(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.spool.result_path(self.worker, task_id).read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def wait_result(self, task_id: str, timeout: float = 30) -> dict[str, Any]:
+        return dict(
+            wait_until(
+                lambda: self.result(task_id), timeout, 0.02, lambda: f"result of {task_id}; log:\n{self.log_tail()}"
+            )
+        )
+
+    def result_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.spool.results(self.worker).glob("*.json"))
+
+    def dead_letter(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.spool.dead_letter_path(key).read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "activation"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=check
+        )
+
+
+def tree_environment(spool: Spool, run_dir: Path, worker: str, agent: str | None = None, **env: str) -> dict[str, str]:
+    """The environment a container would give supervisord, with quick test-friendly intervals."""
+    environment = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "WORKER_NAME": worker,
+        "ACTIVATION_SPOOL": str(spool.root),
+        "ACTIVATION_RUN_DIR": str(run_dir),
+        "ACTIVATION_AGENT_COMMAND": agent or fake_agent_command(),
+        "ACTIVATION_HEARTBEAT_INTERVAL": "0.5",
+        "ACTIVATION_RESCAN_INTERVAL": "1",
+        "ACTIVATION_KILL_GRACE": "1",
+        "ACTIVATION_METRICS_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("REDIS_URL", "ACTIVATION_ADMIN_TOKEN", "ACTIVATION_MODE", "PROMETHEUS_MULTIPROC_DIR"):
+        environment.pop(key, None)
+    environment.update(env)
+    return environment
+
+
+def new_tree(root: Path, worker: str = "w1", *, agent: str | None = None, **env: str) -> WorkerTree:
+    """A tree (not started yet) on a spool under ``root`` with a short private run folder."""
+    spool = Spool(root / "spool")
+    spool.init([worker])
+    run_dir = Path(tempfile.mkdtemp(prefix="actw-"))
+    environment = tree_environment(spool, run_dir, worker, agent, **env)
+    return WorkerTree(spool, run_dir, worker, environment, root / f"supervisord-{worker}.log")
