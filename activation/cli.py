@@ -117,6 +117,13 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--task-id", help="Task id (default: time-sortable and unique).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Agent timeout in seconds.")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata copied into the result; repeatable.")
+@click.option(
+    "--transport",
+    type=click.Choice(["files", "events"]),
+    default="files",
+    show_default=True,
+    help="events: also PUBLISH activate:<worker> (needs REDIS_URL; falls back to files).",
+)
 @click.option("--wait", is_flag=True, help="Block until the result, print it, exit 1 unless it completed.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), help="Give up waiting after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -128,6 +135,7 @@ def dispatch(
     task_id: str | None,
     timeout: float | None,
     meta: tuple[str, ...],
+    transport: str,
     wait: bool,
     wait_timeout: float | None,
     as_json: bool,
@@ -139,14 +147,28 @@ def dispatch(
     task = dispatching.build_task(
         description, task_id=task_id, timeout=timeout, metadata=_parse_meta(meta), max_timeout=settings.max_task_timeout
     )
-    sent = dispatching.dispatch(obj.spool, worker, task)
+    publisher = dispatching.EventPublisher(settings.redis_url) if settings.redis_url else None
+    try:
+        sent = dispatching.dispatch(
+            obj.spool,
+            worker,
+            task,
+            transport=transport,
+            publisher=publisher,
+            fallback_to_files=settings.fallback_to_files,
+        )
+    finally:
+        if publisher is not None:
+            publisher.close()
+    if sent.fallback:
+        click.echo(f"activation: events unavailable, the file delivers: {sent.fallback}", err=True)
     if not wait:
         if as_json:
             print_json({"task_id": sent.task_id, "worker": worker, "transport": sent.transport})
         else:
             click.echo(sent.task_id)
         return
-    location = dispatching.wait_for_outcome(obj.spool, worker, sent.task_id, wait_timeout)
+    location = dispatching.wait_for_outcome(obj.spool, worker, sent.task_id, wait_timeout, redis_url=settings.redis_url)
     outcome = dispatching.read_outcome(location)
     if as_json:
         print_json(outcome)

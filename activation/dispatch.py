@@ -11,13 +11,15 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from activation import events
+from activation.config import redact_url
 from activation.errors import BadTask, DispatchError
 from activation.spool import Location, Spool, atomic_write_json, iso_now, read_json
 from activation.task import is_valid_task_id, validate_task
@@ -30,12 +32,43 @@ def new_task_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(5)
 
 
+TRANSPORTS = ("files", "events")
+
+
 @dataclass(frozen=True)
 class Dispatched:
     task_id: str
     worker: str
     path: Path
-    transport: str = "files"
+    transport: str = "files"  # what actually carried the wake-up
+    receivers: int | None = None  # subscribers that got the event, when one was published
+    fallback: str | None = None  # why events fell back to files
+
+
+class EventPublisher:
+    """Publishes wake-ups on ``activate:<worker>``, reusing one fail-fast Redis connection."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._client: Any = None
+
+    def _connection(self) -> Any:
+        if self._client is None:
+            self._client = events.connect(self.redis_url)
+        return self._client
+
+    def check(self) -> None:
+        """Raise EventsError unless Redis answers."""
+        if not events.ping(self._connection()):
+            raise events.EventsError(f"Redis at {redact_url(self.redis_url)} does not answer")
+
+    def activate(self, worker: str, task_id: str) -> int:
+        return events.publish(self._connection(), events.activate_channel(worker), task_id)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def build_task(
@@ -61,8 +94,59 @@ def build_task(
     return task
 
 
-def dispatch(spool: Spool, worker: str, task: dict[str, Any], *, check_unique: bool = True) -> Dispatched:
-    """Write ``task`` atomically into ``worker``'s inbox."""
+def dispatch(
+    spool: Spool,
+    worker: str,
+    task: dict[str, Any],
+    *,
+    transport: str = "files",
+    publisher: EventPublisher | None = None,
+    fallback_to_files: bool = True,
+    check_unique: bool = True,
+) -> Dispatched:
+    """Write ``task`` atomically into ``worker``'s inbox; with ``events``, then PUBLISH a wake-up.
+
+    The file always goes first and always delivers. A Redis failure falls back to files with a
+    warning; only with ``fallback_to_files=False`` is it an error, checked before any write.
+    """
+    if transport not in TRANSPORTS:
+        raise DispatchError(f"unknown transport {transport!r} (expected files or events)")
+    if transport == "events" and not fallback_to_files:
+        if publisher is None:
+            raise DispatchError("transport events needs REDIS_URL (and FALLBACK_TO_FILES=false forbids files)")
+        try:
+            publisher.check()
+        except events.EventsError as exc:
+            raise DispatchError(f"{exc} (FALLBACK_TO_FILES=false)") from None
+    written = _write(spool, worker, task, check_unique)
+    if transport == "files":
+        return written
+    return _publish(written, publisher, fallback_to_files)
+
+
+def _publish(written: Dispatched, publisher: EventPublisher | None, fallback_to_files: bool) -> Dispatched:
+    extra = {"worker": written.worker, "task_id": written.task_id}
+    if publisher is None:
+        log.warning("transport events without REDIS_URL: the file alone delivers %s", written.task_id, extra=extra)
+        return replace(written, fallback="REDIS_URL not set")
+    try:
+        receivers = publisher.activate(written.worker, written.task_id)
+    except events.EventsError as exc:
+        if not fallback_to_files:
+            raise DispatchError(f"{exc}; the task file was written and will still be picked up") from None
+        log.warning("falling back to files for %s: %s", written.task_id, exc, extra={**extra, "event": "fallback"})
+        return replace(written, fallback=str(exc))
+    if receivers == 0:
+        log.warning(
+            "no worker subscribes to %s; the file still delivers %s",
+            events.activate_channel(written.worker),
+            written.task_id,
+            extra={**extra, "event": "no_subscriber"},
+        )
+    return replace(written, transport="events", receivers=receivers)
+
+
+def _write(spool: Spool, worker: str, task: dict[str, Any], check_unique: bool) -> Dispatched:
     task_id = task["task_id"]
     if not is_valid_task_id(task_id):
         raise DispatchError(f"invalid task id {task_id!r}")
@@ -94,19 +178,29 @@ class _Wake(FileSystemEventHandler):
         self.event.set()
 
 
-def wait_for_outcome(spool: Spool, worker: str, task_id: str, timeout: float | None) -> Location:
+def wait_for_outcome(
+    spool: Spool, worker: str, task_id: str, timeout: float | None, *, redis_url: str | None = None
+) -> Location:
     """Block until the task has a result or is in the dead letter; raise DispatchError on timeout.
 
-    inotify on the results folder wakes it at once; a short re-check covers filesystems
-    without inotify and the dead letter.
+    Three things wake it: the executor's ``done:<worker>`` event when Redis is configured,
+    inotify on the results folder, and a re-check every half second (filesystems without
+    inotify, and the dead letter).
     """
     woken = threading.Event()
-    observer = Observer()
+    stop = threading.Event()
+    observer: Any = Observer()
     try:
         observer.schedule(_Wake(woken), str(spool.results(worker)), recursive=False)
         observer.start()
     except OSError:
-        observer = None  # type: ignore[assignment]
+        observer = None
+    listener = None
+    if redis_url:
+        listener = threading.Thread(
+            target=_listen_done, args=(redis_url, worker, task_id, woken, stop), name="done-listener", daemon=True
+        )
+        listener.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
@@ -120,9 +214,29 @@ def wait_for_outcome(spool: Spool, worker: str, task_id: str, timeout: float | N
             woken.wait(wait)
             woken.clear()
     finally:
+        stop.set()
         if observer is not None:
             observer.stop()
             observer.join(timeout=2)
+        if listener is not None:
+            listener.join(timeout=2)
+
+
+def _listen_done(redis_url: str, worker: str, task_id: str, woken: threading.Event, stop: threading.Event) -> None:
+    """Set ``woken`` when the executor announces ``task_id`` on ``done:<worker>``; best effort."""
+    try:
+        client = events.connect(redis_url, for_pubsub=True)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(events.done_channel(worker))
+        woken.set()  # subscribed: look at the spool once more, the result may already be there
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=0.25)
+            if message and message.get("data") in (task_id, task_id.encode()):
+                woken.set()
+        pubsub.close()
+        client.close()
+    except Exception as exc:  # the results folder still wakes the waiter
+        log.debug("done events unavailable: %s", events.describe(exc))
 
 
 def read_outcome(location: Location) -> dict[str, Any]:

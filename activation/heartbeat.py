@@ -8,6 +8,8 @@ queue's socket). It serves the whole worker's Prometheus metrics.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import socket
 import threading
@@ -63,6 +65,8 @@ class Heartbeat(Program):
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
         self._queue_client: Any = None
+        self._redis: Any = None
+        self._redis_up = True
 
     def initialize(self) -> None:
         self.spool.init([self.worker])
@@ -88,6 +92,8 @@ class Heartbeat(Program):
             self.beat(state="stopped")
         if self._queue_client is not None:
             self._queue_client.close()
+        if self._redis is not None:
+            self._redis.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -96,8 +102,28 @@ class Heartbeat(Program):
 
     def beat(self, state: str = "running") -> dict[str, Any]:
         report = self.report(state)
+        report["redis"] = self._publish(report) if self.settings.redis_url else None
         atomic_write_json(self.path, report)
         return report
+
+    def _publish(self, report: dict[str, Any]) -> str:
+        """SET heartbeat:<worker> with a TTL of three intervals; "up" or "down", logged once per outage."""
+        from activation import events
+
+        ttl = max(1, math.ceil(3 * self.settings.heartbeat_interval))
+        try:
+            if self._redis is None:
+                self._redis = events.connect(self.settings.redis_url or "")
+            self._redis.set(events.heartbeat_key(self.worker), json.dumps({**report, "redis": "up"}), ex=ttl)
+        except Exception as exc:  # redis errors, and a REDIS_URL it cannot parse
+            if self._redis_up:
+                self.log.warning("redis unreachable: %s", events.describe(exc), extra={"event": "redis_down"})
+            self._redis_up = False
+            return "down"
+        if not self._redis_up:
+            self.log.info("redis reachable", extra={"event": "redis_up"})
+        self._redis_up = True
+        return "up"
 
     def report(self, state: str = "running") -> dict[str, Any]:
         """Everything the heartbeat file says about this worker right now."""
@@ -122,7 +148,6 @@ class Heartbeat(Program):
             "programs": self._programs(),
             "listener": self._listener(),
             "wake_sources": list(self.settings.mode),
-            "redis": None,
             "version": __version__,
         }
 

@@ -16,7 +16,7 @@ import pytest
 
 from activation.config import Settings, load_settings
 from activation.spool import Spool
-from tests.harness import FAKE_AGENT, ROOT, fake_agent_command, wait_until
+from tests.harness import FAKE_AGENT, ROOT, RedisServer, fake_agent_command, wait_until
 
 WORKER = "w1"
 __all__ = ["FAKE_AGENT", "ROOT", "fake_agent_command", "wait_for"]
@@ -105,3 +105,11 @@ def _cmdline(process: psutil.Process) -> str:
         return " ".join(process.cmdline())[:120]
     except psutil.Error:
         return "?"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free port, stopped after the test."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

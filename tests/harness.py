@@ -227,3 +227,52 @@ def new_tree(root: Path, worker: str = "w1", *, agent: str | None = None, **env:
     run_dir = Path(tempfile.mkdtemp(prefix="actw-"))
     environment = tree_environment(spool, run_dir, worker, agent, **env)
     return WorkerTree(spool, run_dir, worker, environment, root / f"supervisord-{worker}.log")
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (never the machine's shared 6379)."""
+
+    def __init__(self, folder: Path, password: str | None = None) -> None:
+        self.folder = folder
+        self.password = password
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (make test installs it)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.folder), "--daemonize", "no", "--logfile", str(self.folder / "redis.log")]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        wait_until(self._answers, 10, 0.02, "redis-server to answer")
+        return self
+
+    def _answers(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
