@@ -1,0 +1,533 @@
+"""Running one agent process tree: its argv, its environment, its output, its deadline, its end.
+
+It knows nothing of the spool. `run_agent` starts the agent in a new session with stdin from
+/dev/null, keeps the first ``output_limit`` bytes of each stream, and makes sure that when it
+returns no process of the agent's tree is left alive: at the timeout (or when the caller aborts)
+every descendant gets SIGINT, then SIGKILL after the grace; descendants left behind by an agent
+that exited by itself get the same treatment. Finding descendants whose parent already exited
+needs this process to be a child subreaper (`become_subreaper`), which the executor is.
+
+What the agent gets:
+- argv: ``shlex.split(ACTIVATION_AGENT_COMMAND)`` with ``{description}`` and ``{task_id}``
+  replaced inside each word, so the description is always part of exactly one argument, whatever
+  it contains. No shell ever sees it.
+- environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
+  ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
+  and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID`` and ``ACTIVATION_WORKER``.
+  Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
+- stdin: /dev/null (``claude -p`` waits 3 s for an open stdin); stdout and stderr: pipes.
+- its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import logging
+import os
+import re
+import resource
+import selectors
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import psutil
+
+from activation.config import SECRET_VARIABLES
+from activation.errors import ConfigError
+
+log = logging.getLogger("activation.agent")
+
+PR_SET_CHILD_SUBREAPER = 36
+EXIT_NOT_EXECUTABLE = 126  # the shell's convention: found, but cannot be run
+EXIT_NOT_FOUND = 127
+READ_CHUNK = 64 * 1024  # a Linux pipe holds 64 KiB: one read empties it
+ABORT_CHECK_INTERVAL = 0.25
+RSS_SAMPLE_INTERVAL = 0.5
+GONE_CHECK_INTERVAL = 0.05  # during the grace: how often to look whether the tree is already gone
+PIPE_DRAIN_BOUND = 0.5  # after the tree is gone: how long a pipe may still stay open
+KILL_BOUND = 5.0  # SIGKILL rounds stop after this; only a process stuck in the kernel survives them
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_subreaper = False  # whether this process adopts orphans (and so may reap any zombie child)
+
+
+def become_subreaper(enable: bool = True) -> bool:
+    """Adopt every orphaned descendant (PR_SET_CHILD_SUBREAPER); False, logged, when not possible.
+
+    Without it, a grandchild whose parent exited is re-parented to PID 1, out of psutil's reach
+    from here, and an agent's setsid tool children could outlive their task.
+    """
+    global _subreaper
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+        # Explicit types: prctl is variadic, and a bare Python int is passed as a 32-bit int.
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        prctl.restype = ctypes.c_int
+        rc = prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", exc)
+        return False
+    if rc != 0:
+        reason = os.strerror(ctypes.get_errno())
+        log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", reason)
+        return False
+    _subreaper = enable
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _split_template(template: str) -> tuple[str, ...]:
+    try:
+        words = tuple(shlex.split(template))
+    except ValueError as exc:
+        raise ConfigError(f"ACTIVATION_AGENT_COMMAND: cannot be split into words: {exc}") from None
+    if not words:
+        raise ConfigError("ACTIVATION_AGENT_COMMAND: is empty")
+    return words
+
+
+def build_argv(template: str, description: str, **fields: object) -> list[str]:
+    """The agent's argv: the template split like a shell would, placeholders filled word by word.
+
+    The template is split first and filled afterwards, in a single pass, so nothing in the
+    description (quotes, spaces, ``$(...)``, a ``{task_id}`` of its own) can change the words.
+    Unknown placeholders are left as they are.
+    """
+    values = {"description": description, **{key: str(value) for key, value in fields.items()}}
+
+    def fill(match: re.Match[str]) -> str:
+        return values.get(match.group(1), match.group(0))
+
+    return [_PLACEHOLDER.sub(fill, word) if "{" in word else word for word in _split_template(template)]
+
+
+def is_secret(name: str) -> bool:
+    """Whether an environment variable is one of activation's own secrets."""
+    return name in SECRET_VARIABLES or (name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD")))
+
+
+def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dict[str, str]:
+    """The agent's environment: ``base`` without activation's secrets, plus the task's identity."""
+    env = {k: v for k, v in base.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not is_secret(k)}
+    env["ACTIVATION_TASK_ID"] = task_id
+    env["ACTIVATION_WORKER"] = worker
+    return env
+
+
+@dataclass
+class AgentRun:
+    """What happened to one agent run. ``exit_code`` follows Popen: negative means killed by signal."""
+
+    exit_code: int
+    signal: str | None
+    timed_out: bool
+    aborted: bool
+    stdout: str
+    stderr: str
+    stdout_bytes: int  # everything the stream carried, also past the limit
+    stderr_bytes: int
+    truncated: bool
+    started_at_wall: float  # time.time() right after the agent was started
+    started_mono: float
+    duration_s: float
+    cpu_seconds: float  # user + system time of the whole reaped tree
+    rss_peak_bytes: int
+    killed_pids: list[int] = field(default_factory=list)
+    pid: int | None = None  # None when the agent could not be started
+
+
+def signal_name(exit_code: int) -> str | None:
+    if exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"SIG{-exit_code}"
+
+
+def run_agent(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    kill_grace: float,
+    output_limit: int,
+    should_abort: Callable[[], bool] | None = None,
+) -> AgentRun:
+    """Run the agent to its end and leave nothing of its tree behind.
+
+    A missing or non-executable agent binary is a run with exit code 127 or 126, not an error.
+    Other spawn failures (no memory, no processes left) raise OSError: they are not the task's fault.
+    """
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
+            return _spawn_failure(argv, EXIT_NOT_FOUND, exc)
+        if isinstance(exc, PermissionError) or exc.errno in (errno.ENOEXEC, errno.EISDIR):
+            return _spawn_failure(argv, EXIT_NOT_EXECUTABLE, exc)
+        raise
+    started_at_wall = time.time()
+    started_mono = time.monotonic()
+    tree = _Tree(popen, started_mono, kill_grace, output_limit)
+    try:
+        tree.supervise(started_mono + timeout, should_abort)
+    finally:
+        tree.close()
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage_after.ru_utime + usage_after.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
+    exit_code = tree.exit_code if tree.exit_code is not None else -signal.SIGKILL
+    out, err = tree.buffers
+    return AgentRun(
+        exit_code=exit_code,
+        signal=signal_name(exit_code),
+        timed_out=tree.timed_out,
+        aborted=tree.aborted,
+        stdout=bytes(out).decode("utf-8", errors="replace"),
+        stderr=bytes(err).decode("utf-8", errors="replace"),
+        stdout_bytes=tree.totals[0],
+        stderr_bytes=tree.totals[1],
+        truncated=tree.totals[0] > len(out) or tree.totals[1] > len(err),
+        started_at_wall=started_at_wall,
+        started_mono=started_mono,
+        duration_s=time.monotonic() - started_mono,
+        cpu_seconds=round(max(cpu, 0.0), 6),
+        rss_peak_bytes=max(tree.agent_maxrss, tree.sampled_rss_peak),
+        killed_pids=list(tree.killed),
+        pid=popen.pid,
+    )
+
+
+def _spawn_failure(argv: list[str], exit_code: int, exc: OSError) -> AgentRun:
+    now = time.time()
+    message = f"activation: cannot start the agent {argv[0] if argv else ''!r}: {exc.strerror or exc}\n"
+    return AgentRun(
+        exit_code=exit_code,
+        signal=None,
+        timed_out=False,
+        aborted=False,
+        stdout="",
+        stderr=message,
+        stdout_bytes=0,
+        stderr_bytes=len(message.encode()),
+        truncated=False,
+        started_at_wall=now,
+        started_mono=time.monotonic(),
+        duration_s=0.0,
+        cpu_seconds=0.0,
+        rss_peak_bytes=0,
+    )
+
+
+# Phases of one run: RUNNING until the agent exits or its time is up; GRACE while the tree has
+# had SIGINT and may clean up; DRAIN once nothing of the tree is alive and only the pipes remain.
+RUNNING, GRACE, DRAIN = "running", "grace", "drain"
+
+
+class _Tree:
+    """One agent and everything it spawns, watched from a single thread with one selector."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.kill_grace = kill_grace
+        self.limit = limit
+        self.exit_code: int | None = None
+        self.timed_out = False
+        self.aborted = False
+        self.agent_maxrss = 0
+        self.sampled_rss_peak = 0
+        self.killed: dict[int, psutil.Process] = {}  # every process signalled, in order
+        self.buffers = (bytearray(), bytearray())
+        self.totals = [0, 0]
+        self.my_pid = os.getpid()
+        self._me: psutil.Process | None = None
+        # The agent's start time tells its re-parented descendants apart from older children of
+        # this process (relevant when the caller is not the executor, e.g. a test run).
+        try:
+            self.agent: psutil.Process | None = psutil.Process(self.pid)
+            self.agent_ctime = self.agent.create_time()
+        except psutil.Error:
+            self.agent, self.agent_ctime = None, started
+        assert popen.stdout is not None and popen.stderr is not None
+        self.selector = selectors.DefaultSelector()
+        self.open_pipes: dict[int, int] = {}  # fd -> stream index
+        for index, stream in enumerate((popen.stdout, popen.stderr)):
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ, index)
+            self.open_pipes[fd] = index
+        self.pidfd: int | None
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+            self.selector.register(self.pidfd, selectors.EVENT_READ, -1)
+        except (OSError, AttributeError):  # kernel before 5.3: poll with WNOHANG instead
+            self.pidfd = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def supervise(self, deadline: float, should_abort: Callable[[], bool] | None) -> None:
+        phase = RUNNING
+        now = time.monotonic()
+        grace_end = drain_end = next_gone_check = 0.0
+        next_abort = now + ABORT_CHECK_INTERVAL
+        next_sample = now + RSS_SAMPLE_INTERVAL
+        while True:
+            if self.pidfd is None and self.exit_code is None:
+                self._reap_agent(block=False)
+            now = time.monotonic()
+            if phase == RUNNING:
+                if self.exit_code is not None:
+                    leftovers = self._alive_tree()
+                    if leftovers:
+                        log.warning(
+                            "agent %d exited and left %d process(es) behind: killing them", self.pid, len(leftovers)
+                        )
+                        self._signal(leftovers, signal.SIGINT)
+                        phase, grace_end, next_gone_check = GRACE, now + self.kill_grace, now + GONE_CHECK_INTERVAL
+                    else:
+                        phase, drain_end = DRAIN, now + PIPE_DRAIN_BOUND
+                elif now >= deadline:
+                    self.timed_out = True
+                    phase, grace_end, next_gone_check = GRACE, now + self.kill_grace, now + GONE_CHECK_INTERVAL
+                    self._signal(self._alive_tree(), signal.SIGINT)
+                elif should_abort is not None and now >= next_abort:
+                    next_abort = now + ABORT_CHECK_INTERVAL
+                    if should_abort():
+                        self.aborted = True
+                        phase, grace_end, next_gone_check = GRACE, now + self.kill_grace, now + GONE_CHECK_INTERVAL
+                        self._signal(self._alive_tree(), signal.SIGINT)
+                elif now >= next_sample:
+                    next_sample = now + RSS_SAMPLE_INTERVAL
+                    self._sample_rss()
+            if phase == GRACE:
+                gone = False
+                if now >= next_gone_check:
+                    next_gone_check = now + GONE_CHECK_INTERVAL
+                    gone = self.exit_code is not None and not self._alive_tree()
+                if gone or now >= grace_end:
+                    self._kill_all()
+                    phase, drain_end = DRAIN, time.monotonic() + PIPE_DRAIN_BOUND
+            if phase == DRAIN and (not self.open_pipes or time.monotonic() >= drain_end):
+                if self.open_pipes:
+                    log.warning("agent %d: output pipes still open after its tree ended; not waiting", self.pid)
+                break
+            if phase == RUNNING:
+                wake = [deadline, next_sample] + ([next_abort] if should_abort is not None else [])
+            elif phase == GRACE:
+                wake = [grace_end, next_gone_check]
+            else:
+                wake = [drain_end]
+            wait = min(wake) - now
+            if self.pidfd is None and self.exit_code is None:
+                wait = min(wait, 0.02)
+            self._pump(max(wait, 0.0))
+        if self.exit_code is None:  # stuck past KILL_BOUND: its exit status is still owed to us
+            self._reap_agent(block=True)
+        self._reap_orphans()
+
+    def _pump(self, wait: float) -> None:
+        """Wait up to ``wait`` seconds for output or the agent's exit, and take what came."""
+        for key, _ in self.selector.select(wait):
+            index = key.data
+            if index == -1:
+                self.selector.unregister(key.fd)
+                self._reap_agent(block=True)
+                continue
+            fd = int(key.fd)
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.selector.unregister(fd)
+                del self.open_pipes[fd]
+                continue
+            self.totals[index] += len(chunk)
+            buffer = self.buffers[index]
+            room = self.limit - len(buffer)
+            if room > 0:
+                buffer += chunk[:room]
+
+    def close(self) -> None:
+        self.selector.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+    # -- the agent and its tree -------------------------------------------------------------
+
+    def _reap_agent(self, *, block: bool) -> None:
+        """Collect the agent's exit status and rusage ourselves; Popen and psutil never reap it."""
+        if self.exit_code is not None:
+            return
+        try:
+            pid, status, usage = os.wait4(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # someone else reaped it: its status is lost
+            log.error("agent %d was reaped by someone else; its exit status is unknown", self.pid)
+            self.exit_code = self.popen.returncode = -signal.SIGKILL
+            return
+        if pid == 0:
+            return
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        self.popen.returncode = self.exit_code  # so Popen never waits for (or warns about) it
+        self.agent_maxrss = usage.ru_maxrss * 1024  # KiB on Linux
+
+    def _own_children(self) -> list[psutil.Process]:
+        if self._me is None:
+            self._me = psutil.Process(self.my_pid)
+        try:
+            return self._me.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _snapshot(self) -> list[psutil.Process]:
+        """Every live process of the agent's tree, reaping the dead ones that are our children.
+
+        One walk from this process finds the agent's descendants and the orphans that were
+        re-parented to us (we are a subreaper); a process belongs to the tree when its topmost
+        ancestor below us is the agent or was created after it.
+        """
+        procs = self._own_children()
+        parents: dict[int, int] = {}
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                parents[proc.pid] = proc.ppid()
+        by_pid = {proc.pid: proc for proc in procs}
+        alive = []
+        for proc in procs:
+            if proc.pid not in parents or not self._belongs(proc.pid, parents, by_pid):
+                continue
+            try:
+                zombie = proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                continue
+            if not zombie:
+                alive.append(proc)
+            elif parents[proc.pid] == self.my_pid:
+                self._reap(proc.pid)
+        return alive
+
+    def _belongs(self, pid: int, parents: dict[int, int], by_pid: dict[int, psutil.Process]) -> bool:
+        top = pid
+        for _ in range(len(parents) + 1):
+            parent = parents.get(top)
+            if parent is None:
+                return False  # its ancestry changed under us; the next snapshot sees it again
+            if parent == self.my_pid:
+                break
+            top = parent
+        if top == self.pid:
+            return True
+        try:
+            return by_pid[top].create_time() >= self.agent_ctime
+        except (KeyError, psutil.Error):
+            return False
+
+    def _alive_tree(self) -> list[psutil.Process]:
+        """The tree's live processes: a fresh snapshot, plus any signalled one still running.
+
+        The signalled ones matter when we are not a subreaper: a descendant whose parent died
+        during the grace went to PID 1, out of the snapshot's reach, but we still know it.
+        """
+        alive: dict[int, psutil.Process] = {}
+        try:
+            # No child at all (the executor's usual case once the agent is reaped): nothing to walk.
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            pass
+        else:
+            alive = {proc.pid: proc for proc in self._snapshot()}
+        for pid, proc in self.killed.items():
+            if pid in alive:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive[pid] = proc
+        return list(alive.values())
+
+    def _reap(self, pid: int) -> None:
+        if pid == self.pid:
+            self._reap_agent(block=False)
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+    def _signal(self, procs: list[psutil.Process], sig: signal.Signals) -> None:
+        for proc in procs:
+            try:
+                if proc.pid == self.pid and self.pidfd is not None and self.exit_code is None:
+                    signal.pidfd_send_signal(self.pidfd, sig)  # immune to pid reuse
+                else:
+                    proc.send_signal(sig)  # psutil checks the process identity first
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                continue
+            except (psutil.AccessDenied, PermissionError):
+                log.warning("agent %d: no permission to signal its descendant %d", self.pid, proc.pid)
+                continue
+            self.killed.setdefault(proc.pid, proc)
+
+    def _kill_all(self) -> None:
+        """SIGKILL the tree until a fresh snapshot finds nothing alive: late spawns die too."""
+        give_up = time.monotonic() + KILL_BOUND
+        while True:
+            alive = self._alive_tree()
+            if not alive:
+                return
+            self._signal(alive, signal.SIGKILL)
+            if time.monotonic() >= give_up:
+                pids = ", ".join(str(p.pid) for p in alive)
+                log.error("agent %d: processes %s survive SIGKILL (stuck in the kernel?)", self.pid, pids)
+                return
+            self._pump(0.005)
+
+    def _reap_orphans(self) -> None:
+        """Collect the zombies of killed descendants that were re-parented to us."""
+        for pid in self.killed:
+            if pid != self.pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        if not _subreaper:
+            return
+        # A subreaper owns every child it has; only now, with the agent reaped, sweep the rest.
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _sample_rss(self) -> None:
+        if self.agent is None or self.exit_code is not None:
+            return
+        total = 0
+        try:
+            procs = [self.agent, *self.agent.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        self.sampled_rss_peak = max(self.sampled_rss_peak, total)

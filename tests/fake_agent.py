@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The project's fake agent: a stand-in for ``claude -p`` whose description says what it does.
+
+Usage: ``fake_agent.py [--output-format json] -p "<description>"``. The description is a list of
+space-separated directives; any other word is only echoed. By default it prints
+``done: <description>`` and exits 0. Directives (acted on in this order, whatever their order):
+
+  ignore-term, ignore-int  ignore SIGTERM / SIGINT (otherwise either one kills it, by signal)
+  record=PATH              append "<pid> <time>" to PATH: one line per run
+  pidfile=PATH             append its own pid to PATH
+  env=PATH                 dump its environment as JSON to PATH
+  stdin-check              print "stdin: empty" when stdin reads EOF at once, else "stdin: open"
+  grandchild=S             start a setsid grandchild that sleeps S s ignoring SIGTERM and SIGINT,
+                           holding stdout open, and append its pid to the pidfile; never wait for it
+  kill-parent              SIGKILL its parent (the executor), then sleep (sleep=S, default 5)
+  flood=BYTES              write BYTES bytes to stdout; flood-err=BYTES: to stderr
+  sleep=S                  sleep S seconds
+  json / json-error        print a Claude Code style result envelope (is_error false / true); also
+                           the default with --output-format json. json-error still exits 0.
+  exit=N                   exit with status N
+
+Only the standard library, and only the modules a directive needs, so that it starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+USAGE = "usage: fake_agent.py [--output-format json] -p DESCRIPTION"
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, str]:
+    description: str | None = None
+    output_format = "text"
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-p", "--print") and i + 1 < len(argv):
+            description = argv[i + 1]  # taken as is, even when it starts with "-"
+            i += 2
+        elif arg == "--output-format" and i + 1 < len(argv):
+            output_format = argv[i + 1]
+            i += 2
+        elif arg.startswith("--output-format="):
+            output_format = arg.split("=", 1)[1]
+            i += 1
+        else:
+            i += 1  # other flags (--dangerously-skip-permissions, ...) are accepted and ignored
+    return description, output_format
+
+
+def append(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
+def die_by(signum: int, frame: object) -> None:
+    """Die by the signal itself, like a real CLI would, without a Python traceback."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def spawn_grandchild(seconds: str) -> int:
+    import subprocess
+
+    # SIG_IGN survives exec, so the grandchild ignores both signals from its first instruction.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-S", "-c", "import sys, time; time.sleep(float(sys.argv[1]))", seconds],
+            start_new_session=True,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    child.returncode = 0  # never waited for: keep Popen from warning or reaping at exit
+    return child.pid
+
+
+def flood(stream: object, size: int) -> None:
+    chunk = b"x" * 65536
+    out = stream.buffer  # type: ignore[attr-defined]
+    try:
+        while size > 0:
+            piece = chunk if size >= len(chunk) else chunk[:size]
+            out.write(piece)
+            size -= len(piece)
+        out.flush()
+    except BrokenPipeError:
+        os._exit(141)
+
+
+def main(argv: list[str]) -> int:
+    started = time.monotonic()
+    description, output_format = parse_args(argv)
+    if description is None:
+        print(USAGE, file=sys.stderr)
+        return 2
+    options: dict[str, str] = {}
+    flags: set[str] = set()
+    for word in description.split():
+        key, sep, value = word.partition("=")
+        if sep:
+            options[key] = value
+        else:
+            flags.add(word)
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if "ignore-term" in flags else die_by)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if "ignore-int" in flags else die_by)
+    if "record" in options:
+        append(options["record"], f"{os.getpid()} {time.time():.6f}")
+    if "pidfile" in options:
+        append(options["pidfile"], str(os.getpid()))
+    if "env" in options:
+        import json
+
+        with open(options["env"], "w", encoding="utf-8") as handle:
+            json.dump(dict(os.environ), handle)
+    if "stdin-check" in flags:
+        import select
+
+        ready, _, _ = select.select([0], [], [], 0.2)
+        empty = bool(ready) and os.read(0, 1) == b""
+        print("stdin: empty" if empty else "stdin: open", flush=True)
+    if "grandchild" in options:
+        pid = spawn_grandchild(options["grandchild"])
+        if "pidfile" in options:
+            append(options["pidfile"], str(pid))
+    if "kill-parent" in flags:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(float(options.get("sleep", "5")))
+        return 0
+    if "flood" in options:
+        flood(sys.stdout, int(options["flood"]))
+    if "flood-err" in options:
+        flood(sys.stderr, int(options["flood-err"]))
+    if "sleep" in options:
+        time.sleep(float(options["sleep"]))
+
+    result = f"done: {description}"
+    if "json" in flags or "json-error" in flags or output_format == "json":
+        import json
+
+        envelope = {
+            "type": "result",
+            "subtype": "success",
+            "is_error": "json-error" in flags,
+            "result": result,
+            "session_id": "fake",
+            "duration_ms": int((time.monotonic() - started) * 1000),
+            "num_turns": 1,
+            "total_cost_usd": 0,
+        }
+        print(json.dumps(envelope), flush=True)
+    else:
+        print(result, flush=True)
+    return int(options.get("exit", "0"))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
