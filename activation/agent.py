@@ -13,7 +13,9 @@ What the agent gets:
   it contains. No shell ever sees it.
 - environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
   ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
-  and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID`` and ``ACTIVATION_WORKER``.
+  and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
+  ``ACTIVATION_AGENT_OF`` (the executor's run folder, by which a restarted executor finds and
+  kills what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
 - stdin: /dev/null (``claude -p`` waits 3 s for an open stdin); stdout and stderr: pipes.
 - its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
@@ -120,6 +122,37 @@ def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dic
     env["ACTIVATION_TASK_ID"] = task_id
     env["ACTIVATION_WORKER"] = worker
     return env
+
+
+STRAY_MARKER = "ACTIVATION_AGENT_OF"  # set in every agent's environment: which executor ran it
+
+
+def kill_strays(marker: str, *, grace: float) -> list[int]:
+    """Kill agent processes that a previous executor with this ``marker`` left behind.
+
+    A SIGKILLed executor cannot stop its agent; the agent's tree is re-parented and runs on
+    while recovery starts the task again. Every process of it inherited the marker variable,
+    setsid or not, so a scan of the environments finds them all.
+    """
+    me = os.getpid()
+    strays = []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(STRAY_MARKER) == marker:
+                strays.append(proc)
+    if not strays:
+        return []
+    for proc in strays:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGINT)  # claude stops its own tools on SIGINT
+    _, alive = psutil.wait_procs(strays, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=2)
+    return [proc.pid for proc in strays]
 
 
 @dataclass

@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from activation import task as tasks
-from activation.agent import AgentRun, agent_environment, become_subreaper, build_argv, run_agent
+from activation.agent import (
+    STRAY_MARKER,
+    AgentRun,
+    agent_environment,
+    become_subreaper,
+    build_argv,
+    kill_strays,
+    run_agent,
+)
 from activation.config import Settings
 from activation.errors import BadTask, NotReady, QueueError
 from activation.metrics import worker_metrics
@@ -98,6 +106,14 @@ class Executor(Program):
     def initialize(self) -> None:
         become_subreaper()
         self.spool.init([self.worker])
+        killed = kill_strays(str(self.settings.run_dir), grace=self.settings.kill_grace)
+        if killed:
+            self.log.warning(
+                "killed %d agent processes a previous executor left running: %s",
+                len(killed),
+                " ".join(map(str, killed)),
+                extra={"worker": self.worker, "event": "strays_killed"},
+            )
         self.recover()
         self.connect()
 
@@ -252,6 +268,7 @@ class Executor(Program):
         timeout = float(task.get("timeout") or self.settings.task_timeout)
         argv = build_argv(self.settings.agent_command, task["description"], task_id=task_id)
         env = agent_environment(self._environ, task_id, self.worker)
+        env[STRAY_MARKER] = str(self.settings.run_dir)
         self.log.info("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
             run = run_agent(

@@ -225,3 +225,14 @@ def test_sigterm_kills_a_task_past_the_drain_and_puts_it_back(make_tree):
     assert tree.result("too-long") is None
     assert tree.spool.task_path("w1", "too-long").exists()
     assert not tree.spool.claim_path("w1", "too-long").exists()
+
+
+def test_a_restarted_executor_kills_the_agent_its_predecessor_left_running(make_tree, tmp_path: Path):
+    tree: WorkerTree = make_tree()
+    pidfile = tmp_path / "pids"
+    tree.write_task("orphan-maker", f"pidfile={pidfile} grandchild=60 sleep=60")
+    first = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) >= 2 and pidfile.read_text(), 15)
+    old_pids = [int(p) for p in first.split()]
+    old = tree.kill("executor")
+    tree.wait_restarted("executor", old)
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in old_pids), 15, 0.1, "the old agent tree to die")
