@@ -1,0 +1,332 @@
+"""The admin commands: ``config get|set-mode`` (over the orchestrator's HTTP API), ``dlq ...`` and
+``recover`` (on the spool, like ``status``), and ``orchestrator`` (the program supervisord runs).
+
+cli.py registers these on ``main``. cli.py imports this module at its bottom, so its helpers are
+imported inside the functions here, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from activation.config import ORCHESTRATOR_MODES
+from activation.errors import ActivationError, ConfigError
+
+if TYPE_CHECKING:
+    from activation.cli import Context
+
+HTTP_TIMEOUT = 10.0
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _context() -> Context:
+    """cli.py's Context, also when a group here runs on its own (tests, or another entry point)."""
+    from activation.cli import Context
+
+    ctx = click.get_current_context()
+    found = ctx.find_object(Context)
+    if found is None:
+        found = ctx.obj = Context(None)
+    return found
+
+
+def _fail(message: str, usage: bool = False) -> NoReturn:
+    from activation.cli import EXIT_FAILED, EXIT_USAGE, fail
+
+    fail(message, EXIT_USAGE if usage else EXIT_FAILED)
+
+
+def _print_json(data: Any) -> None:
+    from activation.cli import print_json
+
+    print_json(data)
+
+
+class _Group(click.Group):
+    """Like cli.py's Group: an ActivationError or OSError ends in one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ActivationError as exc:
+            _fail(str(exc), usage=isinstance(exc, ConfigError))
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+def _json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+# -- config, over the admin API ---------------------------------------------------------------
+
+
+def default_url(bind: str) -> str:
+    """The API's URL for ``ACTIVATION_ADMIN_BIND``; a wildcard bind is reached over loopback."""
+    from activation.admin_api import parse_bind
+
+    host, port = parse_bind(bind)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def api_call(url: str, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
+    """One request to the admin API; its JSON answer, or ActivationError with the API's own message."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error") or exc.reason
+        except (ValueError, AttributeError, OSError):
+            message = exc.reason
+        raise ActivationError(f"{method} {path}: {exc.code} {message}") from None
+    except urllib.error.URLError as exc:
+        raise ActivationError(f"cannot reach the orchestrator at {url}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise ActivationError(f"{method} {path} at {url} failed: {exc}") from None
+
+
+def _url_option(func: F) -> F:
+    return click.option(
+        "--url", help="The orchestrator's admin API (default: http://ACTIVATION_ADMIN_BIND, e.g. 127.0.0.1:8000)."
+    )(func)
+
+
+def _api(url: str | None, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    settings = _context().settings
+    return api_call(url or default_url(settings.admin_bind), method, path, body, settings.admin_token)
+
+
+@click.group("config", cls=_Group)
+def config_group() -> None:
+    """Show or change the orchestrator's dispatch mode (token from ACTIVATION_ADMIN_TOKEN)."""
+
+
+@config_group.command("get")
+@_url_option
+@_json_option
+def config_get(url: str | None, as_json: bool) -> None:
+    """Show the mode, the transport a dispatch would use now, and the metrics behind it."""
+    config = _api(url, "GET", "/config")
+    if as_json:
+        _print_json(config)
+        return
+    _print_config(config)
+
+
+@config_group.command("set-mode")
+@click.argument("mode", type=click.Choice(ORCHESTRATOR_MODES, case_sensitive=False))
+@_url_option
+@_json_option
+def config_set_mode(mode: str, url: str | None, as_json: bool) -> None:
+    """Set ORCHESTRATOR_MODE at run time: files, events or auto. It survives a restart."""
+    config = _api(url, "POST", "/config", {"mode": mode.lower()})
+    if as_json:
+        _print_json(config)
+        return
+    click.echo(f"mode {config.get('mode')}; a dispatch now uses {config.get('current_decision')}")
+
+
+def _print_config(config: dict[str, Any]) -> None:
+    metrics = config.get("metrics") or {}
+    avg = metrics.get("avg_response_time_ms")
+    click.echo(f"mode             {config.get('mode')}")
+    click.echo(f"current decision {config.get('current_decision')} ({config.get('rule')}: {config.get('detail')})")
+    click.echo(
+        "metrics          "
+        + ("avg response -" if avg is None else f"avg response {avg:g} ms over {metrics.get('response_samples')}")
+        + f", {metrics.get('task_rate_per_min')} results/min"
+    )
+    queues = metrics.get("queue_sizes") or {}
+    click.echo("queues           " + (" ".join(f"{w}={q}" for w, q in sorted(queues.items())) or "-"))
+    for worker, decision in sorted((config.get("per_worker") or {}).items()):
+        click.echo(f"  {worker:<14} {decision.get('transport'):<6} ({decision.get('rule')}: {decision.get('detail')})")
+
+
+# -- the dead letter, on the spool ------------------------------------------------------------
+
+
+@click.group("dlq", cls=_Group)
+def dlq_group() -> None:
+    """Inspect, retry and purge the dead letter (tasks/.dead_letter/)."""
+
+
+@dlq_group.command("list")
+@click.option("--worker", help="Only this worker's dead letters.")
+@_json_option
+def dlq_list(worker: str | None, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    from activation.recovery import dead_letters
+
+    letters = [d.summary() for d in dead_letters(_context().spool)]
+    if worker:
+        letters = [d for d in letters if d["worker"] == worker]
+    if as_json:
+        _print_json(letters)
+        return
+    if not letters:
+        click.echo("no dead letters")
+        return
+    for d in letters:
+        mark = "" if d["retryable"] else "  (not retryable: original did not parse)"
+        click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {d['dead_at']}  {d['detail']}{mark}")
+
+
+@dlq_group.command("show")
+@click.argument("dead_id", metavar="ID")
+@_json_option
+def dlq_show(dead_id: str, as_json: bool) -> None:
+    """Show one dead letter: why it died, and its task."""
+    from activation.recovery import get_dead_letter
+
+    letter = get_dead_letter(_context().spool, dead_id)
+    if as_json:
+        _print_json(letter.record)
+        return
+    record = letter.record
+    click.echo(f"{letter.key}: {record.get('reason')} ({record.get('detail')})")
+    click.echo(f"worker {record.get('worker')}, dead since {record.get('dead_at')}, from {record.get('source')}")
+    task = record.get("task")
+    if isinstance(task, dict):
+        click.echo(f"attempts {task.get('attempts', 0)}, description: {task.get('description')}")
+        for entry in task.get("history") or []:
+            click.echo(f"  earlier: {entry}")
+    else:
+        click.echo(f"the original did not parse; it is kept at {record.get('raw')} and cannot be retried")
+
+
+@dlq_group.command("retry")
+@click.argument("dead_id", metavar="[ID]", required=False)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every retryable dead letter.")
+@_json_option
+def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
+    """Put a dead letter's task back in its worker's inbox, keeping its history."""
+    from activation.recovery import DeadLetterError, dead_letters, retry_dead_letter
+
+    if bool(dead_id) == retry_all:
+        _fail("give one dead letter ID or --all", usage=True)
+    spool = _context().spool
+    if dead_id:
+        retried = retry_dead_letter(spool, dead_id)
+        if as_json:
+            _print_json(retried.as_dict())
+        else:
+            click.echo(f"{retried.task_id} back in {retried.worker}'s inbox")
+        return
+    done, failed = [], []
+    for letter in dead_letters(spool):
+        if not letter.retryable:
+            continue
+        try:
+            done.append(retry_dead_letter(spool, letter.key).as_dict())
+        except DeadLetterError as exc:
+            failed.append({"id": letter.key, "error": str(exc)})
+    if as_json:
+        _print_json({"retried": done, "failed": failed})
+    else:
+        for item in done:
+            click.echo(f"{item['task_id']} back in {item['worker']}'s inbox")
+        for item in failed:
+            click.echo(f"activation: {item['error']}", err=True)
+        click.echo(f"{len(done)} retried, {len(failed)} failed")
+    if failed:
+        sys.exit(1)
+
+
+@dlq_group.command("purge")
+@click.option("--older-than", "older_than", required=True, metavar="DURATION", help="e.g. 7d, 12h, 30m, 90s.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+@_json_option
+def dlq_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Delete dead letters (and their raw originals) older than DURATION."""
+    from activation.recovery import parse_duration, purge_dead_letters
+
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        _fail(f"--older-than: {exc}", usage=True)
+    purged = purge_dead_letters(_context().spool, seconds, dry_run=dry_run)
+    if as_json:
+        _print_json({"dry_run": dry_run, "purged": [d.summary() for d in purged]})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for letter in purged:
+        click.echo(f"{verb} {letter.key} ({letter.record.get('reason')}, {letter.record.get('dead_at')})")
+    click.echo(f"{len(purged)} dead letters {'would be deleted (dry run)' if dry_run else 'deleted'}")
+
+
+# -- recovery, on the spool -------------------------------------------------------------------
+
+
+@click.command("recover")
+@click.option("--dry-run", is_flag=True, help="Only say what would be done.")
+@_json_option
+def recover_command(dry_run: bool, as_json: bool) -> None:
+    """Rescue the tasks of workers without a live heartbeat: orphans to the dead letter, stale claims requeued."""
+    from activation.recovery import recover
+
+    obj = _context()
+    try:
+        settings = obj.settings
+        actions = recover(
+            obj.spool,
+            orphan_age=settings.orphan_age,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            max_attempts=settings.max_attempts,
+            dry_run=dry_run,
+        )
+    except ActivationError as exc:
+        _fail(str(exc), usage=isinstance(exc, ConfigError))
+    except OSError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json({"dry_run": dry_run, "actions": [a.as_dict() for a in actions]})
+        return
+    for action in actions:
+        click.echo(f"{action.action:<14} {action.worker:<12} {action.task_id}  {action.detail}")
+    count = f"{len(actions)} task{'' if len(actions) == 1 else 's'}"
+    click.echo(f"{count} {'to recover (dry run)' if dry_run else 'recovered'}")
+
+
+# -- the program ------------------------------------------------------------------------------
+
+
+@click.command("orchestrator")
+def orchestrator_command() -> None:
+    """Hand out tasks, rescue dead workers' tasks, serve the admin API (as supervisord runs it)."""
+    from activation.cli import setup_logging
+    from activation.config import load_settings
+    from activation.process import run_program
+
+    # The orchestrator keeps its metrics in its own registry; a multiprocess folder inherited
+    # from a worker's environment would divert them into files nobody serves.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    from activation.orchestrator import Orchestrator
+
+    try:
+        settings = load_settings()
+        setup_logging(settings)
+        orchestrator = Orchestrator(settings)
+    except ConfigError as exc:
+        _fail(str(exc), usage=True)
+    try:
+        orchestrator.open_api()  # bind now, so a taken port is one line here, not a traceback later
+    except OSError as exc:
+        _fail(f"cannot bind the admin API on {settings.admin_bind}: {exc.strerror or exc}")
+    sys.exit(run_program(orchestrator))

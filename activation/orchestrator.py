@@ -1,0 +1,364 @@
+"""The orchestrator program: hands out tasks, watches heartbeats, rescues dead workers' tasks, serves the admin API.
+
+initialize loads the persisted mode, runs recovery and starts the API; each loop step refreshes
+the adaptive metrics every few seconds and runs recovery every ACTIVATION_RECOVERY_INTERVAL;
+shutdown stops the API. The routes of admin_api.py call the `Orchestrator`'s public methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from activation import recovery
+from activation.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
+from activation.admin_api import AdminApi, ApiError, check_bind, parse_bind
+from activation.config import ORCHESTRATOR_MODES, WORKER_NAME_PATTERN, Settings
+from activation.dispatch import EventPublisher, build_task, dispatch
+from activation.errors import ActivationError, DispatchError
+from activation.process import Program
+from activation.spool import Spool, atomic_write_json, iso_now, read_json
+from activation.status import all_health, worker_health
+
+REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
+REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
+MAX_WAIT = 1.0  # the longest one loop step sleeps, so a stop is noticed promptly
+STATE_FILE = Path("orchestrator") / "state.json"  # under the spool root: survives a restart
+TASK_FIELDS = ("worker", "description", "task_id", "timeout", "metadata")
+
+log = logging.getLogger("activation.orchestrator")
+
+
+def state_path(spool: Spool) -> Path:
+    return spool.root / STATE_FILE
+
+
+def load_mode(spool: Spool) -> str | None:
+    """The mode last set through the API, or None (never set, or an unreadable state file)."""
+    path = state_path(spool)
+    try:
+        state = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc, extra={"event": "state_unreadable"})
+        return None
+    mode = state.get("mode") if isinstance(state, dict) else None
+    if mode not in ORCHESTRATOR_MODES:
+        log.warning("ignoring %s: no valid mode in it", path, extra={"event": "state_unreadable"})
+        return None
+    return str(mode)
+
+
+def save_mode(spool: Spool, mode: str) -> None:
+    path = state_path(spool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"mode": mode, "updated_at": iso_now()})
+
+
+class OrchestratorMetrics:
+    """The orchestrator's own registry: one process, so no multiprocess mode."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.dispatch = Counter(
+            "dispatch",
+            "Tasks dispatched, by the transport that carried the wake-up",
+            ["worker", "transport"],
+            registry=self.registry,
+        )
+        self.mode = Gauge("orchestrator_mode", "ORCHESTRATOR_MODE: 0 files, 1 events, 2 auto", registry=self.registry)
+        self.heartbeat_age = Gauge(
+            "worker_heartbeat_age_seconds",
+            "Seconds since each worker's last heartbeat",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.response_time = Gauge(
+            "orchestrator_avg_response_time_ms",
+            "Mean finished_at - created_at of the last 100 results",
+            registry=self.registry,
+        )
+        self.task_rate = Gauge("orchestrator_task_rate_per_minute", "Results in the last 60 s", registry=self.registry)
+        self.recovered = Counter(
+            "orchestrator_recovered", "Tasks moved by recovery, by action", ["action"], registry=self.registry
+        )
+
+
+class Orchestrator(Program):
+    """One per deployment. ``bind`` overrides ACTIVATION_ADMIN_BIND (tests bind port 0)."""
+
+    name = "orchestrator"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bind: tuple[str, int] | None = None,
+        refresh_interval: float = REFRESH_INTERVAL,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.spool = Spool(settings.spool)
+        self.thresholds = Thresholds.from_settings(settings)
+        self.window = ResultWindow(self.spool)
+        self.metrics = OrchestratorMetrics()
+        self.host, self.port = bind or parse_bind(settings.admin_bind)
+        check_bind(self.host, settings.admin_token)  # refuse before anything starts
+        self.refresh_interval = refresh_interval
+        self.api: AdminApi | None = None
+        self.publisher = EventPublisher(settings.redis_url) if settings.redis_url else None
+        self._publish_lock = threading.Lock()  # one Redis connection, shared by request threads
+        self._mode_lock = threading.Lock()
+        self._mode = settings.orchestrator_mode
+        self._snapshot = Snapshot()  # replaced whole by the loop; request threads only read it
+        self._unhealthy: set[str] = set()
+        self._next_refresh = 0.0
+        self._next_recovery = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open_api(self) -> AdminApi:
+        """Bind the API's socket (serving starts at the end of initialize); raises OSError."""
+        if self.api is None:
+            self.api = AdminApi(self, host=self.host, port=self.port, token=self.settings.admin_token)
+        return self.api
+
+    def initialize(self) -> None:
+        self.spool.init()
+        persisted = load_mode(self.spool)
+        if persisted is not None and persisted != self._mode:
+            self.log.info(
+                "mode %s restored from %s (ORCHESTRATOR_MODE says %s)",
+                persisted,
+                state_path(self.spool),
+                self._mode,
+                extra={"event": "mode_restored"},
+            )
+        self._mode = persisted or self._mode
+        self.metrics.mode.set(MODE_CODES[self._mode])
+        api = self.open_api()
+        self._guarded(self.run_recovery)
+        self._guarded(self.refresh)
+        now = time.monotonic()
+        self._next_refresh, self._next_recovery = now + self.refresh_interval, now + self.settings.recovery_interval
+        api.start()
+
+    def loop(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._guarded(self.refresh)
+            took = time.monotonic() - now
+            # However large the spool, refreshing takes at most about a tenth of a core.
+            self._next_refresh = time.monotonic() + max(self.refresh_interval, REFRESH_COST_FACTOR * took)
+        if now >= self._next_recovery:
+            self._guarded(self.run_recovery)
+            self._next_recovery = time.monotonic() + self.settings.recovery_interval
+        due = min(self._next_refresh, self._next_recovery) - time.monotonic()
+        self.stopping.wait(min(max(due, 0.01), MAX_WAIT))
+
+    def shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        """A spool that is briefly unreadable must not stop the orchestrator: log, go on."""
+        try:
+            step()
+        except (OSError, ActivationError) as exc:
+            self.log.error("%s failed: %s", step.__name__, exc, extra={"event": "step_failed"})
+
+    # -- the periodic work ------------------------------------------------------------------
+
+    def refresh(self) -> Snapshot:
+        """New results into the window, queue sizes and health from the heartbeats.
+
+        Health is judged here, every few seconds, rather than only every recovery interval: it is
+        a handful of small heartbeat files, and a sick worker is worth hearing about early.
+        """
+        self.window.refresh()
+        queues: dict[str, int] = {}
+        for worker in self.spool.workers():
+            health = worker_health(self.spool, worker, timeout=self.settings.heartbeat_timeout)
+            if isinstance(health.queue_size, int) and not isinstance(health.queue_size, bool):
+                queues[worker] = health.queue_size
+            if health.age_s is not None:
+                self.metrics.heartbeat_age.labels(worker).set(health.age_s)
+            self._note_health(worker, health.healthy, health.problems)
+        snapshot = self.window.snapshot(queues)
+        self._snapshot = snapshot
+        if snapshot.avg_response_time_ms is not None:
+            self.metrics.response_time.set(snapshot.avg_response_time_ms)
+        self.metrics.task_rate.set(snapshot.task_rate_per_min)
+        return snapshot
+
+    def _note_health(self, worker: str, healthy: bool, problems: list[str]) -> None:
+        """Log a worker's health when it changes, not on every refresh."""
+        extra = {"worker": worker, "event": "worker_health"}
+        if not healthy and worker not in self._unhealthy:
+            self._unhealthy.add(worker)
+            self.log.warning("worker %s unhealthy: %s", worker, "; ".join(problems) or "not alive", extra=extra)
+        elif healthy and worker in self._unhealthy:
+            self._unhealthy.discard(worker)
+            self.log.info("worker %s healthy again", worker, extra=extra)
+
+    def run_recovery(self) -> list[recovery.Action]:
+        actions = recovery.recover(
+            self.spool,
+            orphan_age=self.settings.orphan_age,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            max_attempts=self.settings.max_attempts,
+        )
+        for action in actions:
+            self.metrics.recovered.labels(action.action).inc()
+        return actions
+
+    # -- what the API serves ----------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def decision(self, worker: str | None = None) -> Decision:
+        return decide(self._mode, self._snapshot, self.thresholds, worker)
+
+    def get_config(self) -> dict[str, Any]:
+        mode, snapshot = self._mode, self._snapshot
+        overall = decide(mode, snapshot, self.thresholds)
+        return {
+            "mode": mode,
+            "current_decision": overall.transport,
+            "rule": overall.rule,
+            "detail": overall.detail,
+            "metrics": snapshot.as_dict(),
+            "thresholds": self.thresholds.as_dict(),
+            "per_worker": {w: decide(mode, snapshot, self.thresholds, w).as_dict() for w in self._dispatchable()},
+        }
+
+    def set_mode(self, mode: Any) -> dict[str, Any]:
+        if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {mode!r}")
+        mode = mode.strip().lower()
+        with self._mode_lock:
+            try:
+                save_mode(self.spool, mode)  # persisted first: an answer of 200 means it survives a restart
+            except OSError as exc:
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot persist the mode: {exc}") from None
+            previous, self._mode = self._mode, mode
+        self.metrics.mode.set(MODE_CODES[mode])
+        self.log.info("mode %s -> %s", previous, mode, extra={"event": "mode_changed"})
+        return self.get_config()
+
+    def get_status(self) -> dict[str, Any]:
+        healths = all_health(self.spool, timeout=self.settings.heartbeat_timeout)
+        return {
+            "workers": [h.as_dict() for h in healths],
+            "unhealthy": [h.worker for h in healths if not h.healthy],
+            "mode": self._mode,
+        }
+
+    def submit_task(self, body: dict[str, Any]) -> dict[str, Any]:
+        for name in ("worker", "description"):
+            if name not in body:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {name!r}")
+        worker, description = body["worker"], body["description"]
+        if not isinstance(worker, str) or not WORKER_NAME_PATTERN.match(worker):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'worker' must be a worker name")
+        if not isinstance(description, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'description' must be a string")
+        if not self.spool.inbox(worker).is_dir():
+            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown worker {worker!r}: it has no inbox")
+        try:
+            task = build_task(
+                description,
+                task_id=body.get("task_id"),
+                timeout=body.get("timeout"),
+                metadata=body.get("metadata"),
+                max_timeout=self.settings.max_task_timeout,
+                extra={k: v for k, v in body.items() if k not in TASK_FIELDS},
+            )
+        except DispatchError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        task_id = task["task_id"]
+        found = self.spool.locate(task_id)
+        if found is not None:
+            raise ApiError(HTTPStatus.CONFLICT, f"task id {task_id!r} already exists ({found.state})")
+        chosen = self.decision(worker)
+        try:
+            with self._publish_lock if chosen.transport == "events" else contextlib.nullcontext():
+                sent = dispatch(
+                    self.spool,
+                    worker,
+                    task,
+                    transport=chosen.transport,
+                    publisher=self.publisher,
+                    fallback_to_files=self.settings.fallback_to_files,
+                    check_unique=False,
+                )
+        except DispatchError as exc:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+        self.metrics.dispatch.labels(worker, sent.transport).inc()
+        self.log.info(
+            "task %s for %s by %s (rule %s)",
+            task_id,
+            worker,
+            sent.transport,
+            chosen.rule,
+            extra={"worker": worker, "task_id": task_id, "event": "dispatched"},
+        )
+        answer = {"task_id": task_id, "worker": worker, "transport": sent.transport, "rule": chosen.rule}
+        if sent.fallback:
+            answer["fallback"] = sent.fallback
+        return answer
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        for _ in range(3):  # it may move between finding it and reading it: look again
+            found = self.spool.locate(task_id)
+            if found is None:
+                break
+            answer: dict[str, Any] = {"task_id": task_id, "state": found.state, "worker": found.worker}
+            if found.state not in ("done", "dead"):
+                return answer
+            try:
+                record = read_json(found.path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read {found.state} record: {exc}") from None
+            if found.state == "done":
+                answer["result"] = record
+            else:
+                answer["dead_letter"] = {k: record.get(k) for k in ("reason", "detail", "dead_at")}
+            return answer
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no task {task_id[:140]!r}")
+
+    def list_dead_letters(self) -> dict[str, Any]:
+        letters = [d.summary() for d in recovery.dead_letters(self.spool)]
+        return {"count": len(letters), "dead_letters": letters}
+
+    def retry_dead_letter(self, key: str) -> dict[str, Any]:
+        try:
+            retried = recovery.retry_dead_letter(self.spool, key)
+        except recovery.UnknownDeadLetter as exc:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(exc)) from None
+        except recovery.NotRetryable as exc:
+            raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
+        except recovery.DeadLetterError as exc:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
+        return retried.as_dict()
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        return generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+
+    def _dispatchable(self) -> list[str]:
+        return [w for w in self.spool.workers() if self.spool.inbox(w).is_dir()]
