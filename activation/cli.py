@@ -307,3 +307,13 @@ def up(obj: Context, workers: str) -> None:
 
     names = [w.strip() for w in workers.split(",") if w.strip()]
     sys.exit(run_local_stack(obj.settings, names))
+
+
+# -- the orchestrator and its admin commands ------------------------------------------------
+# Imported last: admin_cli uses this module's helpers (inside its functions).
+from activation.admin_cli import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
+
+main.add_command(orchestrator_command)
+main.add_command(config_group)
+main.add_command(dlq_group)
+main.add_command(recover_command)
