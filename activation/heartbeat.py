@@ -145,7 +145,8 @@ class Heartbeat(Program):
             "current_task": claimed[0] if claimed else None,
             "queue_size": queue_size,
             "counts": self._counts(),
-            "programs": self._programs(),
+            # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
+            "programs": self._programs() if state == "running" else None,
             "listener": self._listener(),
             "wake_sources": list(self.settings.mode),
             "version": __version__,

@@ -1,7 +1,8 @@
-"""``activation up``: a local stack in the foreground, one supervisord per worker, state under ./var/.
+"""``activation up``: a local stack in the foreground, state under ./var/.
 
-Each supervisord runs the repo's own ``supervisor_conf/worker.conf`` with the environment a
-container would give it. Without a ``claude`` on PATH, it runs the project's fake agent, loudly.
+One supervisord per worker, and one for the orchestrator, as the containers would run them.
+Each supervisord runs the repo's own ``supervisor_conf/`` with the environment a container
+would give it. Without a ``claude`` on PATH, it runs the project's fake agent, loudly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from activation.spool import Spool
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 WORKER_CONF = REPO_DIR / "supervisor_conf" / "worker.conf"
+ORCHESTRATOR_CONF = REPO_DIR / "supervisor_conf" / "orchestrator.conf"
 FAKE_AGENT = REPO_DIR / "tests" / "fake_agent.py"
 DEFAULT_AGENT = "claude"
 
@@ -43,19 +45,31 @@ def agent_command(settings: Settings) -> tuple[str, bool]:
     return shlex.join([sys.executable, str(FAKE_AGENT)]) + " -p {description}", True
 
 
-def worker_environment(settings: Settings, worker: str, index: int, agent: str) -> dict[str, str]:
+def _run_base(settings: Settings) -> Path:
+    return settings.run_dir.parent if settings.worker_name else settings.run_dir
+
+
+def _environment(settings: Settings, run_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        WORKER_NAME=worker,
         ACTIVATION_SPOOL=str(settings.spool),
-        ACTIVATION_RUN_DIR=str(settings.run_dir.parent / worker if settings.worker_name else settings.run_dir / worker),
-        ACTIVATION_AGENT_COMMAND=agent,
-        ACTIVATION_METRICS_PORT=str(settings.metrics_port + index) if settings.metrics_port else "0",
+        ACTIVATION_RUN_DIR=str(run_dir),
         # supervisord finds `activation` on PATH: put this interpreter's scripts first.
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         PYTHONUNBUFFERED="1",
+        **extra,
     )
     return env
+
+
+def worker_environment(settings: Settings, worker: str, index: int, agent: str) -> dict[str, str]:
+    return _environment(
+        settings,
+        _run_base(settings) / worker,
+        WORKER_NAME=worker,
+        ACTIVATION_AGENT_COMMAND=agent,
+        ACTIVATION_METRICS_PORT=str(settings.metrics_port + index) if settings.metrics_port else "0",
+    )
 
 
 def _already_running(run_dir: Path) -> int | None:
@@ -66,7 +80,7 @@ def _already_running(run_dir: Path) -> int | None:
     return None
 
 
-def run_local_stack(settings: Settings, workers: list[str]) -> int:
+def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: bool = True) -> int:
     """Start, wait until interrupted, stop. Returns the exit code."""
     for worker in workers:
         if not WORKER_NAME_PATTERN.match(worker):
@@ -76,12 +90,16 @@ def run_local_stack(settings: Settings, workers: list[str]) -> int:
     agent, fake = agent_command(settings)
     spool = Spool(settings.spool)
     spool.init(workers)
-    environments = [worker_environment(settings, w, i, agent) for i, w in enumerate(workers)]
-    for worker, env in zip(workers, environments, strict=True):
+    trees = [(w, WORKER_CONF, worker_environment(settings, w, i, agent)) for i, w in enumerate(workers)]
+    if orchestrator:
+        env = _environment(settings, _run_base(settings) / "orchestrator")
+        env.pop("WORKER_NAME", None)
+        trees.append(("orchestrator", ORCHESTRATOR_CONF, env))
+    for name, _, env in trees:
         run_dir = Path(env["ACTIVATION_RUN_DIR"])
         pid = _already_running(run_dir)
         if pid:
-            raise ConfigError(f"worker {worker} already runs under supervisord pid {pid}")
+            raise ConfigError(f"{name} already runs under supervisord pid {pid}")
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(run_dir / "metrics", ignore_errors=True)  # a fresh tree starts fresh counters
 
@@ -94,14 +112,16 @@ def run_local_stack(settings: Settings, workers: list[str]) -> int:
             err=True,
         )
     say(f'activation: try `activation dispatch {workers[0]} "hello" --wait` and `activation status`', err=True)
+    if orchestrator:
+        say(f"activation: admin API on http://{settings.admin_bind} (`activation config get`)", err=True)
 
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(WORKER_CONF)],
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
             env=env,
             stdin=subprocess.DEVNULL,
         )
-        for env in environments
+        for _, conf, env in trees
     ]
     stopping = False
 
