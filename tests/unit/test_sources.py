@@ -1,0 +1,278 @@
+"""Wake sources: one contract for every source, then what only inotify has to get right."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from activation.config import Settings
+from activation.sources import (
+    InotifySource,
+    PollSource,
+    StubSource,
+    WakeSource,
+    build_sources,
+    inbox_name,
+)
+from activation.spool import Spool, atomic_write_json
+from tests.conftest import WORKER, wait_for
+
+
+class Recorder:
+    """A notify callback that remembers every call; optionally fails on chosen names."""
+
+    def __init__(self, fail_on: set[str] | None = None) -> None:
+        self.calls: list[tuple[str, str, bool]] = []
+        self.fail_on = fail_on or set()
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, source: str, /, *, complete: bool = False) -> None:
+        with self._lock:
+            self.calls.append((name, source, complete))
+        if name in self.fail_on:
+            raise RuntimeError(f"notify failed on {name}")
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [name for name, _, _ in self.calls]
+
+    def seen(self, name: str) -> bool:
+        return name in self.names()
+
+
+def write_task(spool: Spool, task_id: str) -> Path:
+    """An atomic write, as the orchestrator does it: temp file, then rename into the inbox."""
+    path = spool.task_path(WORKER, task_id)
+    atomic_write_json(path, {"task_id": task_id, "description": "do it"}, durable=False)
+    return path
+
+
+@pytest.fixture
+def make_source(spool: Spool) -> Iterator[Callable[[str], WakeSource]]:
+    made: list[WakeSource] = []
+
+    def make(kind: str) -> WakeSource:
+        source: WakeSource
+        if kind == "inotify":
+            source = InotifySource(spool.inbox(WORKER))
+        elif kind == "poll":
+            source = PollSource(spool, WORKER, interval=0.02)
+        else:
+            source = StubSource()
+        made.append(source)
+        return source
+
+    yield make
+    for source in made:
+        source.stop()
+
+
+@pytest.mark.parametrize("kind", ["inotify", "poll", "stub"])
+def test_every_source_keeps_the_contract(kind: str, make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    threads_before = set(threading.enumerate())
+    source = make_source(kind)
+    recorder = Recorder()
+    assert not source.alive()
+    source.start(recorder)
+    assert source.alive()
+    write_task(spool, "t1")
+    if isinstance(source, StubSource):
+        source.fire("t1.json")
+    wait_for(lambda: recorder.seen("t1.json"), timeout=5, what=f"{kind} to notify t1.json")
+    assert all(src == source.name for _, src, _ in recorder.calls)
+    source.stop()
+    assert not source.alive()
+    assert [t for t in threading.enumerate() if t not in threads_before and t.is_alive()] == []
+    # A source can be started again after a stop (the listener restarts dead ones).
+    source.start(recorder)
+    assert source.alive()
+    write_task(spool, "t2")
+    if isinstance(source, StubSource):
+        source.fire("t2.json")
+    wait_for(lambda: recorder.seen("t2.json"), timeout=5, what=f"{kind} to notify t2.json after a restart")
+    source.stop()
+
+
+def test_inotify_reports_atomic_writes_as_complete(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    source = make_source("inotify")
+    recorder = Recorder()
+    source.start(recorder)
+    write_task(spool, "t1")
+    wait_for(lambda: recorder.seen("t1.json"), timeout=5)
+    assert ("t1.json", "inotify", True) in recorder.calls
+
+
+def test_inotify_waits_for_the_close_of_a_plain_write(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    source = make_source("inotify")
+    recorder = Recorder()
+    source.start(recorder)
+    path = spool.task_path(WORKER, "plain")
+    with open(path, "w") as handle:  # created, empty: must not be reported
+        write_task(spool, "marker1")  # a later event proves the watcher already ran past the create
+        wait_for(lambda: recorder.seen("marker1.json"), timeout=5)
+        assert not recorder.seen("plain.json")
+        handle.write('{"task_id": "plain", ')
+        handle.flush()
+        write_task(spool, "marker2")
+        wait_for(lambda: recorder.seen("marker2.json"), timeout=5)
+        assert not recorder.seen("plain.json")  # half written, still open
+        handle.write('"description": "x"}')
+    wait_for(lambda: recorder.seen("plain.json"), timeout=5, what="the close after write")
+    assert ("plain.json", "inotify", True) in recorder.calls
+
+
+def test_inotify_sees_renames_from_other_folders(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    source = make_source("inotify")
+    recorder = Recorder()
+    source.start(recorder)
+    claim = spool.claim_path(WORKER, "back")
+    atomic_write_json(claim, {"task_id": "back", "description": "x"}, durable=False)
+    spool.requeue(WORKER, "back")  # .processing/ -> inbox, as the executor puts a task back
+    wait_for(lambda: recorder.seen("back.json"), timeout=5)
+
+
+def test_a_claim_does_not_delay_the_next_event(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    """watchdog holds an unpaired IN_MOVED_FROM for 0.5 s and everything queued behind it."""
+    source = make_source("inotify")
+    recorder = Recorder()
+    source.start(recorder)
+    for i in range(3):
+        write_task(spool, f"c{i}")
+        wait_for(lambda i=i: recorder.seen(f"c{i}.json"), timeout=5)
+        assert spool.claim(WORKER, f"c{i}") is not None  # renamed out into the unwatched .processing/
+        started = time.monotonic()
+        write_task(spool, f"n{i}")
+        wait_for(lambda i=i: recorder.seen(f"n{i}.json"), timeout=5, interval=0.002)
+        assert time.monotonic() - started < 0.25
+
+
+def test_a_failing_notify_does_not_kill_the_observer(
+    make_source: Callable[[str], WakeSource], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_source("inotify")
+    recorder = Recorder(fail_on={"bad.json"})
+    source.start(recorder)
+    write_task(spool, "bad")
+    wait_for(lambda: recorder.seen("bad.json"), timeout=5)
+    write_task(spool, "good")
+    wait_for(lambda: recorder.seen("good.json"), timeout=5, what="an event after the failure")
+    assert source.alive()
+    assert any("handler failed" in r.getMessage() for r in caplog.records)
+
+
+def test_inotify_dies_visibly_when_its_inbox_is_removed(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    source = make_source("inotify")
+    source.start(Recorder())
+    os.rmdir(spool.processing(WORKER))
+    os.rmdir(spool.inbox(WORKER))
+    wait_for(lambda: not source.alive(), timeout=5, what="alive() to flip after the inbox vanished")
+
+
+def _watch_group(source: InotifySource) -> object:
+    observer = source._observer
+    assert observer is not None
+    (emitter,) = list(observer.emitters)
+    return emitter._inotify
+
+
+def test_overflow_hook_calls_on_overflow(spool: Spool) -> None:
+    overflows: list[int] = []
+    source = InotifySource(spool.inbox(WORKER), on_overflow=lambda: overflows.append(1))
+    source.start(Recorder())
+    try:
+        _watch_group(source).on_queue_overflow()  # type: ignore[attr-defined]
+        assert overflows == [1]
+        assert source.alive()
+    finally:
+        source.stop()
+
+
+def test_a_real_inotify_overflow_is_reported(spool: Spool) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 100_000:
+        pytest.skip(f"max_queued_events is {limit}: too many renames for a unit test")
+    overflows = threading.Event()
+    source = InotifySource(spool.inbox(WORKER), on_overflow=overflows.set)
+    recorder = Recorder()
+    source.start(recorder)
+    inbox = spool.inbox(WORKER)
+    ping, pong = inbox / ".ping", inbox / ".pong"
+    ping.write_bytes(b"")
+    try:
+        # Hold the watch group's lock: watchdog's reader thread blocks on its first event and the
+        # kernel queue fills up behind it, exactly as under a burst larger than the queue.
+        lock = _watch_group(source)._lock  # type: ignore[attr-defined]
+        with lock:
+            for _ in range(limit // 2 + 200):
+                os.rename(ping, pong)
+                os.rename(pong, ping)
+        # watchdog handles the ~16k queued events first (about 2 s here, more on a busy host).
+        assert overflows.wait(30), "the overflow was not reported"
+        assert source.alive()
+        write_task(spool, "after")
+        wait_for(lambda: recorder.seen("after.json"), timeout=10, what="events after an overflow")
+    finally:
+        source.stop()
+
+
+def test_poll_notifies_oldest_first(make_source: Callable[[str], WakeSource], spool: Spool) -> None:
+    for i, task_id in enumerate(["c", "a", "b"]):
+        path = write_task(spool, task_id)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    recorder = Recorder()
+    source = make_source("poll")
+    source.start(recorder)
+    wait_for(lambda: len(recorder.calls) >= 3, timeout=5)
+    assert recorder.names()[:3] == ["c.json", "a.json", "b.json"]
+
+
+def test_stub_fires_synchronously_and_refuses_when_stopped() -> None:
+    stub = StubSource("redis")
+    recorder = Recorder()
+    stub.start(recorder)
+    stub.fire("x.json", complete=True)
+    assert recorder.calls == [("x.json", "redis", True)]
+    stub.die()
+    assert not stub.alive()
+    with pytest.raises(RuntimeError):
+        stub.fire("y.json")
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("abc", "abc.json"),
+        ("abc.json", "abc.json"),
+        ("{inbox}/abc.json", "abc.json"),
+        ("{inbox}/../w1/abc.json", "abc.json"),
+        ("{inbox}/../other/abc.json", None),
+        ("{inbox}/.processing/abc.json", None),
+        ("/etc/passwd", None),
+        ("tasks/w1/abc.json", None),
+        ("../../etc/x", None),
+        (".tmp_abc.json", None),
+        ("a b", None),
+        ("", None),
+    ],
+)
+def test_inbox_name_accepts_ids_and_paths_inside_the_inbox_only(ref: str, expected: str | None, spool: Spool) -> None:
+    assert inbox_name(ref.format(inbox=spool.inbox(WORKER)), spool.inbox(WORKER)) == expected
+
+
+def test_build_sources_follows_the_mode(
+    make_settings: Callable[..., Settings], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def kinds(*mode: str) -> list[type[WakeSource]]:
+        return [type(s) for s in build_sources(make_settings(mode=mode), spool, lambda: None)]
+
+    assert kinds("inotify") == [InotifySource]
+    assert kinds("poll") == [PollSource]
+    with caplog.at_level(logging.WARNING, logger="activation.listener"):
+        assert kinds("inotify", "redis") == [InotifySource]
+    assert any("'redis' is not implemented" in r.getMessage() for r in caplog.records)
