@@ -37,6 +37,7 @@ QUEUE_BACKOFF_MAX = 1.0
 SPOOL_BACKOFF = 0.5  # after a failed result write or claim: give the disk a moment
 
 COMPLETED, FAILED, TIMEOUT = "completed", "failed", "timeout"
+EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
 
 
 class QueuedItem(Protocol):
@@ -46,6 +47,8 @@ class QueuedItem(Protocol):
     def task_id(self) -> str: ...
     @property
     def source(self) -> str: ...
+    @property
+    def seen_at(self) -> float: ...
 
 
 class WorkQueueClient(Protocol):
@@ -137,7 +140,7 @@ class Executor(Program):
             self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
             self._queue_down, self._backoff = False, 0.0
         if item is not None:
-            self.process(item.task_id, source=item.source)
+            self.process(item.task_id, source=item.source, seen_at=item.seen_at)
 
     def shutdown(self) -> None:
         if self._client is not None:
@@ -220,7 +223,7 @@ class Executor(Program):
 
     # -- one task ---------------------------------------------------------------------------
 
-    def process(self, task_id: str, source: str = "queue") -> dict[str, Any] | None:
+    def process(self, task_id: str, source: str = "queue", seen_at: float = 0.0) -> dict[str, Any] | None:
         """Claim, run and finish one task; the result, or None when there was nothing to run.
 
         None means: someone else had it, it already had a result, it was bad (dead letter), it
@@ -230,8 +233,7 @@ class Executor(Program):
             return None
         spool, worker = self.spool, self.worker
         try:
-            # The atomic rename that made the task visible set its ctime; our claim resets it.
-            visible_ns = os.lstat(spool.task_path(worker, task_id)).st_ctime_ns
+            visible_ns = self._visible_ns(task_id, source, seen_at)
             claim = spool.claim(worker, task_id)
         except FileNotFoundError:
             return None
@@ -261,6 +263,18 @@ class Executor(Program):
             self._put_back(task_id)
             return None
         return self._run(task, visible_ns, source)
+
+    def _visible_ns(self, task_id: str, source: str, seen_at: float) -> int:
+        """When the task became visible, as well as it can be known.
+
+        An event source saw it within microseconds of the rename: its time is exact. A scan saw
+        it up to an interval late, so the file's ctime (set by the rename; our claim resets it)
+        is nearer, though the kernel may stamp it with a clock that lags by up to a tick.
+        """
+        ctime_ns = os.lstat(self.spool.task_path(self.worker, task_id)).st_ctime_ns
+        if seen_at and source in EVENT_SOURCES:
+            return int(seen_at * 1e9)
+        return ctime_ns
 
     def _run(self, task: dict[str, Any], visible_ns: int, source: str) -> dict[str, Any] | None:
         task_id: str = task["task_id"]

@@ -217,12 +217,13 @@ class Listener(Program):
         """A task may be ready under ``name`` in the inbox; ``complete``: the writer is provably done."""
         if "/" in name or not tasks.is_task_name(name):
             return  # dot files (temp files, .processing) are never tasks
+        seen_at = time.time()  # the wake-up, before any work: the start of activation latency
         task_id = tasks.task_id_of(name)
         if task_id in self.work:
             return
         try:
             with self._examine_lock:
-                self._examine(name, task_id, source, complete)
+                self._examine(name, task_id, source, complete, seen_at)
         except Exception:
             self.log.exception(
                 "failed to examine %r; will look again", name, extra={"worker": self.worker, "event": "examine_error"}
@@ -230,7 +231,7 @@ class Listener(Program):
             with contextlib.suppress(Exception), self._examine_lock:
                 self._later(name, self.inbox / name)
 
-    def _examine(self, name: str, task_id: str, source: str, complete: bool) -> None:
+    def _examine(self, name: str, task_id: str, source: str, complete: bool, seen_at: float = 0.0) -> None:
         if task_id in self.work:
             return
         self._events[source] += 1
@@ -278,7 +279,7 @@ class Listener(Program):
         if os.path.exists(self._result_prefix + name):  # Spool.has_result, without pathlib
             self._dead_letter(name, path, tasks.DUPLICATE, "a result for this task id already exists", task)
             return
-        if self.work.put(task_id, source):
+        if self.work.put(task_id, source, seen_at):
             self._queued[source] += 1
             self.log.debug("queued %s (%s)", task_id, source, extra={"worker": self.worker, "task_id": task_id})
 

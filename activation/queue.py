@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -88,6 +88,7 @@ def load_authkey(run_dir: Path) -> bytes:
 class QueuedTask:
     task_id: str
     source: str  # the wake source that queued it: inotify | poll | rescan | redis
+    seen_at: float = field(default=0.0, compare=False)  # time.time() of the wake-up (0: unknown)
 
 
 class WorkQueue:
@@ -110,12 +111,12 @@ class WorkQueue:
         self._in_flight_ids: set[str] = set()
         self._epoch = 0  # bumped by wake_all() so that waiters re-check their stop condition
 
-    def put(self, task_id: str, source: str) -> bool:
+    def put(self, task_id: str, source: str, seen_at: float = 0.0) -> bool:
         """Append ``task_id``; False if it is already queued or in flight."""
         with self._lock:
             if task_id in self._queued or task_id in self._in_flight_ids:
                 return False
-            self._queue.append(QueuedTask(task_id, source))
+            self._queue.append(QueuedTask(task_id, source, seen_at))
             self._queued.add(task_id)
             self._ready.notify()
             return True
@@ -350,7 +351,7 @@ class QueueServer:
         if kind == "get":
             timeout = request[1] if len(request) > 1 and isinstance(request[1], (int, float)) else 0.0
             item = self._work.take(consumer, min(max(float(timeout), 0.0), MAX_GET_TIMEOUT), self._stopping.is_set)
-            return ("task", item.task_id, item.source) if item is not None else ("empty",)
+            return ("task", item.task_id, item.source, item.seen_at) if item is not None else ("empty",)
         if kind == "stats":
             info: dict[str, Any] = {"queue_size": len(self._work), "in_flight": self._work.in_flight}
             try:
@@ -373,8 +374,8 @@ class QueueClient:
     def get(self, timeout: float) -> QueuedTask | None:
         """The next task id, or None after ``timeout``. Acknowledges the item from the previous call."""
         reply = self._request(("get", float(timeout)), float(timeout) + REPLY_GRACE)
-        if reply[0] == "task" and len(reply) == 3:
-            return QueuedTask(str(reply[1]), str(reply[2]))
+        if reply[0] == "task" and len(reply) == 4:
+            return QueuedTask(str(reply[1]), str(reply[2]), float(reply[3]))
         if reply[0] == "empty":
             return None
         raise QueueError(f"unexpected reply from the work queue at {self.path}: {str(reply)[:100]}")

@@ -304,8 +304,8 @@ class StubQueue:
 
 
 class Item:
-    def __init__(self, task_id: str, source: str) -> None:
-        self.task_id, self.source = task_id, source
+    def __init__(self, task_id: str, source: str, seen_at: float = 0.0) -> None:
+        self.task_id, self.source, self.seen_at = task_id, source, seen_at
 
 
 @pytest.fixture
