@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint unit integration bench redis-server clean
+.PHONY: up test lint unit integration bench redis-server claude-cli clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ redis-server:
 	    echo "redis-server not found and apt-get is unavailable: install Redis (>= 6) and put redis-server on PATH" >&2; exit 1; \
 	  fi; }
 
+# The real Claude Code CLI (pinned, from npm) for the end-to-end check against a loopback fake
+# API. Without npm the e2e tests skip and say why; nothing else depends on it.
+claude-cli:
+	@tests/e2e/install_claude.sh >/dev/null || echo "claude CLI not installed: the e2e tests will be skipped" >&2
+
 up: $(STAMP)
 	$(BIN)/activation up
 
@@ -30,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check activation tests benchmarks
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server lint
+test: $(STAMP) redis-server claude-cli lint
 	$(BIN)/pytest
 
 unit: $(STAMP)

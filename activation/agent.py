@@ -194,6 +194,7 @@ def run_agent(
     kill_grace: float,
     output_limit: int,
     should_abort: Callable[[], bool] | None = None,
+    cwd: str | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
 
@@ -208,6 +209,7 @@ def run_agent(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
+            cwd=cwd,
             start_new_session=True,
             close_fds=True,
         )

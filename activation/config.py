@@ -35,6 +35,7 @@ class Settings:
     run_dir: Path = Path("var/run")  # ACTIVATION_RUN_DIR (default var/run/<worker>)
     mode: tuple[str, ...] = ("inotify",)  # ACTIVATION_MODE, comma-separated wake sources
     agent_command: str = "claude -p {description}"  # ACTIVATION_AGENT_COMMAND
+    agent_workdir: Path | None = None  # ACTIVATION_AGENT_WORKDIR: the agent's working folder
     task_timeout: float = 600.0  # ACTIVATION_TASK_TIMEOUT
     max_task_timeout: float = 86400.0  # ACTIVATION_MAX_TASK_TIMEOUT
     kill_grace: float = 5.0  # ACTIVATION_KILL_GRACE
@@ -164,6 +165,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_RUN_DIR": ("run_dir", _path),
     "ACTIVATION_MODE": ("mode", _mode),
     "ACTIVATION_AGENT_COMMAND": ("agent_command", _text),
+    "ACTIVATION_AGENT_WORKDIR": ("agent_workdir", _path),
     "ACTIVATION_TASK_TIMEOUT": ("task_timeout", _number(float, 0.001)),
     "ACTIVATION_MAX_TASK_TIMEOUT": ("max_task_timeout", _number(float, 0.001)),
     "ACTIVATION_KILL_GRACE": ("kill_grace", _number(float, 0)),

@@ -26,7 +26,7 @@ from activation.agent import (
     run_agent,
 )
 from activation.config import Settings
-from activation.errors import BadTask, NotReady, QueueError
+from activation.errors import BadTask, ConfigError, NotReady, QueueError
 from activation.metrics import worker_metrics
 from activation.process import Program
 from activation.spool import TEMP_PREFIX, Spool, iso_now
@@ -77,11 +77,13 @@ def parse_envelope(stdout: str) -> dict[str, Any] | None:
     return None
 
 
-def result_status(run: AgentRun, envelope: dict[str, Any] | None) -> str:
+def result_status(run: AgentRun, envelope: dict[str, Any] | None, *, expects_envelope: bool = False) -> str:
     if run.timed_out:
         return TIMEOUT
     if run.exit_code != 0 or (envelope is not None and envelope.get("is_error") is True):
         return FAILED  # claude reports errors with rc 1, or rc 0 and is_error in JSON mode
+    if expects_envelope and envelope is None and not run.truncated:
+        return FAILED
     return COMPLETED
 
 
@@ -96,7 +98,17 @@ class Executor(Program):
         self.worker = settings.require_worker()
         self.spool = Spool(settings.spool)
         self.metrics = worker_metrics()
-        build_argv(settings.agent_command, "probe")  # a template that cannot be split fails now
+        probe = build_argv(settings.agent_command, "probe")  # a template that cannot be split fails now
+        # In JSON mode Claude Code always prints an envelope; exit 0 without one is a failed run
+        # (it happens when claude is interrupted right after its first request).
+        self._expects_envelope = any(
+            arg == "--output-format=json" or (arg == "--output-format" and nxt == "json")
+            for arg, nxt in zip(probe, [*probe[1:], ""], strict=True)
+        )
+        workdir = settings.agent_workdir
+        if workdir is not None and not workdir.is_dir():
+            raise ConfigError(f"ACTIVATION_AGENT_WORKDIR: {workdir} is not a folder")
+        self._cwd = str(workdir) if workdir is not None else None
         # The environment is read once, here at the process boundary; agent.py strips the secrets.
         self._environ = dict(os.environ if environ is None else environ)
         self._client: WorkQueueClient | None = None
@@ -283,7 +295,7 @@ class Executor(Program):
         argv = build_argv(self.settings.agent_command, task["description"], task_id=task_id)
         env = agent_environment(self._environ, task_id, self.worker)
         env[STRAY_MARKER] = str(self.settings.run_dir)
-        self.log.info("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
+        self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
             run = run_agent(
                 argv,
@@ -292,6 +304,7 @@ class Executor(Program):
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
                 should_abort=self._past_drain,
+                cwd=self._cwd,
             )
         except OSError as exc:  # this process cannot spawn (no memory, no pids): not the task's fault
             self._put_back(task_id)
@@ -341,7 +354,7 @@ class Executor(Program):
         return {
             "task_id": task["task_id"],
             "worker": self.worker,
-            "status": result_status(run, envelope),
+            "status": result_status(run, envelope, expects_envelope=self._expects_envelope),
             "exit_code": run.exit_code,
             "signal": run.signal,
             "attempts": attempts,

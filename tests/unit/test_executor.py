@@ -17,7 +17,7 @@ import pytest
 
 from activation import executor as executor_module
 from activation.config import Settings
-from activation.errors import QueueError
+from activation.errors import ConfigError, QueueError
 from activation.executor import Executor, parse_envelope
 from activation.spool import Spool, atomic_write_json, iso_now, read_json
 from tests.conftest import WORKER, wait_for
@@ -330,3 +330,25 @@ def test_loop_runs_queued_tasks_and_logs_an_outage_once(
     assert read_json(spool.result_path(WORKER, "queued"))["source"] == "redis"
     executor.shutdown()
     assert stub.closed and executor._client is None
+
+
+def test_json_mode_exit_0_without_an_envelope_is_failed(make_settings, spool) -> None:
+    from activation.executor import Executor
+
+    executor = Executor(make_settings(agent_command="true --output-format json -p {description}"))
+    atomic_write_json(spool.task_path("w1", "silent"), {"task_id": "silent", "description": "x"})
+    result = executor.process("silent")
+    assert result is not None and result["status"] == "failed" and result["agent"] is None
+
+
+def test_the_agent_runs_in_its_workdir(make_settings, spool, tmp_path) -> None:
+    from activation.executor import Executor
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    executor = Executor(make_settings(agent_command="pwd {description}", agent_workdir=workdir))
+    atomic_write_json(spool.task_path("w1", "where"), {"task_id": "where", "description": "x"})
+    result = executor.process("where")
+    assert result is not None and result["stdout"].strip() == str(workdir)
+    with pytest.raises(ConfigError, match="ACTIVATION_AGENT_WORKDIR"):
+        Executor(make_settings(agent_workdir=tmp_path / "missing"))
