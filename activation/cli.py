@@ -299,6 +299,31 @@ def check(obj: Context, worker: str) -> None:
 
 
 @main.command()
+@click.option(
+    "--temp-age",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    help="Seconds before a temp file is stale.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def audit(obj: Context, temp_age: float, as_json: bool) -> None:
+    """Check the spool's invariants; exit 1 and list each violation if any is broken."""
+    from activation.audit import audit as run_audit
+
+    violations = run_audit(obj.spool, heartbeat_timeout=obj.settings.heartbeat_timeout, temp_age=temp_age)
+    if as_json:
+        print_json([v.as_dict() for v in violations])
+    else:
+        for v in violations:
+            click.echo(f"{v.kind}: {v.task_id or '-'}: {v.detail}")
+        click.echo(f"audit: {len(violations)} violation(s) in {obj.spool.root}", err=bool(violations))
+    if violations:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
 @click.option("--workers", default="marie,anga,fabien", show_default=True, help="Comma-separated worker names.")
 @pass_ctx
 def up(obj: Context, workers: str) -> None:
