@@ -1,0 +1,47 @@
+"""A burst far past the inotify queue: every task still gets exactly one result, thanks to the rescan."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.harness import new_tree
+
+BURST = int(os.environ.get("ACTIVATION_OVERFLOW_BURST", "30000"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_30000_file_burst_overflows_inotify_and_loses_nothing(tmp_path: Path) -> None:
+    tree = new_tree(tmp_path, agent="true {description}", ACTIVATION_HEARTBEAT_INTERVAL="2")
+    try:
+        tree.start()
+        inbox = tree.spool.inbox(tree.worker)
+        payload = '{"task_id": "%s", "description": "x"}'
+        for i in range(BURST):
+            task_id = f"o{i:06d}"
+            tmp = inbox / f".tmp_{task_id}.json"
+            tmp.write_text(payload % task_id)
+            os.rename(tmp, inbox / f"{task_id}.json")
+        results = tree.spool.results(tree.worker)
+        began = time.monotonic()
+        wait_for(lambda: len(os.listdir(results)) >= BURST, 500, 0.5, lambda: f"{BURST} results\n{tree.log_tail()}")
+        elapsed = time.monotonic() - began
+        time.sleep(1)
+        names = os.listdir(results)
+        assert len(names) == BURST == len(set(names))
+        assert tree.spool.count_inbox(tree.worker) == 0
+        assert not os.listdir(tree.spool.processing(tree.worker))
+        log = tree.log_tail(100000)
+        overflows = log.count("overflow")
+        print(f"{BURST} tasks, {overflows} overflow log lines, drained in {elapsed:.1f}s after the writes")
+        assert overflows >= 1, "the burst did not overflow inotify: the test proves nothing"
+        beat = json.loads(tree.spool.heartbeat_path(tree.worker).read_text())
+        assert beat["listener"]["overflows"] >= 1
+    finally:
+        tree.kill_everything()
