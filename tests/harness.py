@@ -53,6 +53,7 @@ def wait_until(
 
 
 WORKER_CONF = ROOT / "supervisor_conf" / "worker.conf"
+ORCHESTRATOR_CONF = ROOT / "supervisor_conf" / "orchestrator.conf"
 PROGRAMS = ("listener", "executor", "heartbeat")
 
 
@@ -65,7 +66,19 @@ def free_port() -> int:
 class WorkerTree:
     """One supervisord with listener, executor and heartbeat, and ways to poke at it."""
 
-    def __init__(self, spool: Spool, run_dir: Path, worker: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        run_dir: Path,
+        worker: str,
+        env: dict[str, str],
+        log: Path,
+        *,
+        conf: Path = WORKER_CONF,
+        programs: tuple[str, ...] = PROGRAMS,
+    ) -> None:
+        self.conf = conf
+        self.programs = programs
         self.spool = spool
         self.run_dir = run_dir
         self.worker = worker
@@ -78,7 +91,7 @@ class WorkerTree:
     def start(self) -> WorkerTree:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(WORKER_CONF)],
+                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -90,7 +103,7 @@ class WorkerTree:
     def wait_running(self, timeout: float = 20) -> None:
         def all_running() -> bool:
             states = self.states()
-            return bool(states) and all(states.get(p) == "RUNNING" for p in PROGRAMS)
+            return bool(states) and all(states.get(p) == "RUNNING" for p in self.programs)
 
         wait_until(all_running, timeout, 0.1, lambda: f"all programs RUNNING; log:\n{self.log_tail()}")
 
@@ -119,7 +132,7 @@ class WorkerTree:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(WORKER_CONF), *args],
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -131,7 +144,7 @@ class WorkerTree:
         states = {}
         for line in out.splitlines():
             parts = line.split()
-            if len(parts) >= 2 and parts[0] in PROGRAMS:
+            if len(parts) >= 2 and parts[0] in self.programs:
                 states[parts[0]] = parts[1]
         return states
 
@@ -227,6 +240,26 @@ def new_tree(root: Path, worker: str = "w1", *, agent: str | None = None, **env:
     run_dir = Path(tempfile.mkdtemp(prefix="actw-"))
     environment = tree_environment(spool, run_dir, worker, agent, **env)
     return WorkerTree(spool, run_dir, worker, environment, root / f"supervisord-{worker}.log")
+
+
+def new_orchestrator(root: Path, **env: str) -> WorkerTree:
+    """The orchestrator under its own supervisord, on the spool under ``root``, admin API on a free port."""
+    spool = Spool(root / "spool")
+    spool.init()
+    run_dir = Path(tempfile.mkdtemp(prefix="acto-"))
+    environment = tree_environment(spool, run_dir, "orchestrator")
+    environment.pop("WORKER_NAME")
+    environment["ACTIVATION_ADMIN_BIND"] = f"127.0.0.1:{free_port()}"
+    environment.update(env)
+    return WorkerTree(
+        spool,
+        run_dir,
+        "orchestrator",
+        environment,
+        root / "supervisord-orchestrator.log",
+        conf=ORCHESTRATOR_CONF,
+        programs=("orchestrator",),
+    )
 
 
 class RedisServer:
