@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint unit integration bench redis-server claude-cli clean
+.PHONY: up test lint unit integration bench chaos redis-server claude-cli clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The chaos run alone, bigger if you like: make chaos N=10000
+N ?= 3000
+chaos: $(STAMP) redis-server
+	ACTIVATION_CHAOS_TASKS=$(N) $(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
