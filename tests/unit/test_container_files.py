@@ -522,3 +522,29 @@ def test_the_parsers_read_compose_the_way_compose_does():
     with pytest.raises(MissingVariable, match="N: say so"):
         interpolate("${N:?say so}", {})
     assert seconds("1m30s") == 90 and seconds("500ms") == 0.5
+
+
+def test_prometheus_and_grafana_are_wired_to_the_stack(compose):
+    """The observability files (containers/prometheus, containers/grafana) agree with the services."""
+    mounts = {
+        name: {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+        for name, service in compose["services"].items()
+    }
+    config = yaml.safe_load((ROOT / "containers/prometheus/prometheus.yml").read_text())
+    config_dir = Path(next(t for t, s in mounts["prometheus"].items() if s.endswith("prometheus.yml"))).parent
+    for rule_file in config.get("rule_files", []):
+        assert str(config_dir / rule_file) in mounts["prometheus"], f"rule file {rule_file} is not mounted"
+    targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
+    workers = [n for n in compose["services"] if "WORKER_NAME" in service_environment(compose, n)]
+    for worker in workers:
+        port = service_environment(compose, worker)["ACTIVATION_METRICS_PORT"]
+        assert f"{worker}:{port}" in targets, f"Prometheus does not scrape {worker}"
+    admin_port = parse_bind(service_environment(compose, "orchestrator")["ACTIVATION_ADMIN_BIND"])[1]
+    assert f"orchestrator:{admin_port}" in targets
+
+    providers = yaml.safe_load((ROOT / "containers/grafana/provisioning/dashboards/activation.yml").read_text())
+    for provider in providers["providers"]:
+        assert mounts["grafana"].get(provider["options"]["path"]) == "./containers/grafana/dashboards"
+    assert mounts["grafana"]["/etc/grafana/provisioning"] == "./containers/grafana/provisioning"
+    datasources = yaml.safe_load((ROOT / "containers/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert [d["url"] for d in datasources["datasources"]] == ["http://prometheus:9090"]
