@@ -462,8 +462,12 @@ def check_every_expression(make_tree, prometheus, orchestrator, redis: RedisServ
 
     wait_for(both_targets_up, 60, 0.5, lambda: f"both targets up: {server.api('targets')}")
 
-    # Tasks after the first scrapes, so that rate() sees them happen.
-    ids = [orch.dispatch("hello") for _ in range(3)] + [orch.dispatch("exit=3")]
+    # Tasks after the first scrapes, so that rate() sees them happen; and in two waves, so that
+    # the latency histogram, whose series appear with the first task, grows after its first scrape.
+    ids = [orch.dispatch("hello")]
+    tree.wait_result(ids[0], 60)
+    wait_for(lambda: server.query("activation_latency_seconds_count"), 60, 0.5, "the first task scraped")
+    ids += [orch.dispatch("hello") for _ in range(2)] + [orch.dispatch("exit=3")]
     write_bad_task(tree, "bad-1.json")
     ids.append(orch.dispatch("ignore-term sleep=60", timeout=1))
     for task_id in ids:
