@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint unit integration bench chaos redis-server claude-cli clean
+.PHONY: up test lint unit integration bench chaos redis-server claude-cli docker-compose restart-workers clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,14 +28,30 @@ redis-server:
 claude-cli:
 	@tests/e2e/install_claude.sh >/dev/null || echo "claude CLI not installed: the e2e tests will be skipped" >&2
 
+# Debian's docker-compose (v1) checks docker-compose.yml in the tests; no Docker engine is needed
+# (--no-install-recommends keeps docker.io out).
+docker-compose:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "docker-compose not found: installing Debian's docker-compose package"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
+	  else \
+	    echo "docker-compose not found and apt-get is unavailable: the compose test will be skipped" >&2; \
+	  fi; }
+
+# Restart every worker's programs gracefully, one worker at a time: the local stack of `make up`
+# when it runs, else the compose stack (COMPOSE="docker compose --env-file .env.production").
+restart-workers: $(STAMP)
+	$(BIN)/python scripts/restart-workers $(WORKERS)
+
 up: $(STAMP)
 	$(BIN)/activation up
 
 lint: $(STAMP)
-	$(BIN)/ruff check activation tests benchmarks
+	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server claude-cli lint
+test: $(STAMP) redis-server claude-cli docker-compose lint
 	$(BIN)/pytest
 
 unit: $(STAMP)
