@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint unit integration bench chaos redis-server claude-cli docker-compose restart-workers clean
+.PHONY: up test lint unit integration bench chaos redis-server prometheus claude-cli docker-compose restart-workers clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ redis-server:
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "redis-server not found and apt-get is unavailable: install Redis (>= 6) and put redis-server on PATH" >&2; exit 1; \
+	  fi; }
+
+# prometheus and promtool for the monitoring tests (promtool check/test; a real Prometheus on a
+# free port). --no-install-recommends keeps prometheus-node-exporter (port 9100) out.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "prometheus not found: installing Debian's prometheus package"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "prometheus not found and apt-get is unavailable: the monitoring tests will be skipped" >&2; \
 	  fi; }
 
 # The real Claude Code CLI (pinned, from npm) for the end-to-end check against a loopback fake
@@ -51,7 +62,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server claude-cli docker-compose lint
+test: $(STAMP) redis-server prometheus claude-cli docker-compose lint
 	$(BIN)/pytest
 
 unit: $(STAMP)
