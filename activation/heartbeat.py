@@ -23,7 +23,7 @@ from activation.config import Settings
 from activation.errors import QueueError
 from activation.metrics import forget_dead_processes, multiprocess_registry, worker_metrics
 from activation.process import Program
-from activation.spool import Spool, atomic_write_json, iso_now
+from activation.spool import TEMP_PREFIX, Spool, atomic_write_json, iso_now, remove_temp_files
 
 SUPERVISOR_SOCKET = "supervisor.sock"
 
@@ -70,6 +70,8 @@ class Heartbeat(Program):
 
     def initialize(self) -> None:
         self.spool.init([self.worker])
+        # A heartbeat SIGKILLed mid-write leaves its temp file; it is the file's only writer.
+        remove_temp_files(self.spool.heartbeats_dir, f"{TEMP_PREFIX}{self.path.name}.")
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 

@@ -78,6 +78,18 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: i
         fsync_dir(path.parent)
 
 
+def remove_temp_files(folder: Path, prefix: str = TEMP_PREFIX) -> int:
+    """Delete the temp files a killed writer left in ``folder``; only call it as their sole writer."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
     atomic_write_bytes(path, json_bytes(obj), durable=durable)
 
