@@ -135,6 +135,10 @@ class Heartbeat(Program):
         if metrics_dir:
             forget_dead_processes(Path(metrics_dir))
         claimed = self.spool.claimed_ids(self.worker)
+        # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
+        programs = self._programs() if state == "running" else None
+        # worker_up says the whole tree works, not only that this program runs.
+        self.metrics.worker_up.set(int(state == "running" and not (programs and set(programs.values()) - {"RUNNING"})))
         return {
             "worker": self.worker,
             "state": state,
@@ -147,8 +151,7 @@ class Heartbeat(Program):
             "current_task": claimed[0] if claimed else None,
             "queue_size": queue_size,
             "counts": self._counts(),
-            # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
-            "programs": self._programs() if state == "running" else None,
+            "programs": programs,
             "listener": self._listener(),
             "wake_sources": list(self.settings.mode),
             "version": __version__,
