@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -29,12 +30,15 @@ from activation.config import Settings
 from activation.errors import BadTask, ConfigError, NotReady, QueueError
 from activation.metrics import worker_metrics
 from activation.process import Program
-from activation.spool import TEMP_PREFIX, Spool, iso_now
+from activation.spool import Spool, iso_now, remove_temp_files
 
 QUEUE_WAIT = 0.5  # one loop step: how long to wait on the queue before checking the stop flag
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
 SPOOL_BACKOFF = 0.5  # after a failed result write or claim: give the disk a moment
+
+DONE_RETRY_AFTER = 1.5  # seconds: after a failed done event, skip Redis for this long
+DONE_TIMEOUT = 0.25  # connect and reply timeout of a done event: never stall the next task on it
 
 COMPLETED, FAILED, TIMEOUT = "completed", "failed", "timeout"
 EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
@@ -87,6 +91,56 @@ def result_status(run: AgentRun, envelope: dict[str, Any] | None, *, expects_env
     return COMPLETED
 
 
+class DoneEvents:
+    """PUBLISH ``done:<worker> <task_id>`` after each result, best effort.
+
+    The result file is the truth; the event only wakes ``dispatch --wait`` sooner. So a failure
+    is logged once per outage, Redis is left alone for DONE_RETRY_AFTER, and nothing raises.
+    """
+
+    def __init__(self, url: str, worker: str, log: logging.Logger) -> None:
+        from activation.events import done_channel  # redis-py is loaded only when Redis is configured
+
+        self.url = url
+        self.worker = worker
+        self.channel = done_channel(worker)
+        self.log = log
+        self._client: Any = None
+        self._retry_at = 0.0
+        self._down = False
+
+    def announce(self, task_id: str) -> None:
+        if time.monotonic() < self._retry_at:
+            return
+        from activation import events
+
+        try:
+            if self._client is None:
+                self._client = events.connect(self.url, timeout=DONE_TIMEOUT)
+            events.publish(self._client, self.channel, task_id)
+        except Exception as exc:  # EventsError, or anything a broken connection throws
+            self._retry_at = time.monotonic() + DONE_RETRY_AFTER
+            if not self._down:
+                self._down = True
+                self.log.warning(
+                    "cannot publish %s: %s; results are unaffected, retrying every %gs",
+                    self.channel,
+                    events.describe(exc),
+                    DONE_RETRY_AFTER,
+                    extra={"worker": self.worker, "task_id": task_id, "event": "redis_down"},
+                )
+            return
+        if self._down:
+            self._down = False
+            self.log.info("publishing %s again", self.channel, extra={"worker": self.worker, "event": "redis_up"})
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
 class Executor(Program):
     """One task at a time: claim by rename, run the agent, write the result, drop the claim."""
 
@@ -115,6 +169,7 @@ class Executor(Program):
         self._drain_deadline: float | None = None
         self._queue_down = False
         self._backoff = 0.0
+        self._done = DoneEvents(settings.redis_url, self.worker, self.log) if settings.redis_url else None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -158,6 +213,8 @@ class Executor(Program):
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._done is not None:
+            self._done.close()
 
     def request_stop(self, signum: int | None = None) -> None:
         """Take no new task; the running one may finish until the drain deadline (first signal only)."""
@@ -190,12 +247,9 @@ class Executor(Program):
         running when it was killed: they go back to the inbox with ``attempts + 1``, or to the
         dead letter once ``ACTIVATION_MAX_ATTEMPTS`` runs have started.
         """
-        processing = self.spool.processing(self.worker)
-        with contextlib.suppress(FileNotFoundError), os.scandir(processing) as entries:
-            for entry in entries:
-                if entry.name.startswith(TEMP_PREFIX):  # a rewrite cut short by a crash
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+        # Writes a killed executor cut short: it is the only writer of both folders.
+        remove_temp_files(self.spool.processing(self.worker))
+        remove_temp_files(self.spool.results(self.worker))
         for task_id in self.spool.claimed_ids(self.worker):
             self._recover_claim(task_id)
 
@@ -328,6 +382,8 @@ class Executor(Program):
             self._put_back(task_id)
             self._spool_trouble("cannot write the result of", task_id, exc)
             return None
+        if self._done is not None:
+            self._done.announce(task_id)  # after the write: a waiter woken by it finds the result
         status = result["status"]
         labels = (self.worker, status)
         self.metrics.tasks_completed.labels(*labels).inc()

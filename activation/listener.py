@@ -58,6 +58,7 @@ class Listener(Program):
         self.metrics = worker_metrics()
         self._wake = threading.Event()  # cuts loop()'s wait short: overflow, stop
         self._overflowed = threading.Event()
+        self._rescan_asked: str | None = None  # a source lost events (e.g. Redis resubscribed)
         # One file is examined at a time, whichever thread notifies: no double dead-letter, and
         # a rescan racing an inotify event keeps FIFO order.
         self._examine_lock = threading.Lock()
@@ -83,7 +84,7 @@ class Listener(Program):
         self.server = QueueServer(socket_path(run_dir), load_authkey(run_dir), self.work, self.stats)
         self.server.start()
         if self._build_sources:
-            self.sources = build_sources(self.settings, self.spool, self._on_overflow)
+            self.sources = build_sources(self.settings, self.spool, self._events_lost)
         # Sources first, then the scan: a file that lands before a source listens is in the scan,
         # one that lands after the scan listed the inbox is seen by the source.
         for source in self.sources:
@@ -101,6 +102,8 @@ class Listener(Program):
         if self._overflowed.is_set():
             self._overflowed.clear()
             reason = "overflow"
+        asked, self._rescan_asked = self._rescan_asked, None
+        reason = reason or asked
         for source in self.sources:
             if not source.alive():
                 self.log.error(
@@ -184,6 +187,14 @@ class Listener(Program):
     def _next_recheck(self) -> float:
         with self._examine_lock:
             return min((at for _, at in self._not_ready.values()), default=float("inf"))
+
+    def _events_lost(self, reason: str) -> None:
+        """Called on a source's thread: events were (or may have been) lost, so rescan now."""
+        if reason == "overflow":
+            self._on_overflow()
+            return
+        self._rescan_asked = reason
+        self._wake.set()
 
     def _on_overflow(self) -> None:
         """Called on watchdog's reader thread: events were lost, so rescan now."""
@@ -346,6 +357,7 @@ class Listener(Program):
     def stats(self) -> dict[str, Any]:
         """What the heartbeat reports about the listener (served over the queue socket)."""
         inotify = [s for s in self.sources if s.name == "inotify"]
+        redis = [s for s in self.sources if s.name == "redis"]
         with self._examine_lock:
             not_ready = len(self._not_ready)
             events = dict(self._events)
@@ -364,7 +376,12 @@ class Listener(Program):
             "queued": queued,
             "not_ready": not_ready,
             "dead_lettered": self._dead_lettered,
+            "redis": redis[0].status() if redis else self._redis_unused(),
         }
+
+    def _redis_unused(self) -> dict[str, Any]:
+        missing = "redis" in self.settings.mode and not self.settings.redis_url
+        return {"configured": False, "connected": False, "last_error": "REDIS_URL is not set" if missing else None}
 
 
 def _as_object(data: bytes | None, reason: str) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """Wake sources: every way the listener learns that "a task may be ready", behind one interface.
 
 A source only says which inbox file name to look at; validation, de-duplication and queueing are
-the listener's job. inotify (watchdog) and poll live here; a stub serves the tests; Redis plugs
-into `build_sources` the same way once it exists, using `inbox_name` to vet what it is told.
+the listener's job. inotify (watchdog) and poll live here, Redis in redis_source.py (it vets what
+it is told with `inbox_name`); a stub serves the tests. `build_sources` turns the mode into sources.
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ class WakeSource(ABC):
     @abstractmethod
     def alive(self) -> bool: ...
 
+    def status(self) -> dict[str, Any]:
+        """What the listener's stats report about this source beyond alive(); {} for most."""
+        return {}
+
 
 def inbox_name(ref: str, inbox: Path) -> str | None:
     """The inbox file name that a foreign reference (a task id or a path) names, or None.
@@ -87,7 +91,9 @@ def inbox_name(ref: str, inbox: Path) -> str | None:
         if not path.is_absolute():
             return None
         try:
-            inside = os.path.realpath(path.parent) == os.path.realpath(inbox)
+            # The same string resolves the same way: realpath (two walks of the path) only when
+            # the publisher spelled the folder differently.
+            inside = str(path.parent) == str(inbox) or os.path.realpath(path.parent) == os.path.realpath(inbox)
         except (OSError, ValueError):
             return None
         name = path.name
@@ -320,34 +326,65 @@ class StubSource(WakeSource):
 
 # -- construction -------------------------------------------------------------------------------
 
-SourceFactory = Callable[[Settings, Spool, Callable[[], None]], WakeSource]
+# ``events_lost(reason)``: a source tells the listener that events were (or may have been) lost,
+# so the inbox must be rescanned now: "overflow" (inotify), "redis subscribed" (after every
+# (re)subscribe, since pub/sub drops what it cannot deliver).
+EventsLost = Callable[[str], None]
+SourceFactory = Callable[[Settings, Spool, EventsLost], WakeSource]
 
 
-def _inotify(settings: Settings, spool: Spool, on_overflow: Callable[[], None]) -> WakeSource:
-    return InotifySource(spool.inbox(settings.require_worker()), on_overflow)
+def _inotify(settings: Settings, spool: Spool, events_lost: EventsLost) -> WakeSource:
+    return InotifySource(spool.inbox(settings.require_worker()), lambda: events_lost("overflow"))
 
 
-def _poll(settings: Settings, spool: Spool, on_overflow: Callable[[], None]) -> WakeSource:
+def _poll(settings: Settings, spool: Spool, events_lost: EventsLost) -> WakeSource:
     return PollSource(spool, settings.require_worker(), settings.poll_interval)
 
 
-# ACTIVATION_MODE name -> factory. A RedisSource (SUBSCRIBE activate:<worker>, notifying
-# inbox_name(message, inbox)) registers here as "redis".
-SOURCE_FACTORIES: dict[str, SourceFactory] = {"inotify": _inotify, "poll": _poll}
+def _redis(settings: Settings, spool: Spool, events_lost: EventsLost) -> WakeSource:
+    # Imported here: a worker that does not use Redis never loads redis-py.
+    from activation.redis_source import RedisSource
+
+    return RedisSource(
+        spool,
+        settings.require_worker(),
+        settings.redis_url or "",
+        backoff_max=settings.redis_backoff_max,
+        on_subscribed=lambda: events_lost("redis subscribed"),
+    )
 
 
-def build_sources(settings: Settings, spool: Spool, on_overflow: Callable[[], None]) -> list[WakeSource]:
-    """The wake sources ``settings.mode`` asks for; the listener's periodic rescan runs besides them."""
+# ACTIVATION_MODE name -> factory.
+SOURCE_FACTORIES: dict[str, SourceFactory] = {"inotify": _inotify, "poll": _poll, "redis": _redis}
+FILE_SOURCES = ("inotify", "poll")
+
+
+def build_sources(settings: Settings, spool: Spool, events_lost: EventsLost) -> list[WakeSource]:
+    """The wake sources ``settings.mode`` asks for; the listener's periodic rescan runs besides them.
+
+    Redis is at-most-once and only hears what someone publishes, so a mode with ``redis`` but no
+    file source also polls the inbox every ``ACTIVATION_POLL_INTERVAL`` as its safety net.
+    """
+    extra = {"worker": settings.worker_name, "event": "source_missing"}
+    modes = list(settings.mode)
+    if "redis" in modes and not any(m in modes for m in FILE_SOURCES):
+        modes.append("poll")
     sources = []
-    for mode in settings.mode:
+    for mode in modes:
+        if mode == "redis" and not settings.redis_url:
+            log.error(
+                "ACTIVATION_MODE includes redis but REDIS_URL is not set; waking on files only",
+                extra=extra,
+            )
+            continue
         factory = SOURCE_FACTORIES.get(mode)
         if factory is None:
             log.warning(
-                "wake source %r is not implemented yet; relying on the rescan every %gs",
+                "wake source %r is not implemented; relying on the rescan every %gs",
                 mode,
                 settings.rescan_interval,
-                extra={"worker": settings.worker_name, "event": "source_missing"},
+                extra=extra,
             )
             continue
-        sources.append(factory(settings, spool, on_overflow))
+        sources.append(factory(settings, spool, events_lost))
     return sources

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from activation.config import Settings
+from activation.redis_source import RedisSource
 from activation.sources import (
     InotifySource,
     PollSource,
@@ -268,11 +269,17 @@ def test_inbox_name_accepts_ids_and_paths_inside_the_inbox_only(ref: str, expect
 def test_build_sources_follows_the_mode(
     make_settings: Callable[..., Settings], spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def kinds(*mode: str) -> list[type[WakeSource]]:
-        return [type(s) for s in build_sources(make_settings(mode=mode), spool, lambda: None)]
+    def kinds(*mode: str, **overrides: object) -> list[type[WakeSource]]:
+        settings = make_settings(mode=mode, **overrides)
+        return [type(s) for s in build_sources(settings, spool, lambda reason: None)]
 
     assert kinds("inotify") == [InotifySource]
     assert kinds("poll") == [PollSource]
+    url = "redis://127.0.0.1:1/0"
+    assert kinds("inotify", "redis", redis_url=url) == [InotifySource, RedisSource]
+    assert kinds("redis", "poll", redis_url=url) == [RedisSource, PollSource]
+    assert kinds("redis", redis_url=url) == [RedisSource, PollSource]  # polling is redis' safety net
     with caplog.at_level(logging.WARNING, logger="activation.listener"):
         assert kinds("inotify", "redis") == [InotifySource]
-    assert any("'redis' is not implemented" in r.getMessage() for r in caplog.records)
+        assert kinds("redis") == [PollSource]
+    assert any("REDIS_URL is not set" in r.getMessage() for r in caplog.records)
