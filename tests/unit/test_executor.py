@@ -352,3 +352,14 @@ def test_the_agent_runs_in_its_workdir(make_settings, spool, tmp_path) -> None:
     assert result is not None and result["stdout"].strip() == str(workdir)
     with pytest.raises(ConfigError, match="ACTIVATION_AGENT_WORKDIR"):
         Executor(make_settings(agent_workdir=tmp_path / "missing"))
+
+
+def test_recovery_removes_temp_files_a_killed_executor_left(make_settings, spool) -> None:
+    from activation.executor import Executor
+
+    for folder in (spool.results("w1"), spool.processing("w1")):
+        (folder / ".tmp_cut.json.1a2b3c4d").write_text('{"task_id": "cu')
+    (spool.results("w1") / "kept.json").write_text("{}")
+    Executor(make_settings()).recover()
+    assert sorted(p.name for p in spool.results("w1").iterdir()) == ["kept.json"]
+    assert list(spool.processing("w1").iterdir()) == []
