@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from activation.spool import iso_now, parse_iso
-from tests.harness import ROOT, WorkerTree, new_tree, wait_until
+from tests.harness import ROOT, RedisServer, WorkerTree, new_tree, wait_until
 
 AGENT = "true {description}"  # an agent that exits at once: what is left is activation's own cost
 RESULTS = ROOT / "benchmarks" / "results"
@@ -90,6 +90,31 @@ def latency(tree: WorkerTree, samples: int, prefix: str) -> dict[str, dict[str, 
     return {"writer": summary(writer), "executor": summary(executor)}
 
 
+def event_latency(tree: WorkerTree, redis_url: str, samples: int) -> dict[str, dict[str, float]]:
+    """Polling at 30 s, so only the Redis event can explain a fast wake: PUBLISH to agent start."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    writer, executor = [], []
+    inbox = tree.spool.inbox(tree.worker)
+    try:
+        for i in range(samples):
+            task_id = f"evt-{i:04d}"
+            time.sleep(0.02 + (i % 7) * 0.003)
+            atomic_write(inbox, task_id)
+            published = time.time()
+            client.publish(f"activate:{tree.worker}", task_id)
+            result = wait_until(lambda task_id=task_id: tree.result(task_id), 60, 0.005, f"result of {task_id}")
+            assert result["source"] == "redis", result["source"]
+            started = parse_iso(result["started_at"])
+            assert started is not None
+            writer.append((started - published) * 1000)
+            executor.append(float(result["activation_latency_ms"]))
+    finally:
+        client.close()
+    return {"writer": summary(writer), "executor": summary(executor)}
+
+
 def burst(tree: WorkerTree, count: int) -> dict[str, Any]:
     ids = [f"burst-{i:05d}" for i in range(count)]
     results = tree.spool.results(tree.worker)
@@ -150,6 +175,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             tree.kill_everything()
 
+        redis_server = RedisServer(root / "redis").start()
+        tree = new_tree(
+            root / "events",
+            agent=AGENT,
+            REDIS_URL=redis_server.url,
+            ACTIVATION_MODE="poll,redis",
+            ACTIVATION_POLL_INTERVAL="30",
+            ACTIVATION_RESCAN_INTERVAL="30",
+        )
+        try:
+            tree.start()
+            report["redis_ms"] = event_latency(tree, redis_server.url, args.samples)
+        finally:
+            tree.kill_everything()
+            redis_server.stop()
+
         tree = new_tree(
             root / "poll", agent=AGENT, ACTIVATION_MODE="poll", ACTIVATION_POLL_INTERVAL=str(args.poll_interval)
         )
@@ -162,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spawn = report["spawn_ms"]
     report["inotify_ratio_p50"] = round(report["inotify_ms"]["writer"]["p50"] / spawn["p50"], 2)
     report["inotify_ratio_p99"] = round(report["inotify_ms"]["writer"]["p99"] / spawn["p99"], 2)
+    report["redis_ratio_p50"] = round(report["redis_ms"]["writer"]["p50"] / spawn["p50"], 2)
     return report
 
 
@@ -181,6 +223,7 @@ def table(report: dict[str, Any]) -> str:
         row("bare agent spawn", spawn),
         row("inotify (writer's clock)", report["inotify_ms"]["writer"], spawn),
         row("inotify (result field)", report["inotify_ms"]["executor"], spawn),
+        row("redis event, poll at 30 s", report["redis_ms"]["writer"], spawn),
         row(f"poll {report['poll_interval_ms']:g} ms (writer)", report["poll_ms"]["writer"]),
         f"burst: {burst_['tasks']} tasks in {burst_['elapsed_s']} s = {burst_['tasks_per_s']} tasks/s, "
         f"lost {burst_['lost']}, extra {burst_['extra']}",
