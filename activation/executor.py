@@ -32,7 +32,7 @@ from activation.metrics import worker_metrics
 from activation.process import Program
 from activation.spool import Spool, iso_now, remove_temp_files
 
-QUEUE_WAIT = 0.5  # one loop step: how long to wait on the queue before checking the stop flag
+QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
 SPOOL_BACKOFF = 0.5  # after a failed result write or claim: give the disk a moment

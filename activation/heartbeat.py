@@ -21,7 +21,13 @@ from typing import Any
 from activation import __version__
 from activation.config import Settings
 from activation.errors import QueueError
-from activation.metrics import forget_dead_processes, multiprocess_registry, worker_metrics
+from activation.metrics import (
+    counter_totals,
+    forget_dead_processes,
+    multiprocess_folder,
+    multiprocess_registry,
+    worker_metrics,
+)
 from activation.process import Program
 from activation.spool import TEMP_PREFIX, Spool, atomic_write_json, iso_now, remove_temp_files
 
@@ -131,9 +137,9 @@ class Heartbeat(Program):
         """Everything the heartbeat file says about this worker right now."""
         queue_size = self.spool.count_inbox(self.worker)
         self.metrics.task_queue_size.labels(self.worker).set(queue_size)
-        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if metrics_dir:
-            forget_dead_processes(Path(metrics_dir))
+        folder = multiprocess_folder()
+        if folder is not None:
+            forget_dead_processes(folder)
         claimed = self.spool.claimed_ids(self.worker)
         # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
         programs = self._programs() if state == "running" else None
@@ -181,14 +187,12 @@ class Heartbeat(Program):
 
     def _counts(self) -> dict[str, int]:
         """Results by status since the metrics folder was created, from the shared counters."""
+        folder = multiprocess_folder()
         counts: dict[str, int] = {}
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if folder is None:
             return counts
-        for family in multiprocess_registry().collect():
-            if family.name != "tasks_completed":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels.get("worker") == self.worker:
-                    status = sample.labels.get("status", "?")
-                    counts[status] = counts.get(status, 0) + int(sample.value)
+        for labels, value in counter_totals(folder, "tasks_completed"):
+            if labels.get("worker") == self.worker:
+                status = labels.get("status", "?")
+                counts[status] = counts.get(status, 0) + int(value)
         return counts

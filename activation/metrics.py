@@ -116,14 +116,27 @@ def _pid_of(path: Path) -> int | None:
         return None
 
 
+# file -> (pid, that process's start time), once the file was seen in the process's maps. A
+# heartbeat checks every few seconds: reading /proc/<pid>/maps each time was most of its cost.
+_owners: dict[str, tuple[int, float]] = {}
+
+
 def _owned(pid: int, path: Path, grace: float) -> bool:
     """Whether a running process with this pid is (or, just started, may become) the file's owner."""
-    if pid <= 0 or not psutil.pid_exists(pid):
+    if pid <= 0:
         return False
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return False
+    key = str(path)
+    if _owners.get(key) == (pid, started):
+        return True  # the same process that mapped it last time
     maps = _mapped_files(pid)
     if maps is None:
         return True  # cannot look inside (no procfs, another user): trust the pid
     if str(path.resolve()) in maps:
+        _owners[key] = (pid, started)
         return True
     try:
         return time.time() - path.stat().st_mtime < grace
@@ -151,8 +164,19 @@ def _mapped_files(pid: int) -> set[str] | None:
 def _remove_live_gauges(folder: Path, pid: int) -> None:
     # prometheus_client's mark_process_dead, minus its race: two cleaners must not fail each other.
     for path in folder.glob(f"gauge_live*_{pid}.db"):
+        _owners.pop(str(path), None)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def counter_totals(folder: Path, name: str) -> list[tuple[dict[str, str], float]]:
+    """The summed ``<name>_total`` samples across programs: (labels, value). Reads counter files only."""
+    files = [str(path) for path in folder.glob("counter_*.db")]
+    totals = []
+    for family in prom_multiprocess.MultiProcessCollector.merge(files, accumulate=True):  # type: ignore[no-untyped-call]
+        if family.name == name:
+            totals += [(dict(s.labels), float(s.value)) for s in family.samples if s.name == f"{name}_total"]
+    return totals
 
 
 class WorkerMetrics:
