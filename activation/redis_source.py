@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 from activation import events
 from activation.config import redact_url
 from activation.metrics import worker_metrics
-from activation.sources import Notify, WakeSource, inbox_name
+from activation.sources import Notify, ThreadedSource, inbox_name
 from activation.spool import Spool, iso_now
 from activation.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
@@ -140,7 +140,7 @@ class _Refusals:
                 )
 
 
-class RedisSource(WakeSource):
+class RedisSource(ThreadedSource):
     """SUBSCRIBE ``activate:<worker>`` on its own thread; reconnects with capped exponential backoff.
 
     alive() means the thread runs: Redis being down is an outage this source rides out on its
@@ -150,6 +150,8 @@ class RedisSource(WakeSource):
     """
 
     name = "redis"
+    thread_name = "redis-source"
+    join_timeout = JOIN_TIMEOUT
     # Redis reports only the arrivals that someone announces, so it must not make the periodic
     # rescan hold back new files the way a live inotify watch does.
     event_driven = False
@@ -171,8 +173,7 @@ class RedisSource(WakeSource):
         self.channel = events.activate_channel(worker)
         self._on_subscribed = on_subscribed or (lambda: None)
         self._secrets = _passwords_of(url)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._metrics = worker_metrics()
         self.refusals = _Refusals(worker, self.channel)
         # Read by stats() on other threads; each is replaced whole, never mutated in place.
@@ -193,24 +194,8 @@ class RedisSource(WakeSource):
     # -- WakeSource -----------------------------------------------------------------------------
 
     def start(self, notify: Notify) -> None:
-        self.stop()
-        self._stop = threading.Event()
         self._set_connected(False)
-        # A daemon thread, joined (bounded) on stop: a DNS lookup that hangs past the join
-        # must not hold the process open after supervisord asked it to go.
-        self._thread = threading.Thread(target=self._run, args=(notify, self._stop), name="redis-source", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(JOIN_TIMEOUT)
-            if thread.is_alive():
-                log.warning("redis source thread did not stop in time", extra=self._extra)
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        super().start(notify)
 
     def status(self) -> dict[str, Any]:
         return {

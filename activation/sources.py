@@ -254,33 +254,53 @@ def _stop_observer(observer: _InboxObserver) -> None:
 # -- poll ---------------------------------------------------------------------------------------
 
 
-class PollSource(WakeSource):
-    """Lists the inbox every ``interval``: for NFS, CIFS and Docker Desktop mounts without inotify."""
+class ThreadedSource(WakeSource):
+    """A source that runs ``_run(notify, stop)`` on its own thread until ``stop`` is set.
 
-    name = "poll"
-    event_driven = False
+    The thread is a daemon, joined with a bound on stop: a call that hangs past the join (a DNS
+    lookup, a dead NFS server) must not hold the process open after supervisord asked it to go.
+    """
 
-    def __init__(self, spool: Spool, worker: str, interval: float) -> None:
-        self.spool = spool
-        self.worker = worker
-        self.interval = interval
+    thread_name = "source"
+    join_timeout = JOIN_TIMEOUT
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, notify: Notify) -> None:
         self.stop()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(notify, self._stop), name="poll-source", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(notify, self._stop), name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join(JOIN_TIMEOUT)
+            thread.join(self.join_timeout)
+            if thread.is_alive():
+                log.warning("%s thread did not stop in time", self.thread_name, extra={"event": "source_stuck"})
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @abstractmethod
+    def _run(self, notify: Notify, stop: threading.Event) -> None: ...
+
+
+class PollSource(ThreadedSource):
+    """Lists the inbox every ``interval``: for NFS, CIFS and Docker Desktop mounts without inotify."""
+
+    name = "poll"
+    thread_name = "poll-source"
+    event_driven = False
+
+    def __init__(self, spool: Spool, worker: str, interval: float) -> None:
+        super().__init__()
+        self.spool = spool
+        self.worker = worker
+        self.interval = interval
 
     def _run(self, notify: Notify, stop: threading.Event) -> None:
         while not stop.is_set():
