@@ -116,17 +116,8 @@ class WorkerTree:
     def kill_everything(self) -> None:
         """SIGKILL supervisord and every descendant, then drop the run folder."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self.process is None:
-            return
-        with contextlib.suppress(psutil.Error):
-            tree = psutil.Process(self.process.pid)
-            procs = [tree, *tree.children(recursive=True)]
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
-            psutil.wait_procs(procs, timeout=5)
-        with contextlib.suppress(Exception):
-            self.process.wait(5)
+        if self.process is not None:
+            kill_tree(self.process)
 
     # -- looking ------------------------------------------------------------------------------
 
@@ -210,6 +201,19 @@ class WorkerTree:
         return subprocess.run(
             [str(BIN / "activation"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=check
         )
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and every descendant it has, and reap it."""
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(process.pid)
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=5)
+    with contextlib.suppress(Exception):
+        process.wait(5)
 
 
 def tree_environment(spool: Spool, run_dir: Path, worker: str, agent: str | None = None, **env: str) -> dict[str, str]:

@@ -28,12 +28,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import psutil
 import pytest
 
 from activation.spool import Spool
 from tests.conftest import wait_for
-from tests.harness import BIN, FAKE_AGENT, PROGRAMS, ROOT, RedisServer, WorkerTree, free_port, tree_environment
+from tests.harness import (
+    BIN,
+    FAKE_AGENT,
+    PROGRAMS,
+    ROOT,
+    RedisServer,
+    WorkerTree,
+    free_port,
+    kill_tree,
+    tree_environment,
+)
 from tests.unit.test_container_files import (
     DOCKERFILES,
     DUMMY_SECRETS,
@@ -271,15 +280,7 @@ class Container:
 
     def kill(self) -> None:
         if self.process is not None:
-            with contextlib.suppress(psutil.Error):
-                tree = psutil.Process(self.process.pid)
-                procs = [tree, *tree.children(recursive=True)]
-                for proc in procs:
-                    with contextlib.suppress(psutil.Error):
-                        proc.kill()
-                psutil.wait_procs(procs, timeout=5)
-            with contextlib.suppress(Exception):
-                self.process.wait(5)
+            kill_tree(self.process)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
