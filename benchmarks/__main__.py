@@ -139,6 +139,7 @@ def burst(tree: WorkerTree, count: int) -> dict[str, Any]:
 def idle(tree: WorkerTree, seconds: float) -> dict[str, Any]:
     """CPU and memory of supervisord and all its programs while nothing happens."""
     assert tree.process is not None
+    time.sleep(10)  # let the burst's last heartbeat and rescan pass: this measures idling
     root = psutil.Process(tree.process.pid)
     procs = [root, *root.children(recursive=True)]
     before = {p.pid: sum(p.cpu_times()[:4]) for p in procs}
