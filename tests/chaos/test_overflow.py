@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,11 +24,18 @@ def test_a_30000_file_burst_overflows_inotify_and_loses_nothing(tmp_path: Path) 
         tree.start()
         inbox = tree.spool.inbox(tree.worker)
         payload = '{"task_id": "%s", "description": "x"}'
-        for i in range(BURST):
-            task_id = f"o{i:06d}"
-            tmp = inbox / f".tmp_{task_id}.json"
-            tmp.write_text(payload % task_id)
-            os.rename(tmp, inbox / f"{task_id}.json")
+        # A listener that keeps up never overflows; a paused one surely does, as a busy or
+        # swapped-out one would: the kernel queue holds 16,384 events, the burst makes 60,000.
+        listener = tree.pid("listener")
+        os.kill(listener, signal.SIGSTOP)
+        try:
+            for i in range(BURST):
+                task_id = f"o{i:06d}"
+                tmp = inbox / f".tmp_{task_id}.json"
+                tmp.write_text(payload % task_id)
+                os.rename(tmp, inbox / f"{task_id}.json")
+        finally:
+            os.kill(listener, signal.SIGCONT)
         results = tree.spool.results(tree.worker)
         began = time.monotonic()
         wait_for(lambda: len(os.listdir(results)) >= BURST, 500, 0.5, lambda: f"{BURST} results\n{tree.log_tail()}")
