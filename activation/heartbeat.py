@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -32,6 +33,7 @@ from activation.process import Program
 from activation.spool import TEMP_PREFIX, Spool, atomic_write_json, iso_now, remove_temp_files
 
 SUPERVISOR_SOCKET = "supervisor.sock"
+SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
 
 
 def supervisor_socket(run_dir: Path) -> Path:
@@ -88,11 +90,16 @@ class Heartbeat(Program):
         self.metrics.worker_up.set(1)
 
     def loop(self) -> None:
+        interval = self.settings.heartbeat_interval
         try:
-            self.beat()
+            report = self.beat()
+            programs = report.get("programs") or {}
+            if set(programs.values()) - {"RUNNING"}:
+                # A sibling is starting or restarting: say when it runs, not an interval later.
+                interval = min(interval, SETTLING_INTERVAL)
         except OSError as exc:  # a full or unwritable spool must not kill the heartbeat
             self.log.error("cannot write heartbeat %s: %s", self.path, exc, extra={"event": "heartbeat_failed"})
-        self.stopping.wait(self.settings.heartbeat_interval)
+        self.stopping.wait(interval)
 
     def shutdown(self) -> None:
         self.metrics.worker_up.set(0)
@@ -170,7 +177,9 @@ class Heartbeat(Program):
         try:
             return program_states(sock)
         except OSError as exc:
-            self.log.warning("cannot read program states from %s: %s", sock, exc, extra={"event": "supervisor_down"})
+            # SHUTDOWN_STATE: supervisord is stopping the tree and we are the last to go.
+            level = logging.DEBUG if "SHUTDOWN_STATE" in str(exc) else logging.WARNING
+            self.log.log(level, "cannot read program states from %s: %s", sock, exc, extra={"event": "supervisor_down"})
             return None
 
     def _listener(self) -> dict[str, Any] | None:

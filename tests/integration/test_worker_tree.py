@@ -236,3 +236,9 @@ def test_a_restarted_executor_kills_the_agent_its_predecessor_left_running(make_
     old = tree.kill("executor")
     tree.wait_restarted("executor", old)
     wait_for(lambda: not any(psutil.pid_exists(p) for p in old_pids), 15, 0.1, "the old agent tree to die")
+
+
+def test_a_starting_tree_is_reported_healthy_soon_not_an_interval_later(make_tree):
+    tree: WorkerTree = make_tree(ACTIVATION_HEARTBEAT_INTERVAL="30")
+    # The first beat saw its siblings STARTING; the next one must not wait 30 s to say RUNNING.
+    wait_for(lambda: tree.cli("check", "w1").returncode == 0, 6, 0.2, "check to pass after start")
