@@ -1,8 +1,7 @@
 """The admin commands: ``config get|set-mode`` (over the orchestrator's HTTP API), ``dlq ...`` and
 ``recover`` (on the spool, like ``status``), and ``orchestrator`` (the program supervisord runs).
 
-cli.py registers these on ``main``. cli.py imports this module at its bottom, so its helpers are
-imported inside the functions here, never at import time.
+cli.py registers these on ``main``; the helpers both share live in cli_support.py.
 """
 
 from __future__ import annotations
@@ -13,15 +12,13 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+from activation.cli_support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, print_json, setup_logging
 from activation.config import ORCHESTRATOR_MODES
 from activation.errors import ActivationError, ConfigError
-
-if TYPE_CHECKING:
-    from activation.cli import Context
 
 HTTP_TIMEOUT = 10.0
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,8 +26,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _context() -> Context:
     """cli.py's Context, also when a group here runs on its own (tests, or another entry point)."""
-    from activation.cli import Context
-
     ctx = click.get_current_context()
     found = ctx.find_object(Context)
     if found is None:
@@ -39,27 +34,7 @@ def _context() -> Context:
 
 
 def _fail(message: str, usage: bool = False) -> NoReturn:
-    from activation.cli import EXIT_FAILED, EXIT_USAGE, fail
-
     fail(message, EXIT_USAGE if usage else EXIT_FAILED)
-
-
-def _print_json(data: Any) -> None:
-    from activation.cli import print_json
-
-    print_json(data)
-
-
-class _Group(click.Group):
-    """Like cli.py's Group: an ActivationError or OSError ends in one line and a non-zero exit."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ActivationError as exc:
-            _fail(str(exc), usage=isinstance(exc, ConfigError))
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
 def _json_option(func: F) -> F:
@@ -113,7 +88,7 @@ def _api(url: str | None, method: str, path: str, body: dict[str, Any] | None = 
     return api_call(url or default_url(settings.admin_bind), method, path, body, settings.admin_token)
 
 
-@click.group("config", cls=_Group)
+@click.group("config", cls=Group)
 def config_group() -> None:
     """Show or change the orchestrator's dispatch mode (token from ACTIVATION_ADMIN_TOKEN)."""
 
@@ -125,7 +100,7 @@ def config_get(url: str | None, as_json: bool) -> None:
     """Show the mode, the transport a dispatch would use now, and the metrics behind it."""
     config = _api(url, "GET", "/config")
     if as_json:
-        _print_json(config)
+        print_json(config)
         return
     _print_config(config)
 
@@ -138,7 +113,7 @@ def config_set_mode(mode: str, url: str | None, as_json: bool) -> None:
     """Set ORCHESTRATOR_MODE at run time: files, events or auto. It survives a restart."""
     config = _api(url, "POST", "/config", {"mode": mode.lower()})
     if as_json:
-        _print_json(config)
+        print_json(config)
         return
     click.echo(f"mode {config.get('mode')}; a dispatch now uses {config.get('current_decision')}")
 
@@ -162,7 +137,7 @@ def _print_config(config: dict[str, Any]) -> None:
 # -- the dead letter, on the spool ------------------------------------------------------------
 
 
-@click.group("dlq", cls=_Group)
+@click.group("dlq", cls=Group)
 def dlq_group() -> None:
     """Inspect, retry and purge the dead letter (tasks/.dead_letter/)."""
 
@@ -178,7 +153,7 @@ def dlq_list(worker: str | None, as_json: bool) -> None:
     if worker:
         letters = [d for d in letters if d["worker"] == worker]
     if as_json:
-        _print_json(letters)
+        print_json(letters)
         return
     if not letters:
         click.echo("no dead letters")
@@ -197,7 +172,7 @@ def dlq_show(dead_id: str, as_json: bool) -> None:
 
     letter = get_dead_letter(_context().spool, dead_id)
     if as_json:
-        _print_json(letter.record)
+        print_json(letter.record)
         return
     record = letter.record
     click.echo(f"{letter.key}: {record.get('reason')} ({record.get('detail')})")
@@ -225,7 +200,7 @@ def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
     if dead_id:
         retried = retry_dead_letter(spool, dead_id)
         if as_json:
-            _print_json(retried.as_dict())
+            print_json(retried.as_dict())
         else:
             click.echo(f"{retried.task_id} back in {retried.worker}'s inbox")
         return
@@ -238,7 +213,7 @@ def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
         except DeadLetterError as exc:
             failed.append({"id": letter.key, "error": str(exc)})
     if as_json:
-        _print_json({"retried": done, "failed": failed})
+        print_json({"retried": done, "failed": failed})
     else:
         for item in done:
             click.echo(f"{item['task_id']} back in {item['worker']}'s inbox")
@@ -263,7 +238,7 @@ def dlq_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
         _fail(f"--older-than: {exc}", usage=True)
     purged = purge_dead_letters(_context().spool, seconds, dry_run=dry_run)
     if as_json:
-        _print_json({"dry_run": dry_run, "purged": [d.summary() for d in purged]})
+        print_json({"dry_run": dry_run, "purged": [d.summary() for d in purged]})
         return
     verb = "would delete" if dry_run else "deleted"
     for letter in purged:
@@ -296,7 +271,7 @@ def recover_command(dry_run: bool, as_json: bool) -> None:
     except OSError as exc:
         _fail(str(exc))
     if as_json:
-        _print_json({"dry_run": dry_run, "actions": [a.as_dict() for a in actions]})
+        print_json({"dry_run": dry_run, "actions": [a.as_dict() for a in actions]})
         return
     for action in actions:
         click.echo(f"{action.action:<14} {action.worker:<12} {action.task_id}  {action.detail}")
@@ -310,7 +285,6 @@ def recover_command(dry_run: bool, as_json: bool) -> None:
 @click.command("orchestrator")
 def orchestrator_command() -> None:
     """Hand out tasks, rescue dead workers' tasks, serve the admin API (as supervisord runs it)."""
-    from activation.cli import setup_logging
     from activation.config import load_settings
     from activation.process import run_program
 

@@ -6,7 +6,6 @@ ends in a one-line message and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,55 +14,17 @@ from typing import Any, NoReturn
 import click
 
 from activation import __version__
+from activation.cli_support import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Context,
+    Group,
+    fail,
+    pass_ctx,
+    print_json,
+    setup_logging,
+)
 from activation.config import Settings, load_settings
-from activation.errors import ActivationError, ConfigError
-from activation.logs import configure_logging
-from activation.spool import Spool
-
-EXIT_FAILED = 1  # the command ran, and what it reports is a failure (a failed task, a sick worker)
-EXIT_USAGE = 2  # bad arguments or settings
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"activation: {message}", err=True)
-    sys.exit(code)
-
-
-def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-class Context:
-    """Lazily built settings, so that `--help` works even when the environment is broken."""
-
-    def __init__(self, spool: Path | None) -> None:
-        self._spool = spool
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(spool=self._spool)
-        return self._settings
-
-    @property
-    def spool(self) -> Spool:
-        return Spool(self.settings.spool)
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-class Group(click.Group):
-    """Turns ActivationError into a one-line message and exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ActivationError as exc:
-            fail(str(exc), EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
-        except OSError as exc:
-            fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
 @click.group(cls=Group)
@@ -78,10 +39,6 @@ class Group(click.Group):
 def main(ctx: click.Context, spool: Path | None) -> None:
     """Wake AI-agent workers the moment a task arrives, and lose no task on the way."""
     ctx.obj = Context(spool.absolute() if spool else None)
-
-
-def setup_logging(settings: Settings) -> None:
-    configure_logging(level=settings.log_level, fmt=settings.log_format, worker=settings.worker_name)
 
 
 # -- spool administration -----------------------------------------------------------------
