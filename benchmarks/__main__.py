@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from activation.spool import iso_now, parse_iso
+from activation.clock import iso_now, parse_iso
 from tests.harness import ROOT, RedisServer, WorkerTree, new_tree, wait_until
 
 AGENT = "true {description}"  # an agent that exits at once: what is left is activation's own cost

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from activation.config import Settings, load_settings
-from activation.spool import Spool
+from activation.spool.layout import Spool
 from tests.harness import FAKE_AGENT, ROOT, RedisServer, fake_agent_command, wait_until
 
 WORKER = "w1"

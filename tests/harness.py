@@ -22,10 +22,12 @@ from typing import Any
 
 import psutil
 
-from activation.spool import Spool, atomic_write_json, iso_now
+from activation.clock import iso_now
+from activation.spool.atomic import atomic_write_json
+from activation.spool.layout import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_AGENT = ROOT / "tests" / "fake_agent.py"
+FAKE_AGENT = ROOT / "activation" / "fake_agent.py"
 BIN = Path(sys.executable).parent
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from activation.agent import STRAY_MARKER
-from activation.audit import audit
-from activation.dispatch import EventPublisher, build_task, dispatch
-from activation.spool import read_json
+from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
+from activation.spool.atomic import read_json
+from activation.spool.audit import audit
+from activation.worker.agent import STRAY_MARKER
 from tests.harness import RedisServer, WorkerTree, new_orchestrator, new_tree, wait_until
 
 TASKS = int(os.environ.get("ACTIVATION_CHAOS_TASKS", "3000"))

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from activation.spool import Spool
+from activation.spool.layout import Spool
 from tests.conftest import wait_for
 from tests.harness import (
     BIN,

@@ -26,7 +26,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from activation.spool import Spool
+from activation.spool.layout import Spool
 from tests.conftest import wait_for
 from tests.harness import BIN, ROOT, RedisServer, WorkerTree, free_port
 
@@ -436,7 +436,7 @@ def test_metric_names_reads_promql():
 
 
 def redis_wake_source() -> bool:
-    from activation.sources import SOURCE_FACTORIES
+    from activation.worker.sources import SOURCE_FACTORIES
 
     return "redis" in SOURCE_FACTORIES and shutil.which("redis-server") is not None
 

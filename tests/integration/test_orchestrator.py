@@ -26,10 +26,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from activation.admin_cli import config_group, dlq_group, orchestrator_command, recover_command
+from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command
+from activation.clock import iso_now
 from activation.errors import ConfigError
-from activation.orchestrator import Orchestrator, state_path
-from activation.spool import Spool, atomic_write_json, iso_now, read_json
+from activation.orchestrator.service import Orchestrator, state_path
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.layout import Spool
 from tests.conftest import wait_for
 from tests.harness import BIN, ROOT, free_port, wait_until
 

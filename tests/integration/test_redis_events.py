@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from activation import events
-from activation.spool import read_json
+from activation.spool.atomic import read_json
+from activation.transport import pubsub as events
 from tests.conftest import wait_for
 from tests.harness import RedisServer, WorkerTree
 

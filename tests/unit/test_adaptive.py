@@ -8,15 +8,8 @@ import time
 
 import pytest
 
-from activation.adaptive import (
-    RESPONSE_WINDOW,
-    Decision,
-    ResultWindow,
-    Snapshot,
-    Thresholds,
-    decide,
-)
-from activation.spool import Spool
+from activation.orchestrator.adaptive import RESPONSE_WINDOW, Decision, ResultWindow, Snapshot, Thresholds, decide
+from activation.spool.layout import Spool
 
 W = "w1"
 THRESHOLDS = Thresholds(response_time_ms=500, task_rate_per_min=10, queue_size=5)
@@ -157,7 +150,7 @@ def test_an_unchanged_old_folder_is_not_even_listed(spool, monkeypatch):
         listed.append(str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr("activation.adaptive.os.scandir", counting_scandir)
+    monkeypatch.setattr("activation.orchestrator.adaptive.os.scandir", counting_scandir)
     window.refresh()
     assert str(spool.results(W)) not in listed
     assert window.snapshot().task_rate_per_min == 5

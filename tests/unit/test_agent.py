@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from activation import agent
-from activation.agent import AgentRun, agent_environment, build_argv, run_agent
 from activation.errors import ConfigError
+from activation.worker import agent
+from activation.worker.agent import AgentRun, agent_environment, build_argv, run_agent
 from tests.conftest import FAKE_AGENT, wait_for
 
 FAKE = [sys.executable, str(FAKE_AGENT), "-p"]

@@ -4,9 +4,10 @@ import time
 
 from click.testing import CliRunner
 
-from activation.audit import audit
 from activation.cli import main
-from activation.spool import atomic_write_json, iso_now
+from activation.clock import iso_now
+from activation.spool.atomic import atomic_write_json
+from activation.spool.audit import audit
 
 W = "w1"
 

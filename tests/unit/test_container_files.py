@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from activation.admin_api import check_bind, parse_bind
 from activation.config import KNOWN_VARIABLES, SECRET_VARIABLES, load_settings
+from activation.orchestrator.http import check_bind, parse_bind
 from tests.harness import ROOT
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (the dev extra) reads docker-compose.yml")

@@ -2,9 +2,9 @@ import threading
 
 import pytest
 
-from activation.dispatch import build_task, dispatch, new_task_id, wait_for_outcome
 from activation.errors import DispatchError
-from activation.spool import read_json
+from activation.orchestrator.dispatch import build_task, dispatch, new_task_id, wait_for_outcome
+from activation.spool.atomic import read_json
 
 W = "w1"
 
@@ -86,7 +86,7 @@ def next_message(pubsub, timeout: float = 5.0):
 
 
 def test_events_write_the_file_then_publish_the_id(spool, redis_server):
-    from activation.dispatch import EventPublisher
+    from activation.orchestrator.dispatch import EventPublisher
 
     client, pubsub = subscribe(redis_server.url, "activate:w1")
     publisher = EventPublisher(redis_server.url)
@@ -102,7 +102,7 @@ def test_events_write_the_file_then_publish_the_id(spool, redis_server):
 
 
 def test_publish_to_no_subscriber_is_logged_and_the_file_still_delivers(spool, redis_server, caplog):
-    from activation.dispatch import EventPublisher
+    from activation.orchestrator.dispatch import EventPublisher
 
     publisher = EventPublisher(redis_server.url)
     try:
@@ -114,7 +114,7 @@ def test_publish_to_no_subscriber_is_logged_and_the_file_still_delivers(spool, r
 
 
 def test_redis_down_falls_back_to_files_with_a_warning(spool, redis_server, caplog):
-    from activation.dispatch import EventPublisher
+    from activation.orchestrator.dispatch import EventPublisher
 
     url = redis_server.url
     redis_server.stop()
@@ -129,7 +129,7 @@ def test_redis_down_falls_back_to_files_with_a_warning(spool, redis_server, capl
 
 
 def test_without_fallback_redis_down_is_an_error_before_any_write(spool, redis_server):
-    from activation.dispatch import EventPublisher
+    from activation.orchestrator.dispatch import EventPublisher
 
     url = redis_server.url
     redis_server.stop()
@@ -171,7 +171,7 @@ def test_wait_wakes_on_the_done_event(spool, redis_server):
 
 
 def test_the_password_never_shows_in_a_fallback(spool, tmp_path):
-    from activation.dispatch import EventPublisher
+    from activation.orchestrator.dispatch import EventPublisher
 
     publisher = EventPublisher("redis://:hunter2@127.0.0.1:1/0")
     try:

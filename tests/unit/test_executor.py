@@ -15,11 +15,13 @@ from typing import Any
 import psutil
 import pytest
 
-from activation import executor as executor_module
+from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import ConfigError, QueueError
-from activation.executor import Executor, parse_envelope
-from activation.spool import Spool, atomic_write_json, iso_now, read_json
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.layout import Spool
+from activation.worker import executor as executor_module
+from activation.worker.executor import Executor, parse_envelope
 from tests.conftest import WORKER, wait_for
 
 RESULT_FIELDS = {
@@ -333,7 +335,7 @@ def test_loop_runs_queued_tasks_and_logs_an_outage_once(
 
 
 def test_json_mode_exit_0_without_an_envelope_is_failed(make_settings, spool) -> None:
-    from activation.executor import Executor
+    from activation.worker.executor import Executor
 
     executor = Executor(make_settings(agent_command="true --output-format json -p {description}"))
     atomic_write_json(spool.task_path("w1", "silent"), {"task_id": "silent", "description": "x"})
@@ -342,7 +344,7 @@ def test_json_mode_exit_0_without_an_envelope_is_failed(make_settings, spool) ->
 
 
 def test_the_agent_runs_in_its_workdir(make_settings, spool, tmp_path) -> None:
-    from activation.executor import Executor
+    from activation.worker.executor import Executor
 
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -355,7 +357,7 @@ def test_the_agent_runs_in_its_workdir(make_settings, spool, tmp_path) -> None:
 
 
 def test_recovery_removes_temp_files_a_killed_executor_left(make_settings, spool) -> None:
-    from activation.executor import Executor
+    from activation.worker.executor import Executor
 
     for folder in (spool.results("w1"), spool.processing("w1")):
         (folder / ".tmp_cut.json.1a2b3c4d").write_text('{"task_id": "cu')

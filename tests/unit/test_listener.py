@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from activation import task as tasks
 from activation.config import Settings
-from activation.listener import Listener
-from activation.queue import QueueClient, QueuedTask, load_authkey, socket_path
-from activation.sources import StubSource, WakeSource
-from activation.spool import Spool, atomic_write_bytes, atomic_write_json, read_json
+from activation.spool import task as tasks
+from activation.spool.atomic import atomic_write_bytes, atomic_write_json, read_json
+from activation.spool.layout import Spool
+from activation.worker.listener import Listener
+from activation.worker.queue import QueueClient, QueuedTask, load_authkey, socket_path
+from activation.worker.sources import StubSource, WakeSource
 from tests.conftest import WORKER, wait_for
 
 

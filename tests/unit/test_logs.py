@@ -12,7 +12,7 @@ import pytest
 
 from activation.config import load_settings
 from activation.errors import ConfigError
-from activation.logs import JsonFormatter, TextFormatter, configure_logging
+from activation.observability.logs import JsonFormatter, TextFormatter, configure_logging
 
 
 def record(message: str = "task %s finished", *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:

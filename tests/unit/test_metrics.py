@@ -17,8 +17,13 @@ from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from activation import metrics
-from activation.metrics import WorkerMetrics, enable_multiprocess, forget_dead_processes, multiprocess_registry
+from activation.observability import metrics
+from activation.observability.metrics import (
+    WorkerMetrics,
+    enable_multiprocess,
+    forget_dead_processes,
+    multiprocess_registry,
+)
 
 NEVER_A_PID = 4_194_305  # above the largest pid_max Linux allows: no process has it, ever
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from activation.errors import QueueError
-from activation.queue import (
+from activation.worker.queue import (
     AUTHKEY_BYTES,
     QueueClient,
     QueuedTask,
@@ -310,7 +310,7 @@ def test_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_server_that_never_answers_is_a_queue_error_not_a_hang(
     run_dir: Path, client: QueueClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("activation.queue.HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr("activation.worker.queue.HANDSHAKE_TIMEOUT", 0.2)
     wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     wedged.bind(str(socket_path(run_dir)))
     wedged.listen(1)  # connections queue up, nobody accepts: a stopped or wedged listener

@@ -12,9 +12,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from activation import recovery
-from activation.admin_cli import config_group, dlq_group, orchestrator_command, recover_command
-from activation.spool import Spool, atomic_write_json, iso_now, read_json
+from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command
+from activation.clock import iso_now
+from activation.orchestrator import recovery
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.layout import Spool
 
 W = "w1"
 SETTINGS = {"orphan_age": 600.0, "heartbeat_timeout": 30.0, "max_attempts": 3}

@@ -13,13 +13,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from activation import events
-from activation import redis_source as rs
 from activation.config import Settings
-from activation.executor import DONE_RETRY_AFTER, DoneEvents
-from activation.listener import Listener
-from activation.redis_source import RedisSource, vet_message
-from activation.spool import Spool
+from activation.spool.layout import Spool
+from activation.transport import pubsub as events
+from activation.worker import redis_source as rs
+from activation.worker.executor import DONE_RETRY_AFTER, DoneEvents
+from activation.worker.listener import Listener
+from activation.worker.redis_source import RedisSource, vet_message
 from tests.conftest import WORKER, wait_for
 from tests.harness import RedisServer
 from tests.unit.test_sources import Recorder, write_task

@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 
 from activation.config import Settings
-from activation.redis_source import RedisSource
-from activation.sources import (
-    InotifySource,
-    PollSource,
-    StubSource,
-    WakeSource,
-    build_sources,
-    inbox_name,
-)
-from activation.spool import Spool, atomic_write_json
+from activation.spool.atomic import atomic_write_json
+from activation.spool.layout import Spool
+from activation.worker.redis_source import RedisSource
+from activation.worker.sources import InotifySource, PollSource, StubSource, WakeSource, build_sources, inbox_name
 from tests.conftest import WORKER, wait_for
 
 

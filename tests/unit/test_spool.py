@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from activation.spool import Spool, atomic_write_json, parse_iso, read_json
+from activation.clock import parse_iso
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.layout import Spool
 
 W = "w1"
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from activation.errors import BadTask, NotReady
-from activation.task import MAX_TASK_BYTES, is_task_name, load_task, parse_task
+from activation.spool.task import MAX_TASK_BYTES, is_task_name, load_task, parse_task
 
 
 def write(path, data):

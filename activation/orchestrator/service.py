@@ -18,15 +18,17 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from activation import recovery
-from activation.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
-from activation.admin_api import AdminApi, ApiError, check_bind, parse_bind
+from activation.clock import iso_now
 from activation.config import ORCHESTRATOR_MODES, WORKER_NAME_PATTERN, Settings
-from activation.dispatch import EventPublisher, build_task, dispatch
 from activation.errors import ActivationError, DispatchError
-from activation.process import Program
-from activation.spool import Spool, atomic_write_json, iso_now, read_json
-from activation.status import all_health, worker_health
+from activation.lifecycle import Program
+from activation.orchestrator import recovery
+from activation.orchestrator.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
+from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
+from activation.orchestrator.http import AdminApi, ApiError, check_bind, parse_bind
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.health import all_health, worker_health
+from activation.spool.layout import Spool
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took

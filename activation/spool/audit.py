@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from activation.spool import TEMP_PREFIX, Spool, read_json
-from activation.status import worker_health
-from activation.task import TASK_SUFFIX, task_id_of
+from activation.spool.atomic import TEMP_PREFIX, read_json
+from activation.spool.health import worker_health
+from activation.spool.layout import Spool
+from activation.spool.task import TASK_SUFFIX, task_id_of
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import psutil
 
 from activation.config import WORKER_NAME_PATTERN, Settings
 from activation.errors import ConfigError
-from activation.spool import Spool
+from activation.spool.layout import Spool
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # activation/
 REPO_DIR = PACKAGE_DIR.parent
 WORKER_CONF = REPO_DIR / "supervisor_conf" / "worker.conf"
 ORCHESTRATOR_CONF = REPO_DIR / "supervisor_conf" / "orchestrator.conf"
-FAKE_AGENT = REPO_DIR / "tests" / "fake_agent.py"
+FAKE_AGENT = PACKAGE_DIR / "fake_agent.py"
 DEFAULT_AGENT = "claude"
 
 

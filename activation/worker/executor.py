@@ -16,8 +16,15 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from activation import task as tasks
-from activation.agent import (
+from activation.clock import iso_now
+from activation.config import Settings
+from activation.errors import BadTask, ConfigError, NotReady, QueueError
+from activation.lifecycle import Program
+from activation.observability.metrics import worker_metrics
+from activation.spool import task as tasks
+from activation.spool.atomic import remove_temp_files
+from activation.spool.layout import Spool
+from activation.worker.agent import (
     STRAY_MARKER,
     AgentRun,
     agent_environment,
@@ -26,11 +33,6 @@ from activation.agent import (
     kill_strays,
     run_agent,
 )
-from activation.config import Settings
-from activation.errors import BadTask, ConfigError, NotReady, QueueError
-from activation.metrics import worker_metrics
-from activation.process import Program
-from activation.spool import Spool, iso_now, remove_temp_files
 
 QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
@@ -45,7 +47,7 @@ EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the f
 
 
 class QueuedItem(Protocol):
-    """What the work queue hands out (activation.queue.QueuedTask)."""
+    """What the work queue hands out (activation.worker.queue.QueuedTask)."""
 
     @property
     def task_id(self) -> str: ...
@@ -56,7 +58,7 @@ class QueuedItem(Protocol):
 
 
 class WorkQueueClient(Protocol):
-    """The executor's side of the work queue (activation.queue.QueueClient); tests pass a stub."""
+    """The executor's side of the work queue (activation.worker.queue.QueueClient); tests pass a stub."""
 
     def get(self, timeout: float) -> QueuedItem | None: ...
     def close(self) -> None: ...
@@ -99,7 +101,7 @@ class DoneEvents:
     """
 
     def __init__(self, url: str, worker: str, log: logging.Logger) -> None:
-        from activation.events import done_channel  # redis-py is loaded only when Redis is configured
+        from activation.transport.pubsub import done_channel  # redis-py is loaded only when Redis is configured
 
         self.url = url
         self.worker = worker
@@ -112,7 +114,7 @@ class DoneEvents:
     def announce(self, task_id: str) -> None:
         if time.monotonic() < self._retry_at:
             return
-        from activation import events
+        from activation.transport import pubsub as events
 
         try:
             if self._client is None:
@@ -189,7 +191,7 @@ class Executor(Program):
 
     def connect(self) -> None:
         """Create the queue client; it connects on its first get()."""
-        from activation.queue import QueueClient, load_authkey, socket_path
+        from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         run_dir = self.settings.run_dir
         self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir))

@@ -14,16 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from activation import __version__
-from activation.cli_support import (
-    EXIT_FAILED,
-    EXIT_USAGE,
-    Context,
-    Group,
-    fail,
-    pass_ctx,
-    print_json,
-    setup_logging,
-)
+from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json, setup_logging
 from activation.config import Settings, load_settings
 
 
@@ -98,7 +89,7 @@ def dispatch(
     as_json: bool,
 ) -> None:
     """Give WORKER a task: write it atomically into its inbox and print its id."""
-    from activation import dispatch as dispatching
+    from activation.orchestrator import dispatch as dispatching
 
     settings = obj.settings
     task = dispatching.build_task(
@@ -155,7 +146,7 @@ def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
 @pass_ctx
 def show(obj: Context, task_id: str, as_json: bool) -> None:
     """Show where TASK_ID is, and its result or dead-letter record."""
-    from activation.dispatch import read_outcome
+    from activation.orchestrator.dispatch import read_outcome
 
     location = obj.spool.locate(task_id)
     if location is None:
@@ -173,8 +164,8 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
 
 
 def _run(factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> NoReturn:
-    from activation import metrics
-    from activation.process import run_program
+    from activation.lifecycle import run_program
+    from activation.observability import metrics
 
     settings = load_settings()
     settings.require_worker()
@@ -192,7 +183,7 @@ def worker() -> None:
 @worker.command()
 def listener() -> None:
     """Wake on new tasks and serve the work queue."""
-    from activation.listener import Listener
+    from activation.worker.listener import Listener
 
     _run(Listener)
 
@@ -200,7 +191,7 @@ def listener() -> None:
 @worker.command()
 def executor() -> None:
     """Run the agent for each task, one at a time."""
-    from activation.executor import Executor
+    from activation.worker.executor import Executor
 
     _run(Executor)
 
@@ -208,7 +199,7 @@ def executor() -> None:
 @worker.command()
 def heartbeat() -> None:
     """Report the worker's health and serve its metrics."""
-    from activation.heartbeat import Heartbeat
+    from activation.worker.heartbeat import Heartbeat
 
     _run(Heartbeat)
 
@@ -221,7 +212,7 @@ def heartbeat() -> None:
 @pass_ctx
 def status(obj: Context, as_json: bool) -> None:
     """Show every worker: alive or stale, current task, queue, programs, dead letters."""
-    from activation.status import all_health
+    from activation.spool.health import all_health
 
     healths = all_health(obj.spool, timeout=obj.settings.heartbeat_timeout)
     if as_json:
@@ -247,7 +238,7 @@ def status(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def check(obj: Context, worker: str) -> None:
     """Exit 0 when WORKER is alive and all its programs run, 1 otherwise (for HEALTHCHECK)."""
-    from activation.status import worker_health
+    from activation.spool.health import worker_health
 
     health = worker_health(obj.spool, worker, timeout=obj.settings.heartbeat_timeout)
     if not health.healthy:
@@ -267,7 +258,7 @@ def check(obj: Context, worker: str) -> None:
 @pass_ctx
 def audit(obj: Context, temp_age: float, as_json: bool) -> None:
     """Check the spool's invariants; exit 1 and list each violation if any is broken."""
-    from activation.audit import audit as run_audit
+    from activation.spool.audit import audit as run_audit
 
     violations = run_audit(obj.spool, heartbeat_timeout=obj.settings.heartbeat_timeout, temp_age=temp_age)
     if as_json:
@@ -285,7 +276,7 @@ def audit(obj: Context, temp_age: float, as_json: bool) -> None:
 @pass_ctx
 def up(obj: Context, workers: str) -> None:
     """Run a local stack in the foreground: one supervisord per worker, state under ./var/."""
-    from activation.localstack import run_local_stack
+    from activation.cli.localstack import run_local_stack
 
     names = [w.strip() for w in workers.split(",") if w.strip()]
     sys.exit(run_local_stack(obj.settings, names))
@@ -293,7 +284,7 @@ def up(obj: Context, workers: str) -> None:
 
 # -- the orchestrator and its admin commands ------------------------------------------------
 # Imported last: admin_cli uses this module's helpers (inside its functions).
-from activation.admin_cli import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
+from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
 
 main.add_command(orchestrator_command)
 main.add_command(config_group)

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from activation import events
+from activation.clock import iso_now
 from activation.config import redact_url
-from activation.metrics import worker_metrics
-from activation.sources import Notify, ThreadedSource, inbox_name
-from activation.spool import Spool, iso_now
-from activation.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+from activation.observability.metrics import worker_metrics
+from activation.spool.layout import Spool
+from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+from activation.transport import pubsub as events
+from activation.worker.sources import Notify, ThreadedSource, inbox_name
 
 log = logging.getLogger("activation.listener")
 

@@ -18,11 +18,13 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from activation import events
+from activation.clock import iso_now
 from activation.config import redact_url
 from activation.errors import BadTask, DispatchError
-from activation.spool import Location, Spool, atomic_write_json, iso_now, read_json
-from activation.task import is_valid_task_id, validate_task
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.layout import Location, Spool
+from activation.spool.task import is_valid_task_id, validate_task
+from activation.transport import pubsub as events
 
 log = logging.getLogger("activation.dispatch")
 

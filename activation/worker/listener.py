@@ -16,14 +16,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from activation import task as tasks
+from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import BadTask, NotReady
-from activation.metrics import worker_metrics
-from activation.process import Program
-from activation.queue import QueueServer, WorkQueue, load_authkey, socket_path
-from activation.sources import WakeSource, build_sources
-from activation.spool import Spool, iso_now
+from activation.lifecycle import Program
+from activation.observability.metrics import worker_metrics
+from activation.spool import task as tasks
+from activation.spool.layout import Spool
+from activation.worker.queue import QueueServer, WorkQueue, load_authkey, socket_path
+from activation.worker.sources import WakeSource, build_sources
 
 # Bad-task reasons that a file still being written can show: a cut-off JSON text, or a UTF-8
 # sequence cut in half. Such a file is "not yet" until its writer is provably done.

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from activation.clock import iso_now, parse_iso
 from activation.config import Settings
-from activation.spool import Spool, iso_now, parse_iso, read_json
-from activation.task import is_task_name
+from activation.spool.atomic import read_json
+from activation.spool.layout import Spool
+from activation.spool.task import is_task_name
 
 RESPONSE_WINDOW = 100  # response time = mean over the newest this-many results (the seed's rule)
 RATE_WINDOW_S = 60.0  # task rate = results that appeared in the last minute

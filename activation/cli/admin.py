@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from activation.cli_support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, print_json, setup_logging
+from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, print_json, setup_logging
 from activation.config import ORCHESTRATOR_MODES
 from activation.errors import ActivationError, ConfigError
 
@@ -46,7 +46,7 @@ def _json_option(func: F) -> F:
 
 def default_url(bind: str) -> str:
     """The API's URL for ``ACTIVATION_ADMIN_BIND``; a wildcard bind is reached over loopback."""
-    from activation.admin_api import parse_bind
+    from activation.orchestrator.http import parse_bind
 
     host, port = parse_bind(bind)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -147,7 +147,7 @@ def dlq_group() -> None:
 @_json_option
 def dlq_list(worker: str | None, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    from activation.recovery import dead_letters
+    from activation.orchestrator.recovery import dead_letters
 
     letters = [d.summary() for d in dead_letters(_context().spool)]
     if worker:
@@ -168,7 +168,7 @@ def dlq_list(worker: str | None, as_json: bool) -> None:
 @_json_option
 def dlq_show(dead_id: str, as_json: bool) -> None:
     """Show one dead letter: why it died, and its task."""
-    from activation.recovery import get_dead_letter
+    from activation.orchestrator.recovery import get_dead_letter
 
     letter = get_dead_letter(_context().spool, dead_id)
     if as_json:
@@ -192,7 +192,7 @@ def dlq_show(dead_id: str, as_json: bool) -> None:
 @_json_option
 def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
     """Put a dead letter's task back in its worker's inbox, keeping its history."""
-    from activation.recovery import DeadLetterError, dead_letters, retry_dead_letter
+    from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
 
     if bool(dead_id) == retry_all:
         _fail("give one dead letter ID or --all", usage=True)
@@ -230,7 +230,7 @@ def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
 @_json_option
 def dlq_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
     """Delete dead letters (and their raw originals) older than DURATION."""
-    from activation.recovery import parse_duration, purge_dead_letters
+    from activation.orchestrator.recovery import parse_duration, purge_dead_letters
 
     try:
         seconds = parse_duration(older_than)
@@ -254,7 +254,7 @@ def dlq_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
 @_json_option
 def recover_command(dry_run: bool, as_json: bool) -> None:
     """Rescue the tasks of workers without a live heartbeat: orphans to the dead letter, stale claims requeued."""
-    from activation.recovery import recover
+    from activation.orchestrator.recovery import recover
 
     obj = _context()
     try:
@@ -286,12 +286,12 @@ def recover_command(dry_run: bool, as_json: bool) -> None:
 def orchestrator_command() -> None:
     """Hand out tasks, rescue dead workers' tasks, serve the admin API (as supervisord runs it)."""
     from activation.config import load_settings
-    from activation.process import run_program
+    from activation.lifecycle import run_program
 
     # The orchestrator keeps its metrics in its own registry; a multiprocess folder inherited
     # from a worker's environment would divert them into files nobody serves.
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    from activation.orchestrator import Orchestrator
+    from activation.orchestrator.service import Orchestrator
 
     try:
         settings = load_settings()

@@ -23,8 +23,8 @@ from watchdog.observers.inotify_c import InotifyConstants, Mask
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper, PathedInotifyEvent
 
 from activation.config import Settings
-from activation.spool import Spool
-from activation.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+from activation.spool.layout import Spool
+from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
 log = logging.getLogger("activation.listener")
 
@@ -380,7 +380,7 @@ def _poll(settings: Settings, spool: Spool, events_lost: EventsLost) -> WakeSour
 
 def _redis(settings: Settings, spool: Spool, events_lost: EventsLost) -> WakeSource:
     # Imported here: a worker that does not use Redis never loads redis-py.
-    from activation.redis_source import RedisSource
+    from activation.worker.redis_source import RedisSource
 
     return RedisSource(
         spool,

@@ -1,15 +1,12 @@
-"""The spool: the shared folder that is the source of truth for every task.
+"""The spool's layout: where a task is (inbox, claim, result, dead letter) and the renames between.
 
-It owns the layout, atomic writes (temp file, fsync, rename, fsync the folder), claiming by
-rename, results, and the dead letter. A task is always in exactly one place.
+A task is always in exactly one place. Writes go through spool.atomic; time through clock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
-import json
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -17,91 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activation.clock import iso_now
 from activation.errors import SpoolError
-from activation.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
 DEAD_LETTER = ".dead_letter"
 PROCESSING = ".processing"
 RAW_SUFFIX = ".raw"
-TEMP_PREFIX = ".tmp_"
-
-
-def iso_now() -> str:
-    """The current time in UTC, ISO 8601 with microseconds."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def parse_iso(value: object) -> float | None:
-    """An ISO 8601 timestamp as epoch seconds, or None when it is not one."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
-    """Write ``data`` so that ``path`` is either absent, old, or complete; never half-written.
-
-    The temp file lives in the same folder (a rename never crosses filesystems) and starts
-    with a dot, so no reader ever takes it for a task.
-    """
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def remove_temp_files(folder: Path, prefix: str = TEMP_PREFIX) -> int:
-    """Delete the temp files a killed writer left in ``folder``; only call it as their sole writer."""
-    removed = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith(prefix):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
-
-
-def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
-    atomic_write_bytes(path, json_bytes(obj), durable=durable)
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file the spool wrote; raises OSError or ValueError."""
-    with open(path, "rb") as handle:
-        return json.loads(handle.read())
 
 
 @dataclass(frozen=True)

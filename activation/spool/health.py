@@ -11,7 +11,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from activation.spool import Spool, parse_iso, read_json
+from activation.clock import parse_iso
+from activation.spool.atomic import read_json
+from activation.spool.layout import Spool
 
 EXPECTED_PROGRAMS = ("listener", "executor", "heartbeat")
 

@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from activation import __version__
+from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import QueueError
-from activation.metrics import (
+from activation.lifecycle import Program
+from activation.observability.metrics import (
     counter_totals,
     forget_dead_processes,
     multiprocess_folder,
     multiprocess_registry,
     worker_metrics,
 )
-from activation.process import Program
-from activation.spool import TEMP_PREFIX, Spool, atomic_write_json, iso_now, remove_temp_files
+from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
+from activation.spool.layout import Spool
 
 SUPERVISOR_SOCKET = "supervisor.sock"
 SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
@@ -123,7 +125,7 @@ class Heartbeat(Program):
 
     def _publish(self, report: dict[str, Any]) -> str:
         """SET heartbeat:<worker> with a TTL of three intervals; "up" or "down", logged once per outage."""
-        from activation import events
+        from activation.transport import pubsub as events
 
         ttl = max(1, math.ceil(3 * self.settings.heartbeat_interval))
         try:
@@ -184,7 +186,7 @@ class Heartbeat(Program):
 
     def _listener(self) -> dict[str, Any] | None:
         """The listener's own report: its wake sources, whether the observer thread lives."""
-        from activation.queue import QueueClient, load_authkey, socket_path
+        from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         if self._queue_client is None:
             self._queue_client = QueueClient(socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir))

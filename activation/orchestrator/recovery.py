@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activation.clock import iso_now, parse_iso
 from activation.config import WORKER_NAME_PATTERN
 from activation.errors import ActivationError, BadTask, NotReady
-from activation.spool import RAW_SUFFIX, Spool, atomic_write_json, iso_now, parse_iso, read_json
-from activation.status import worker_health
-from activation.task import MAX_ATTEMPTS, ORPHANED, is_valid_task_id, read_task_bytes, task_id_of
+from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.health import worker_health
+from activation.spool.layout import RAW_SUFFIX, Spool
+from activation.spool.task import MAX_ATTEMPTS, ORPHANED, is_valid_task_id, read_task_bytes, task_id_of
 
 log = logging.getLogger("activation.orchestrator")
 

@@ -15,8 +15,8 @@ import click
 
 from activation.config import Settings, load_settings
 from activation.errors import ActivationError, ConfigError
-from activation.logs import configure_logging
-from activation.spool import Spool
+from activation.observability.logs import configure_logging
+from activation.spool.layout import Spool
 
 EXIT_FAILED = 1  # the command ran, and what it reports is a failure (a failed task, a sick worker)
 EXIT_USAGE = 2  # bad arguments or settings

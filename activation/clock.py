@@ -1,0 +1,23 @@
+"""Time as the spool records it: UTC, ISO 8601 with microseconds, and back to epoch seconds."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def iso_now() -> str:
+    """The current time in UTC, ISO 8601 with microseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def parse_iso(value: object) -> float | None:
+    """An ISO 8601 timestamp as epoch seconds, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()

@@ -1,0 +1,1 @@
+"""The orchestrator: dispatch policy, recovery of orphans, the admin HTTP API."""

@@ -1,0 +1,1 @@
+"""How tasks travel between hosts: the shared spool folder, Redis pub/sub wake-ups."""
