@@ -18,7 +18,6 @@ from activation.errors import ActivationError
 
 log = logging.getLogger("activation.events")
 
-MAX_MESSAGE_BYTES = 4096  # a task id or an inbox path; anything longer is hostile
 
 
 class EventsError(ActivationError):

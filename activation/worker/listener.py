@@ -24,7 +24,8 @@ from activation.observability.metrics import worker_metrics
 from activation.spool import task as tasks
 from activation.spool.layout import Spool
 from activation.worker.queue import QueueServer, WorkQueue, load_authkey, socket_path
-from activation.worker.sources import WakeSource, build_sources
+from activation.worker.wake import build_sources
+from activation.worker.wake.base import WakeSource
 
 # Bad-task reasons that a file still being written can show: a cut-off JSON text, or a UTF-8
 # sequence cut in half. Such a file is "not yet" until its writer is provably done.

@@ -436,7 +436,7 @@ def test_metric_names_reads_promql():
 
 
 def redis_wake_source() -> bool:
-    from activation.worker.sources import SOURCE_FACTORIES
+    from activation.worker.wake import SOURCE_FACTORIES
 
     return "redis" in SOURCE_FACTORIES and shutil.which("redis-server") is not None
 

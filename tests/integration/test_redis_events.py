@@ -12,6 +12,7 @@ import redis
 
 from activation.spool.atomic import read_json
 from activation.transport import pubsub as events
+from activation.worker.wake.messages import MAX_MESSAGE_BYTES
 from tests.conftest import wait_for
 from tests.harness import RedisServer, WorkerTree
 
@@ -100,7 +101,7 @@ def test_hostile_messages_are_refused_and_the_worker_carries_on(
         f"{other}/victim.json",
         f"{inbox}/../w2/victim.json",
         f"{inbox}/escape/victim.json",
-        b"v" * (events.MAX_MESSAGE_BYTES + 1),
+        b"v" * (MAX_MESSAGE_BYTES + 1),
         b"\xff\xfevictim",
         b"",
         ".tmp_victim.json",

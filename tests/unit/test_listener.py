@@ -19,7 +19,7 @@ from activation.spool.atomic import atomic_write_bytes, atomic_write_json, read_
 from activation.spool.layout import Spool
 from activation.worker.listener import Listener
 from activation.worker.queue import QueueClient, QueuedTask, load_authkey, socket_path
-from activation.worker.sources import StubSource, WakeSource
+from activation.worker.wake.base import StubSource, WakeSource
 from tests.conftest import WORKER, wait_for
 
 

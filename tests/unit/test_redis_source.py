@@ -16,10 +16,13 @@ from prometheus_client import REGISTRY
 from activation.config import Settings
 from activation.spool.layout import Spool
 from activation.transport import pubsub as events
-from activation.worker import redis_source as rs
 from activation.worker.executor import DONE_RETRY_AFTER, DoneEvents
 from activation.worker.listener import Listener
-from activation.worker.redis_source import RedisSource, vet_message
+from activation.worker.wake import messages as rs
+from activation.worker.wake import redis as redis_wake
+from activation.worker.wake.messages import MAX_MESSAGE_BYTES, vet_message
+from activation.worker.wake.redis import JOIN_TIMEOUT as REDIS_JOIN_TIMEOUT
+from activation.worker.wake.redis import RedisSource
 from tests.conftest import WORKER, wait_for
 from tests.harness import RedisServer
 from tests.unit.test_sources import Recorder, write_task
@@ -96,7 +99,7 @@ def test_vet_message_accepts_ids_and_inbox_paths_only(spool: Spool, tmp_path: Pa
         b"": (None, rs.EMPTY),
         b"  \n": (None, rs.EMPTY),
         b"\xff\xfe": (None, rs.NOT_UTF8),
-        b"x" * (events.MAX_MESSAGE_BYTES + 1): (None, rs.TOO_LARGE),
+        b"x" * (MAX_MESSAGE_BYTES + 1): (None, rs.TOO_LARGE),
     }
     for message, expected in cases.items():
         assert vet_message(message, inbox) == expected, message[:80]
@@ -130,7 +133,7 @@ HOSTILE = {
     "other_path": (rs.OUTSIDE_INBOX, lambda inbox, other: f"{other}/victim.json"),
     "dot_dot": (rs.PARENT_REFERENCE, lambda inbox, other: f"{inbox}/../{other.name}/victim.json"),
     "symlink_escape": (rs.OUTSIDE_INBOX, lambda inbox, other: f"{inbox}/escape/victim.json"),
-    "oversized": (rs.TOO_LARGE, lambda inbox, other: b"a" * (events.MAX_MESSAGE_BYTES + 1)),
+    "oversized": (rs.TOO_LARGE, lambda inbox, other: b"a" * (MAX_MESSAGE_BYTES + 1)),
     "not_utf8": (rs.NOT_UTF8, lambda inbox, other: b"\xc3\x28victim"),
     "empty": (rs.EMPTY, lambda inbox, other: b""),
     "dot_file": (rs.INVALID_NAME, lambda inbox, other: ".tmp_victim.json"),
@@ -167,7 +170,7 @@ def test_each_hostile_message_is_refused_counted_and_survived(
 def test_a_flood_of_hostile_messages_logs_one_line_then_a_count(
     make_source, publish, redis_server: RedisServer, spool: Spool, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    monkeypatch.setattr(rs, "REFUSAL_LOG_INTERVAL", 0.5)
+    monkeypatch.setattr(redis_wake, "REFUSAL_LOG_INTERVAL", 0.5)
     source, _recorder, _ = make_source(redis_server.url)
     with caplog.at_level(logging.WARNING, logger="activation.listener"):
         for _ in range(300):
@@ -291,7 +294,7 @@ def test_stop_is_prompt_while_connected_and_while_down(make_source, redis_server
         started = time.monotonic()
         source.stop()
         assert not source.alive()
-        assert time.monotonic() - started < rs.JOIN_TIMEOUT
+        assert time.monotonic() - started < REDIS_JOIN_TIMEOUT
     assert not up.connected and not down.connected
 
 

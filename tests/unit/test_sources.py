@@ -14,8 +14,12 @@ import pytest
 from activation.config import Settings
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
-from activation.worker.redis_source import RedisSource
-from activation.worker.sources import InotifySource, PollSource, StubSource, WakeSource, build_sources, inbox_name
+from activation.worker.wake import build_sources
+from activation.worker.wake.base import StubSource, WakeSource
+from activation.worker.wake.inotify import InotifySource
+from activation.worker.wake.messages import vet_message
+from activation.worker.wake.poll import PollSource
+from activation.worker.wake.redis import RedisSource
 from tests.conftest import WORKER, wait_for
 
 
@@ -245,7 +249,7 @@ def test_stub_fires_synchronously_and_refuses_when_stopped() -> None:
         ("abc", "abc.json"),
         ("abc.json", "abc.json"),
         ("{inbox}/abc.json", "abc.json"),
-        ("{inbox}/../w1/abc.json", "abc.json"),
+        ("{inbox}/../w1/abc.json", None),  # no honest publisher writes ".."
         ("{inbox}/../other/abc.json", None),
         ("{inbox}/.processing/abc.json", None),
         ("/etc/passwd", None),
@@ -256,8 +260,10 @@ def test_stub_fires_synchronously_and_refuses_when_stopped() -> None:
         ("", None),
     ],
 )
-def test_inbox_name_accepts_ids_and_paths_inside_the_inbox_only(ref: str, expected: str | None, spool: Spool) -> None:
-    assert inbox_name(ref.format(inbox=spool.inbox(WORKER)), spool.inbox(WORKER)) == expected
+def test_vet_message_accepts_ids_and_paths_inside_the_inbox_only(ref: str, expected: str | None, spool: Spool) -> None:
+    name, reason = vet_message(ref.format(inbox=spool.inbox(WORKER)).encode(), spool.inbox(WORKER))
+    assert name == expected
+    assert (reason is None) == (expected is not None)
 
 
 def test_build_sources_follows_the_mode(

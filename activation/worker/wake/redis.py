@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,9 +22,10 @@ from activation.clock import iso_now
 from activation.config import redact_url
 from activation.observability.metrics import worker_metrics
 from activation.spool.layout import Spool
-from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
+from activation.spool.task import TASK_SUFFIX
 from activation.transport import pubsub as events
-from activation.worker.sources import Notify, ThreadedSource, inbox_name
+from activation.worker.wake.base import Notify, ThreadedSource
+from activation.worker.wake.messages import INVALID_NAME, vet_message
 
 log = logging.getLogger("activation.listener")
 
@@ -46,47 +46,6 @@ RETRY_DELAYS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.35)
 MAX_PENDING = 1000  # names awaiting a retry; past that a flood of phantom ids is left to the rescan
 REFUSAL_LOG_INTERVAL = 60.0  # seconds: per reason, the first refusal is logged, then one count a minute
 SAMPLE_CHARS = 60  # how much of a refused message a log line shows
-
-# Why a message was refused (the `reason` label of listener_refused_total).
-TOO_LARGE = "too_large"
-NOT_UTF8 = "not_utf8"
-EMPTY = "empty"
-RELATIVE_PATH = "relative_path"
-PARENT_REFERENCE = "parent_reference"
-OUTSIDE_INBOX = "outside_inbox"
-INVALID_NAME = "invalid_name"
-
-
-def vet_message(data: bytes, inbox: Path) -> tuple[str | None, str | None]:
-    """``(inbox file name, None)`` for an acceptable message, else ``(None, refusal reason)``.
-
-    Accepted: a task id, ``<task_id>.json``, or an absolute path whose folder resolves (realpath)
-    to ``inbox``. A path with a ``..`` component is refused even when it would resolve inside:
-    no honest publisher writes one.
-    """
-    if len(data) > events.MAX_MESSAGE_BYTES:
-        return None, TOO_LARGE
-    try:
-        text = data.decode("utf-8").strip()  # a trailing newline from `echo | redis-cli -x` is fine
-    except UnicodeDecodeError:
-        return None, NOT_UTF8
-    if not text:
-        return None, EMPTY
-    if "/" in text:
-        if not text.startswith("/"):
-            return None, RELATIVE_PATH
-        if ".." in text.split("/"):
-            return None, PARENT_REFERENCE
-    name = inbox_name(text, inbox)
-    if name is not None:
-        return name, None
-    if "/" not in text:
-        return None, INVALID_NAME
-    base = text.rsplit("/", 1)[1]
-    if not (is_task_name(base) and is_valid_task_id(task_id_of(base))):
-        return None, INVALID_NAME
-    return None, OUTSIDE_INBOX  # a good name in the wrong folder (or behind a symlink)
-
 
 def _sample(data: bytes) -> str:
     """A short, printable, log-safe excerpt of a refused message."""
