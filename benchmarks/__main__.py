@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from activation.clock import iso_now, parse_iso
+from benchmarks import handoff
 from tests.harness import ROOT, RedisServer, WorkerTree, new_tree, wait_until
 
 AGENT = "true {description}"  # an agent that exits at once: what is left is activation's own cost
@@ -164,6 +165,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="actbench-") as tmp:
         root = Path(tmp)
         report["spawn_ms"] = spawn_cost(args.samples)
+        report["handoff_ms"] = {
+            "in_process": summary(handoff.in_process(min(args.samples, 100))),
+            "socket": summary(handoff.over_socket(min(args.samples, 100))),
+        }
 
         tree = new_tree(
             root / "inotify", agent=AGENT, ACTIVATION_HEARTBEAT_INTERVAL="10", ACTIVATION_RESCAN_INTERVAL="5"
@@ -222,6 +227,8 @@ def table(report: dict[str, Any]) -> str:
         f"machine: {report['machine']}  ({report['when']})",
         f"{'activation latency (ms)':<28} {'p50':>9} {'p95':>9} {'p99':>9}",
         row("bare agent spawn", spawn),
+        row("queue hand-off, in process", report["handoff_ms"]["in_process"]),
+        row("queue hand-off, socket", report["handoff_ms"]["socket"]),
         row("inotify (writer's clock)", report["inotify_ms"]["writer"], spawn),
         row("inotify (result field)", report["inotify_ms"]["executor"], spawn),
         row("redis event, poll at 30 s", report["redis_ms"]["writer"], spawn),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,20 +100,19 @@ def test_take_times_out_and_wake_all_stops_waiters() -> None:
     assert not waiter.is_alive() and result == [None]
 
 
-def test_handoff_to_a_blocked_taker_is_fast() -> None:
+def test_a_blocked_taker_gets_each_put_in_order() -> None:
+    """The hand-off's speed is measured in benchmarks/handoff.py; here, that each blocked take wakes with its id."""
     work = WorkQueue()
-    delays: list[float] = []
-    for i in range(50):
-        stamp: list[float] = []
-        taker = threading.Thread(target=lambda out=stamp: (work.take("consumer", 5), out.append(time.perf_counter())))
+    for i in range(20):
+        taken: list[object] = []
+        taker = threading.Thread(target=lambda out=taken: out.append(work.take("consumer", 5)))
         taker.start()
-        time.sleep(0.002)  # let it block in the condition wait
-        started = time.perf_counter()
+        time.sleep(0.002)  # most often it is blocked by now; either way it must get the id
         work.put(f"t{i}", "inotify")
         taker.join(5)
-        delays.append(stamp[0] - started)
-    # Tens of microseconds on an idle machine; the bound leaves room for a loaded CI host.
-    assert statistics.median(delays) < 0.002
+        assert not taker.is_alive()
+        assert [getattr(item, "task_id", None) for item in taken] == [f"t{i}"]
+        work.ack("consumer")
 
 
 # -- authkey ----------------------------------------------------------------------------------
@@ -176,20 +174,18 @@ def test_a_consumer_that_goes_away_gives_its_item_back_at_the_front(
     assert client.get(1) == QueuedTask("a", "inotify")
 
 
-def test_handoff_over_the_socket_is_fast(serve: Callable[..., Any], client: QueueClient) -> None:
+def test_a_blocked_get_over_the_socket_wakes_on_each_put(serve: Callable[..., Any], client: QueueClient) -> None:
     work, _ = serve()
     assert client.get(0) is None  # connect first
-    delays: list[float] = []
-    for i in range(30):
-        stamp: list[float] = []
-        getter = threading.Thread(target=lambda out=stamp: (client.get(5), out.append(time.perf_counter())))
+    for i in range(10):
+        got: list[object] = []
+        getter = threading.Thread(target=lambda out=got: out.append(client.get(5)))
         getter.start()
-        time.sleep(0.003)
-        started = time.perf_counter()
+        time.sleep(0.003)  # most often it is blocked by now; either way it must get the id
         work.put(f"t{i}", "inotify")
-        getter.join(5)
-        delays.append(stamp[0] - started)
-    assert statistics.median(delays) < 0.005
+        getter.join(6)
+        assert not getter.is_alive()
+        assert got == [QueuedTask(f"t{i}", "inotify")]
 
 
 def test_client_reconnects_to_a_restarted_server(serve: Callable[..., Any], client: QueueClient) -> None:
