@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint unit integration bench chaos redis-server prometheus claude-cli docker-compose restart-workers clean
+.PHONY: up test check lint unit integration bench chaos redis-server prometheus claude-cli docker-compose restart-workers clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ test: $(STAMP) redis-server prometheus claude-cli docker-compose lint
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
+
+# The development loop: lint, types and the fast tests (no process trees), in under 2 minutes.
+check: lint
+	$(BIN)/pytest -m 'not slow' -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

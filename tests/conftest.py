@@ -113,3 +113,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+# Every test that starts real process trees (supervisord, a Redis cluster, containers) lives
+# outside tests/unit and is slow by that fact; `make check` runs the rest.
+SLOW_FOLDERS = ("integration", "chaos", "e2e", "containers", "observability")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
