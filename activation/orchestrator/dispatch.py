@@ -19,7 +19,6 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from activation.clock import iso_now
-from activation.config import redact_url
 from activation.errors import BadTask, DispatchError
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Location, Spool
@@ -48,29 +47,24 @@ class Dispatched:
 
 
 class EventPublisher:
-    """Publishes wake-ups on ``activate:<worker>``, reusing one fail-fast Redis connection."""
+    """Publishes wake-ups on ``activate:<worker>`` through one RedisLink: fail fast, and during an
+    outage leave Redis alone (the files deliver meanwhile) instead of paying a connect per task."""
 
     def __init__(self, redis_url: str) -> None:
-        self.redis_url = redis_url
-        self._client: Any = None
+        from activation.transport.redis_link import RedisLink
 
-    def _connection(self) -> Any:
-        if self._client is None:
-            self._client = events.connect(self.redis_url)
-        return self._client
+        self.redis_url = redis_url
+        self._link = RedisLink(redis_url, log=log, what="PUBLISH activate:*", consequence="tasks go as files alone")
 
     def check(self) -> None:
         """Raise EventsError unless Redis answers."""
-        if not events.ping(self._connection()):
-            raise events.EventsError(f"Redis at {redact_url(self.redis_url)} does not answer")
+        self._link.call(lambda client: client.ping())
 
     def activate(self, worker: str, task_id: str) -> int:
-        return events.publish(self._connection(), events.activate_channel(worker), task_id)
+        return self._link.call(lambda client: events.publish(client, events.activate_channel(worker), task_id))
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._link.close()
 
 
 def build_task(

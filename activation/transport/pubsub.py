@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -54,10 +55,23 @@ def connect(url: str, *, timeout: float = 2.0, for_pubsub: bool = False) -> redi
         raise EventsError(f"bad REDIS_URL {redact_url(url)}: {describe(exc)}") from None
 
 
-def describe(exc: BaseException) -> str:
-    """A one-line description of a Redis failure, safe to log."""
+def describe(exc: BaseException, url: str = "") -> str:
+    """A one-line description of a Redis failure, safe to log: ``url``'s password is scrubbed from it."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for secret in passwords_of(url):
+        text = text.replace(secret, "***")
     return text[:200]
+
+
+def passwords_of(url: str) -> tuple[str, ...]:
+    """The URL's password as written and as decoded, longest first (for scrubbing)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    if not password:
+        return ()
+    return tuple(sorted({password, unquote(password)}, key=len, reverse=True))
 
 
 def publish(client: redis.Redis, channel: str, message: str) -> int:

@@ -75,8 +75,7 @@ class Heartbeat(Program):
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
         self._queue_client: Any = None
-        self._redis: Any = None
-        self._redis_up = True
+        self._redis: Any = None  # a RedisLink, made on the first beat when REDIS_URL is set
 
     def initialize(self) -> None:
         self.spool.init([self.worker])
@@ -124,23 +123,17 @@ class Heartbeat(Program):
         return report
 
     def _publish(self, report: dict[str, Any]) -> str:
-        """SET heartbeat:<worker> with a TTL of three intervals; "up" or "down", logged once per outage."""
+        """SET heartbeat:<worker> with a TTL of three intervals; "up" or "down" (an outage is logged once)."""
         from activation.transport import pubsub as events
+        from activation.transport.redis_link import RedisLink
 
+        key = events.heartbeat_key(self.worker)
+        if self._redis is None:
+            self._redis = RedisLink(self.settings.redis_url or "", log=self.log, what=f"SET {key}")
         ttl = max(1, math.ceil(3 * self.settings.heartbeat_interval))
-        try:
-            if self._redis is None:
-                self._redis = events.connect(self.settings.redis_url or "")
-            self._redis.set(events.heartbeat_key(self.worker), json.dumps({**report, "redis": "up"}), ex=ttl)
-        except Exception as exc:  # redis errors, and a REDIS_URL it cannot parse
-            if self._redis_up:
-                self.log.warning("redis unreachable: %s", events.describe(exc), extra={"event": "redis_down"})
-            self._redis_up = False
-            return "down"
-        if not self._redis_up:
-            self.log.info("redis reachable", extra={"event": "redis_up"})
-        self._redis_up = True
-        return "up"
+        value = json.dumps({**report, "redis": "up"})
+        done = self._redis.run(lambda client: client.set(key, value, ex=ttl))
+        return "down" if done is None else "up"
 
     def report(self, state: str = "running") -> dict[str, Any]:
         """Everything the heartbeat file says about this worker right now."""

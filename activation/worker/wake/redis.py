@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from activation.clock import iso_now
 from activation.config import redact_url
@@ -24,6 +22,7 @@ from activation.observability.metrics import worker_metrics
 from activation.spool.layout import Spool
 from activation.spool.task import TASK_SUFFIX
 from activation.transport import pubsub as events
+from activation.transport.redis_link import Outage
 from activation.worker.wake.base import Notify, ThreadedSource
 from activation.worker.wake.messages import INVALID_NAME, vet_message
 
@@ -132,24 +131,27 @@ class RedisSource(ThreadedSource):
         self.backoff_max = max(backoff_max, BACKOFF_MIN)
         self.channel = events.activate_channel(worker)
         self._on_subscribed = on_subscribed or (lambda: None)
-        self._secrets = _passwords_of(url)
         super().__init__()
         self._metrics = worker_metrics()
         self.refusals = _Refusals(worker, self.channel)
         # Read by stats() on other threads; each is replaced whole, never mutated in place.
         self.connected = False
-        self.last_error: str | None = None
         self.since: str | None = None  # when `connected` last changed
         self.subscribes = 0
-        self.outages = 0
         self._extra = {"worker": worker, "event": "redis"}
+        self.outage = Outage(
+            log,
+            f"{redact_url(url)} (SUBSCRIBE {self.channel})",
+            extra={"worker": worker},
+            cap=self.backoff_max,
+            base=BACKOFF_MIN,
+            consequence="the file sources and the rescan carry on",
+        )
         # Only the subscriber thread touches these.
         self._pending: dict[str, tuple[int, float]] = {}  # name -> (retries done, next look), monotonic
         self._client: Any = None
         self._pubsub: Any = None
-        self._down_since: float | None = None
         self._subscribed_at: float | None = None
-        self._backoff = 0.0
 
     # -- WakeSource -----------------------------------------------------------------------------
 
@@ -163,10 +165,10 @@ class RedisSource(ThreadedSource):
             "connected": self.connected,
             "url": redact_url(self.url),
             "channel": self.channel,
-            "last_error": self.last_error,
+            "last_error": self.outage.last_error,
             "since": self.since,
             "subscribes": self.subscribes,
-            "outages": self.outages,
+            "outages": self.outage.outages,
             "refused": dict(self.refusals.counts),
         }
 
@@ -226,18 +228,10 @@ class RedisSource(ThreadedSource):
         """The server confirmed SUBSCRIBE: from now on nothing published is missed."""
         self.subscribes += 1
         self._subscribed_at = time.monotonic()
-        if self._down_since is not None:
-            log.info(
-                "redis reachable again after %.1fs: subscribed to %s at %s; rescanning the inbox",
-                time.monotonic() - self._down_since,
-                self.channel,
-                redact_url(self.url),
-                extra=self._extra,
-            )
-            self._down_since = None
-        else:
+        if not self.outage.down:
             log.info("subscribed to %s at %s", self.channel, redact_url(self.url), extra=self._extra)
-        self.last_error = None
+        # The backoff starts over only once a subscription has lasted (see _lost).
+        self.outage.recovered(reset_backoff=False)
         self._set_connected(True)
         try:
             self._on_subscribed()
@@ -286,36 +280,22 @@ class RedisSource(ThreadedSource):
         return min(MESSAGE_WAIT, max(0.0, due - time.monotonic()))
 
     def _pause(self, notify: Notify, stop: threading.Event) -> None:
-        """Wait out the backoff (capped exponential, jittered), still serving due retries."""
-        self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), self.backoff_max)
-        # Jitter spreads the reconnects of twenty workers after the same Redis restart.
-        deadline = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+        """Wait out the outage's backoff, still serving due retries."""
         while not stop.is_set():
-            now = time.monotonic()
-            if now >= deadline:
+            if self.outage.ready():
                 return
-            stop.wait(min(deadline - now, self._wait()))
+            now = time.monotonic()
+            stop.wait(min(max(self.outage.retry_at - now, 0.0), self._wait()))
             self._retry_due(notify)
 
     def _lost(self, exc: BaseException) -> None:
-        """The connection failed or never came: close it, and say so once per outage."""
+        """The connection failed or never came: close it; the outage says so once."""
         self._disconnect()
         subscribed_at, self._subscribed_at = self._subscribed_at, None
         if subscribed_at is not None and time.monotonic() - subscribed_at >= STABLE_AFTER:
-            self._backoff = 0.0
-        self.last_error = self._scrub(events.describe(exc))
+            self.outage.reset_backoff()
         self._set_connected(False)
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            self.outages += 1
-            log.warning(
-                "redis unreachable at %s: %s; reconnecting with backoff up to %gs, the file sources "
-                "and the rescan carry on",
-                redact_url(self.url),
-                self.last_error,
-                self.backoff_max,
-                extra=self._extra,
-            )
+        self.outage.failed(events.describe(exc, self.url))
 
     def _disconnect(self) -> None:
         pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
@@ -331,20 +311,3 @@ class RedisSource(ThreadedSource):
             self.since = iso_now()
         self.connected = connected
         self._metrics.redis_connected.set(1 if connected else 0)
-
-    def _scrub(self, text: str) -> str:
-        """No error text may carry the password, whatever the library put in it."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-def _passwords_of(url: str) -> tuple[str, ...]:
-    """The URL's password as written and as decoded, longest first (for scrubbing)."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return ()
-    if not password:
-        return ()
-    return tuple(sorted({password, unquote(password)}, key=len, reverse=True))
