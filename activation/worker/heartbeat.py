@@ -8,6 +8,7 @@ queue's socket). It serves the whole worker's Prometheus metrics.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import math
@@ -42,22 +43,44 @@ def supervisor_socket(run_dir: Path) -> Path:
     return run_dir / SUPERVISOR_SOCKET
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over supervisord's Unix socket, with a timeout on this connection only."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__()
+        self._path, self._timeout = path, timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        return _UnixConnection(self._path, self._timeout)
+
+
 def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
     """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # SupervisorTransport opens its own sockets
+    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=_UnixTransport(str(sock), timeout))
     try:
         infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
     except xmlrpc.client.Fault as exc:
         raise OSError(f"supervisord refused: {exc.faultString}") from None
+    except (http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+        raise OSError(f"supervisord answered badly: {exc}") from None
     finally:
-        socket.setdefaulttimeout(previous)
-        with contextlib.suppress(Exception):
-            transport.close()
+        proxy("close")()
     return {str(info["name"]): str(info["statename"]) for info in infos}
 
 
