@@ -83,10 +83,12 @@ class Listener(Program):
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):  # the socket carries pickle: keep its folder private
             os.chmod(run_dir, 0o700)
-        self.server = QueueServer(socket_path(run_dir), load_authkey(run_dir), self.work, self.stats)
-        self.server.start()
+        # Sources are built (not started) before the socket serves stats(), so no heartbeat ever
+        # reports a listener without the sources it is configured with.
         if self._build_sources:
             self.sources = build_sources(self.settings, self.spool, self._events_lost)
+        self.server = QueueServer(socket_path(run_dir), load_authkey(run_dir), self.work, self.stats)
+        self.server.start()
         # Sources first, then the scan: a file that lands before a source listens is in the scan,
         # one that lands after the scan listed the inbox is seen by the source.
         for source in self.sources:
