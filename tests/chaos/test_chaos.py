@@ -129,7 +129,7 @@ def test_chaos(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("ACTIVATION_CHAOS_SEED", "7")))
     redis = RedisServer(tmp_path / "redis").start()
     env = {"REDIS_URL": redis.url, "ACTIVATION_MODE": "inotify,redis", "ACTIVATION_RESCAN_INTERVAL": "2"}
-    workers = [new_tree(tmp_path, w, agent="sleep {description}", **env) for w in WORKERS]
+    workers = [new_tree(tmp_path, w, agent="sleep -- {description}", **env) for w in WORKERS]
     orchestrator = new_orchestrator(tmp_path, REDIS_URL=redis.url, ORCHESTRATOR_MODE="events")
     trees = [*workers, orchestrator]
     faults = Faults(trees, redis, rng)
