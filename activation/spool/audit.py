@@ -83,7 +83,7 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
                             f"claimed in {processing} but worker {worker} is not alive ({'; '.join(health.problems)})",
                         )
                     )
-    dead_sources: dict[str, set[str]] = defaultdict(set)
+    dead_sources: dict[str, set[tuple[str, str]]] = defaultdict(set)  # task id -> {(source, dead_at)}
     for entry in scan.entries(spool.dead_letter_dir):
         if not is_task_name(entry.name):
             continue
@@ -106,7 +106,7 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
                 places[dead_id].append("dead")
             source = record.get("source")
             if isinstance(source, str):
-                dead_sources[dead_id].add(source)
+                dead_sources[dead_id].add((source, str(record.get("dead_at"))))
     for task_id, where in sorted(places.items()):
         if len(where) > 1 and not _allowed(task_id, where, paths, dead_sources.get(task_id, set())):
             violations.append(Violation("duplicate", task_id, f"in {len(where)} places: {', '.join(sorted(where))}"))
@@ -121,12 +121,14 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
     return violations
 
 
-def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources: set[str]) -> bool:
-    """Two places that a crash between two steps leaves, and that the next step settles.
+def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources: set[tuple[str, str]]) -> bool:
+    """Two places that a crash between two steps leaves, and that the next step settles by itself.
 
     - a result plus the claim of the same worker: recovery drops the claim;
     - a dead letter plus the very file it was made from: the record is written before the file
-      is moved, and handling the file again reuses the record.
+      is moved, and handling the file again reuses the record. A task that ``dlq retry`` put
+      back at that path (its last history entry is this death) is not that: nothing but
+      another retry removes the record, so it stays a violation.
     """
     if len(where) != 2:
         return False
@@ -134,6 +136,14 @@ def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources
     if first.startswith("done@") and second == "processing@" + first.removeprefix("done@"):
         return True
     if "dead" in where:
-        other = first if second == "dead" else second
-        return paths.get(f"{task_id} {other}") in dead_sources
+        path = paths.get(f"{task_id} {first if second == 'dead' else second}")
+        deaths = {dead_at for source, dead_at in dead_sources if source == path}
+        return path is not None and bool(deaths) and _retried_from(Path(path)) not in deaths
     return False
+
+
+def _retried_from(path: Path) -> str | None:
+    """The ``dead_at`` of the death a task file was retried from, if it was."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError, TypeError, KeyError):
+        return str(read_json(path)["history"][-1]["dead_at"])
+    return None
