@@ -138,7 +138,7 @@ def build_context(root: Path) -> list[str]:
 def test_the_build_context_builds_the_package(tmp_path):
     """The files the Dockerfiles COPY, as .dockerignore lets them through, make the package."""
     sent = build_context(ROOT)
-    assert "setup.cfg" in sent and "activation/cli.py" in sent and "supervisor_conf/worker.conf" in sent
+    assert "setup.cfg" in sent and "activation/cli/__init__.py" in sent and "supervisor_conf/worker.conf" in sent
     assert not [path for path in sent if path.startswith(("tests/", ".env", ".git/", ".venv/", "var/"))]
     context = tmp_path / "context"
     for relative in sent:
@@ -163,7 +163,7 @@ def test_the_build_context_builds_the_package(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     with tarfile.open(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"activation/cli.py", "activation/config.py", "setup.cfg", "README.md"} <= names
+    assert {"activation/cli/__init__.py", "activation/config.py", "setup.cfg", "README.md"} <= names
 
 
 # -- the images' commands, run without Docker ---------------------------------------------------
