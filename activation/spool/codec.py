@@ -7,8 +7,9 @@ reader), integers past the int-str digit limit (a ValueError, not a JSONDecodeEr
 deep enough to raise RecursionError. `loads` turns every one of those into `Uncarryable`, a
 ValueError with a one-line detail that names where the value is; a text it returns can be
 written, echoed into a result, put in argv and printed. `encode` never raises on what `loads`
-or `read` returned. Tasks, API bodies and the agent's envelope go through `loads`; the spool's
-own records through `read`, which only promises to raise nothing but OSError or ValueError.
+returned, and at worst ValueError (never UnicodeEncodeError) on what `read` returned. Tasks, API
+bodies and the agent's envelope go through `loads`; the spool's own records through `read`,
+which raises nothing but OSError or ValueError, whatever a file holds.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def loads(data: bytes | str, *, surrogates: str = "reject") -> Any:
     except ValueError as exc:  # the int-str conversion limit
         raise Uncarryable(f"a number too long to read ({str(exc).split(':')[0]})") from None
     deep = text.count("[") + text.count("{") > MAX_DEPTH  # cheap: most tasks have a few brackets
-    strings = "\\u" in text  # a surrogate only ever comes from an escape
+    # In text decoded from UTF-8 a surrogate only ever comes from an escape; a str may hold one.
+    strings = "\\u" in text or (isinstance(data, str) and not text.isascii())
     if deep or strings:
         value = _check(value, replace=surrogates == "replace")
     return value
