@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ class Settings:
     spool: Path = Path("var/spool")  # ACTIVATION_SPOOL
     run_dir: Path = Path("var/run")  # ACTIVATION_RUN_DIR (default var/run/<worker>)
     mode: tuple[str, ...] = ("inotify",)  # ACTIVATION_MODE, comma-separated wake sources
-    agent_command: str = "claude -p {description}"  # ACTIVATION_AGENT_COMMAND
+    agent_command: str = "claude -p -- {description}"  # ACTIVATION_AGENT_COMMAND
     agent_workdir: Path | None = None  # ACTIVATION_AGENT_WORKDIR: the agent's working folder
     task_timeout: float = 600.0  # ACTIVATION_TASK_TIMEOUT
     max_task_timeout: float = 86400.0  # ACTIVATION_MAX_TASK_TIMEOUT
@@ -226,5 +227,44 @@ def _check(settings: Settings) -> None:
             "ACTIVATION_TASK_TIMEOUT: must not exceed ACTIVATION_MAX_TASK_TIMEOUT "
             f"({settings.task_timeout:g} > {settings.max_task_timeout:g})"
         )
-    if "{description}" not in settings.agent_command:
+    agent_words(settings.agent_command)
+
+
+DESCRIPTION = "{description}"
+_LONG_OPTION_VALUE = re.compile(r"^--[A-Za-z0-9][A-Za-z0-9_-]*=")
+
+
+def agent_words(template: str) -> tuple[str, ...]:
+    """ACTIVATION_AGENT_COMMAND split like a shell would; refuses a template in which a description
+    could be read as an option.
+
+    The rule: each word holding ``{description}`` comes after a ``--`` word (the end of options,
+    for claude's commander.js parser as for getopt, argparse and click), or is the value of a
+    long option (``--prompt={description}``), or starts with something else than ``-`` and than
+    ``{description}`` (``prompt:{description}``). Otherwise ``--version`` would be an option.
+    """
+    try:
+        words = tuple(shlex.split(template))
+    except ValueError as exc:
+        raise ConfigError(f"ACTIVATION_AGENT_COMMAND: cannot be split into words: {exc}") from None
+    if not words:
+        raise ConfigError("ACTIVATION_AGENT_COMMAND: is empty")
+    if DESCRIPTION in words[0]:
+        raise ConfigError("ACTIVATION_AGENT_COMMAND: the program itself must not be {description}")
+    if not any(DESCRIPTION in word for word in words):
         raise ConfigError("ACTIVATION_AGENT_COMMAND: must contain {description}")
+    ended = False
+    for word in words[1:]:
+        if word == "--":
+            ended = True
+        elif DESCRIPTION in word and not ended and not _never_an_option(word):
+            raise ConfigError(
+                f"ACTIVATION_AGENT_COMMAND: {word!r} comes before a '--' word, so a description "
+                "starting with '-' would be taken for an option; put the options first, then "
+                "'-p -- {description}' (e.g. claude --output-format json -p -- {description})"
+            )
+    return words
+
+
+def _never_an_option(word: str) -> bool:
+    return bool(_LONG_OPTION_VALUE.match(word)) or not (word.startswith("-") or word.startswith(DESCRIPTION))

@@ -1,5 +1,9 @@
 """The one exception tree. Each message is a single line meant for an operator."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class ActivationError(Exception):
     """Base of every error activation raises on purpose."""
@@ -22,12 +26,17 @@ class QueueError(ActivationError):
 
 
 class BadTask(ActivationError):
-    """A task file that can never run. `reason` is machine-readable, `detail` is for humans."""
+    """A task file that can never run. `reason` is machine-readable, `detail` is for humans.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    `task` is the parsed object when there is one that can be carried (into a dead-letter
+    record); None when the file did not parse, or parsed into something that cannot be written.
+    """
+
+    def __init__(self, reason: str, detail: str, task: dict[str, Any] | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.task = task
 
 
 class NotReady(ActivationError):

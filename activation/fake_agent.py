@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The project's fake agent: a stand-in for ``claude -p`` whose description says what it does.
 
-Usage: ``fake_agent.py [--output-format json] -p "<description>"``. The description is a list of
+Usage: ``fake_agent.py [--output-format json] -p -- "<description>"``. The description is a list of
 space-separated directives; any other word is only echoed. By default it prints
 ``done: <description>`` and exits 0. Directives (acted on in this order, whatever their order):
 
@@ -29,26 +29,31 @@ import signal
 import sys
 import time
 
-USAGE = "usage: fake_agent.py [--output-format json] -p DESCRIPTION"
+USAGE = "usage: fake_agent.py [--output-format json] -p [--] DESCRIPTION"
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, str]:
+    """Parse like claude (commander.js): ``-p`` is a flag, the description is the first word that is
+    not an option, and everything after ``--`` is a word, even one that starts with ``-``."""
     description: str | None = None
     output_format = "text"
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-p", "--print") and i + 1 < len(argv):
-            description = argv[i + 1]  # taken as is, even when it starts with "-"
-            i += 2
-        elif arg == "--output-format" and i + 1 < len(argv):
+        if arg == "--":
+            if description is None and i + 1 < len(argv):
+                description = argv[i + 1]
+            break
+        if arg == "--output-format" and i + 1 < len(argv):
             output_format = argv[i + 1]
             i += 2
-        elif arg.startswith("--output-format="):
+            continue
+        if arg.startswith("--output-format="):
             output_format = arg.split("=", 1)[1]
-            i += 1
-        else:
-            i += 1  # other flags (--dangerously-skip-permissions, ...) are accepted and ignored
+        elif not arg.startswith("-") and description is None:
+            description = arg
+        # other options (-p, --print, --dangerously-skip-permissions, ...) are accepted and ignored
+        i += 1
     return description, output_format
 
 

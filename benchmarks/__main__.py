@@ -24,7 +24,7 @@ from activation.clock import iso_now, parse_iso
 from benchmarks import handoff
 from tests.harness import ROOT, RedisServer, WorkerTree, new_tree, wait_until
 
-AGENT = "true {description}"  # an agent that exits at once: what is left is activation's own cost
+AGENT = "true -- {description}"  # an agent that exits at once: what is left is activation's own cost
 RESULTS = ROOT / "benchmarks" / "results"
 
 

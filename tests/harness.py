@@ -33,7 +33,7 @@ BIN = Path(sys.executable).parent
 
 def fake_agent_command(*extra: str) -> str:
     """The agent command template that runs the project's fake agent."""
-    return shlex.join([sys.executable, str(FAKE_AGENT), *extra]) + " -p {description}"
+    return shlex.join([sys.executable, str(FAKE_AGENT), *extra]) + " -p -- {description}"
 
 
 def wait_until(

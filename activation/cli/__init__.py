@@ -6,6 +6,7 @@ ends in a one-line message and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,10 @@ from activation.config import Settings, load_settings
 @click.pass_context
 def main(ctx: click.Context, spool: Path | None) -> None:
     """Wake AI-agent workers the moment a task arrives, and lose no task on the way."""
+    # Whatever a record holds (a file name that is not UTF-8, say), printing it is no crash.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     ctx.obj = Context(spool.absolute() if spool else None)
 
 

@@ -42,7 +42,7 @@ def agent_command(settings: Settings) -> tuple[str, bool]:
         raise ConfigError(f"ACTIVATION_AGENT_COMMAND: {program!r} is not on PATH")
     if not FAKE_AGENT.exists():
         raise ConfigError(f"claude is not on PATH and the fake agent {FAKE_AGENT} is missing")
-    return shlex.join([sys.executable, str(FAKE_AGENT)]) + " -p {description}", True
+    return shlex.join([sys.executable, str(FAKE_AGENT)]) + " -p -- {description}", True
 
 
 def _run_base(settings: Settings) -> Path:

@@ -6,7 +6,6 @@ cli.py and admin_cli.py both build on it; neither has to import the other for it
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +15,7 @@ import click
 from activation.config import Settings, load_settings
 from activation.errors import ActivationError, ConfigError
 from activation.observability.logs import configure_logging
+from activation.spool import codec
 from activation.spool.layout import Spool
 
 EXIT_FAILED = 1  # the command ran, and what it reports is a failure (a failed task, a sick worker)
@@ -28,7 +28,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    click.echo(codec.encode_text(data, indent=2))  # a lone surrogate in a record prints as its escape
 
 
 class Context:

@@ -20,7 +20,8 @@ from watchdog.observers import Observer
 
 from activation.clock import iso_now
 from activation.errors import BadTask, DispatchError
-from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool import codec
+from activation.spool.atomic import atomic_write_json, json_bytes, read_json
 from activation.spool.layout import Location, Spool
 from activation.spool.task import is_valid_task_id, validate_task
 from activation.transport import pubsub as events
@@ -85,8 +86,11 @@ def build_task(
         task["metadata"] = metadata
     try:
         validate_task(task, None, max_timeout=max_timeout)
+        codec.loads(json_bytes(task))  # what the listener would refuse as unencodable, refused here
     except BadTask as exc:
         raise DispatchError(f"invalid task: {exc.detail}") from None
+    except ValueError as exc:
+        raise DispatchError(f"invalid task: {exc}") from None
     return task
 
 

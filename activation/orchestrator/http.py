@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from activation.errors import ActivationError, ConfigError
+from activation.spool import codec
 
 log = logging.getLogger("activation.orchestrator")
 
@@ -208,8 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not data.strip():
             return None
         try:
-            body = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
+            body = codec.loads(data)
+        except codec.Uncarryable as exc:  # JSON, but not a value a task can carry (spool.codec)
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"request body cannot be carried: {exc.detail[:200]}") from None
+        except ValueError as exc:  # also UnicodeDecodeError
             raise ApiError(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {str(exc)[:200]}") from None
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "expected a JSON object in the request body")
@@ -245,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = (json.dumps(payload, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        data = codec.encode(payload, default=str)
         self._send(status, data, "application/json", headers)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:

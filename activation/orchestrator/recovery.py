@@ -9,7 +9,6 @@ before every move, so a task that a live worker is running is never touched.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from activation.clock import iso_now, parse_iso
 from activation.config import WORKER_NAME_PATTERN
 from activation.errors import ActivationError, BadTask, NotReady
+from activation.spool import codec
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import worker_health
 from activation.spool.layout import RAW_SUFFIX, Spool
@@ -225,7 +225,7 @@ def _pending_since(task: dict[str, Any] | None) -> float | None:
 def _peek(path: Path) -> dict[str, Any] | None:
     """The task at ``path`` as an object, or None when it is not readable JSON (never follows symlinks)."""
     try:
-        data = json.loads(read_task_bytes(path))
+        data = codec.loads(read_task_bytes(path))  # what cannot be carried is the listener's to dead-letter
     except (OSError, ValueError, BadTask, NotReady):
         return None
     return data if isinstance(data, dict) else None

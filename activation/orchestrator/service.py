@@ -249,7 +249,9 @@ class Orchestrator(Program):
 
     def set_mode(self, mode: Any) -> dict[str, Any]:
         if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {mode!r}")
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {ascii(mode)[:80]}"
+            )
         mode = mode.strip().lower()
         with self._mode_lock:
             try:

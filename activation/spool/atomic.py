@@ -7,11 +7,12 @@ fsync, rename, fsync the folder. Every write anywhere in the spool goes through 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
+
+from activation.spool import codec
 
 TEMP_PREFIX = ".tmp_"
 
@@ -67,10 +68,10 @@ def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
 
 
 def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+    """UTF-8 JSON; never raises on what codec.loads returned, at worst ValueError (see codec.encode)."""
+    return codec.encode(obj)
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file the spool wrote; raises OSError or ValueError."""
-    with open(path, "rb") as handle:
-        return json.loads(handle.read())
+    """Parse a JSON file the spool wrote; raises only OSError or ValueError, whatever it holds."""
+    return codec.read(path)

@@ -1,8 +1,9 @@
 """``activation audit``: check the spool's invariants and list every violation.
 
 A task id is in exactly one place (a result with a leftover claim is allowed: recovery drops
-the claim); no claim belongs to a dead worker; no temp file is older than a bound; every dead
-letter has a reason.
+the claim; a `duplicate` dead letter is a refused copy, not a place); no claim belongs to a dead
+worker; no temp file is older than a bound; every dead letter has a reason. Whatever the spool
+holds, audit reports it: a folder it cannot list is an `unreadable` violation, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import contextlib
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from activation.spool.atomic import TEMP_PREFIX, read_json
 from activation.spool.health import worker_health
 from activation.spool.layout import Spool
-from activation.spool.task import TASK_SUFFIX, task_id_of
+from activation.spool.task import DUPLICATE, TASK_SUFFIX, is_task_name, task_id_of
 
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str  # duplicate | dead_worker_claim | stale_temp | dead_letter_without_reason
+    kind: str  # duplicate | dead_worker_claim | stale_temp | dead_letter_without_reason | unreadable
     task_id: str | None
     detail: str
 
@@ -31,74 +31,119 @@ class Violation:
         return asdict(self)
 
 
-def _json_names(folder: Path) -> Iterator[str]:
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.endswith(TASK_SUFFIX) and not entry.name.startswith("."):
-                yield entry.name
+@dataclass
+class _Scan:
+    """What one audit found so far; a folder it cannot list is a violation, not an exception."""
 
+    violations: list[Violation] = field(default_factory=list)
 
-def _temp_files(folder: Path) -> Iterator[os.DirEntry[str]]:
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX):
-                yield entry
+    def entries(self, folder: Path) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(folder) as it:
+                return list(it)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            self.violations.append(Violation("unreadable", None, f"cannot list {folder}: {exc.strerror or exc}"))
+            return []
+
+    def json_names(self, folder: Path) -> list[str]:
+        return [e.name for e in self.entries(folder) if e.name.endswith(TASK_SUFFIX) and not e.name.startswith(".")]
 
 
 def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float | None = None) -> list[Violation]:
-    """Every violation of the spool's invariants, in a stable order."""
+    """Every violation of the spool's invariants, in a stable order. Never raises on what is in the spool."""
     now = time.time() if now is None else now
-    violations: list[Violation] = []
+    scan = _Scan()
+    violations = scan.violations
     places: dict[str, list[str]] = defaultdict(list)
-    workers = spool.workers()
+    paths: dict[str, str] = {}  # "<task_id> <place>@<worker>" -> the file, to match a dead letter's source
+    try:
+        workers = spool.workers()
+    except OSError as exc:
+        violations.append(Violation("unreadable", None, f"cannot list the workers in {spool.root}: {exc}"))
+        workers = []
     folders: list[Path] = [spool.dead_letter_dir, spool.heartbeats_dir, spool.tasks_dir, spool.results_dir]
     for worker in workers:
         inbox, processing, results = spool.inbox(worker), spool.processing(worker), spool.results(worker)
         folders += [inbox, processing, results]
-        for name in _json_names(inbox):
-            places[task_id_of(name)].append(f"pending@{worker}")
-        claims = list(_json_names(processing))
-        for name in claims:
-            places[task_id_of(name)].append(f"processing@{worker}")
-        for name in _json_names(results):
-            places[task_id_of(name)].append(f"done@{worker}")
+        for folder, state in ((inbox, "pending"), (processing, "processing"), (results, "done")):
+            for name in scan.json_names(folder):
+                places[task_id_of(name)].append(f"{state}@{worker}")
+                paths[f"{task_id_of(name)} {state}@{worker}"] = str(folder / name)
+        claims = [task_id_of(name) for name in scan.json_names(processing)]
         if claims:
             health = worker_health(spool, worker, timeout=heartbeat_timeout, now=now)
             if not health.alive:
-                for name in claims:
+                for task_id in claims:
                     violations.append(
                         Violation(
                             "dead_worker_claim",
-                            task_id_of(name),
+                            task_id,
                             f"claimed in {processing} but worker {worker} is not alive ({'; '.join(health.problems)})",
                         )
                     )
-    for path in spool.dead_letters():
+    dead_sources: dict[str, set[tuple[str, str]]] = defaultdict(set)  # task id -> {(source, dead_at)}
+    for entry in scan.entries(spool.dead_letter_dir):
+        if not is_task_name(entry.name):
+            continue
+        path = Path(entry.path)
         try:
             record = read_json(path)
         except (OSError, ValueError) as exc:
             violations.append(Violation("dead_letter_without_reason", None, f"{path}: unreadable ({exc})"))
             continue
-        task_id = record.get("task_id") if isinstance(record, dict) else None
-        if task_id:
-            places[str(task_id)].append("dead")
-        if not isinstance(record, dict) or not record.get("reason"):
-            violations.append(Violation("dead_letter_without_reason", task_id, f"{path} has no reason"))
+        if not isinstance(record, dict):
+            violations.append(Violation("dead_letter_without_reason", None, f"{path} is not a JSON object"))
+            continue
+        named = record.get("task_id")
+        dead_id = named if isinstance(named, str) and named else None
+        if not record.get("reason"):
+            violations.append(Violation("dead_letter_without_reason", dead_id, f"{path} has no reason"))
+        # A refused copy of a task that has a result is no second place of that task.
+        if dead_id is not None and record.get("reason") != DUPLICATE:
+            if "dead" not in places[dead_id]:  # several dead letters of one id are one place
+                places[dead_id].append("dead")
+            source = record.get("source")
+            if isinstance(source, str):
+                dead_sources[dead_id].add((source, str(record.get("dead_at"))))
     for task_id, where in sorted(places.items()):
-        if len(where) > 1 and not _leftover_claim(where):
+        if len(where) > 1 and not _allowed(task_id, where, paths, dead_sources.get(task_id, set())):
             violations.append(Violation("duplicate", task_id, f"in {len(where)} places: {', '.join(sorted(where))}"))
     for folder in folders:
-        for entry in _temp_files(folder):
-            with contextlib.suppress(FileNotFoundError):
+        for entry in scan.entries(folder):
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
                 if age > temp_age:
                     violations.append(Violation("stale_temp", None, f"{entry.path} is {age:.0f}s old"))
     return violations
 
 
-def _leftover_claim(where: list[str]) -> bool:
-    """A result plus the claim of the same worker: a crash between the two writes."""
+def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources: set[tuple[str, str]]) -> bool:
+    """Two places that a crash between two steps leaves, and that the next step settles by itself.
+
+    - a result plus the claim of the same worker: recovery drops the claim;
+    - a dead letter plus the very file it was made from: the record is written before the file
+      is moved, and handling the file again reuses the record. A task that ``dlq retry`` put
+      back at that path (its last history entry is this death) is not that: nothing but
+      another retry removes the record, so it stays a violation.
+    """
     if len(where) != 2:
         return False
-    kinds = sorted(w.split("@", 1) for w in where)
-    return [k for k, _ in kinds] == ["done", "processing"] and kinds[0][1] == kinds[1][1]
+    first, second = sorted(where)
+    if first.startswith("done@") and second == "processing@" + first.removeprefix("done@"):
+        return True
+    if "dead" in where:
+        path = paths.get(f"{task_id} {first if second == 'dead' else second}")
+        deaths = {dead_at for source, dead_at in dead_sources if source == path}
+        return path is not None and bool(deaths) and _retried_from(Path(path)) not in deaths
+    return False
+
+
+def _retried_from(path: Path) -> str | None:
+    """The ``dead_at`` of the death a task file was retried from, if it was."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError, TypeError, KeyError):
+        return str(read_json(path)["history"][-1]["dead_at"])
+    return None

@@ -7,6 +7,7 @@ wake sources are alive.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,19 +56,20 @@ def worker_health(
         return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=["no heartbeat"])
     except (OSError, ValueError) as exc:
         return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=[f"unreadable heartbeat: {exc}"])
-    stamp = beat.get("epoch") or parse_iso(beat.get("timestamp"))
-    age = max(0.0, now - float(stamp)) if isinstance(stamp, (int, float)) else None
+    stamp = _epoch(beat.get("epoch")) or parse_iso(beat.get("timestamp"))
+    age = max(0.0, now - stamp) if stamp is not None else None
+    programs = beat.get("programs")
     health = WorkerHealth(
         worker=worker,
         alive=age is not None and age <= timeout and beat.get("state") != "stopped",
         age_s=None if age is None else round(age, 1),
-        state=beat.get("state"),
-        current_task=beat.get("current_task"),
-        queue_size=beat.get("queue_size"),
-        programs=beat.get("programs"),
-        counts=beat.get("counts") or {},
+        state=_typed(beat.get("state"), str),
+        current_task=_typed(beat.get("current_task"), str),
+        queue_size=_typed(beat.get("queue_size"), int),
+        programs={str(k): str(v) for k, v in programs.items()} if isinstance(programs, dict) else None,
+        counts=_typed(beat.get("counts"), dict) or {},
         dead_letters=dead_letters,
-        wake_sources=beat.get("wake_sources") or [],
+        wake_sources=_typed(beat.get("wake_sources"), list) or [],
     )
     if beat.get("state") == "stopped":
         health.problems.append("stopped")
@@ -84,10 +86,26 @@ def worker_health(
             health.problems.append("listener unreachable")
         elif listener.get("observer_alive") is False:
             health.problems.append("inotify observer dead")
-        for name, source in (listener.get("sources") or {}).items():
+        sources = listener.get("sources")
+        for name, source in (sources if isinstance(sources, dict) else {}).items():
             if isinstance(source, dict) and source.get("alive") is False and name != "inotify":
                 health.problems.append(f"wake source {name} dead")
     return health
+
+
+def _epoch(value: object) -> float | None:
+    """A heartbeat's ``epoch``, when it is a finite number; a written heartbeat may hold anything."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        epoch = float(value)
+    except OverflowError:
+        return None
+    return epoch if math.isfinite(epoch) else None
+
+
+def _typed(value: Any, kind: type) -> Any:
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def dead_letter_counts(spool: Spool) -> dict[str | None, int]:

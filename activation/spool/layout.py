@@ -16,7 +16,7 @@ from typing import Any
 
 from activation.clock import iso_now
 from activation.errors import SpoolError
-from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.atomic import atomic_write_bytes, atomic_write_json, json_bytes, read_json
 from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
 DEAD_LETTER = ".dead_letter"
@@ -211,20 +211,30 @@ class Spool:
             "reason": reason,
             "detail": detail,
             "dead_at": iso_now(),
-            "source": str(source),
+            "source": printable_path(source),
         }
+        data = None
         if task is not None:
-            record["task"] = task
-        else:
+            try:
+                data = json_bytes({**record, "task": task})
+            except ValueError:  # a task no JSON can hold (spool.codec): keep the original bytes instead
+                task = None
+        if data is None:
             record["raw"] = str(self.dead_letter_dir / f"{key}{RAW_SUFFIX}")
+            data = json_bytes(record)
         self.dead_letter_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record_path, record)
+        atomic_write_bytes(record_path, data)
         with contextlib.suppress(FileNotFoundError):  # someone else moved it first
             if task is None:
                 os.rename(source, record["raw"])
             else:
                 os.unlink(source)
         return record_path
+
+
+def printable_path(path: Path) -> str:
+    """A path as text any JSON writer and terminal takes: bytes that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_other_entry(record_path: Path, task: dict[str, Any] | None) -> bool:

@@ -2,12 +2,15 @@
 
 A bad task is reported as `BadTask(reason, detail)`, never as a crash. A file that may still
 be being written is `NotReady`, so that nobody dead-letters a writer's half-finished work.
+Whatever JSON a file holds, a task that passes here can be put in argv, written into its result
+and its dead-letter record, and printed: what cannot is `unencodable` (spool.codec).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import stat
@@ -15,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from activation.errors import BadTask, NotReady
+from activation.spool import codec
 
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_TASK_BYTES = 1024 * 1024
+MAX_ATTEMPTS_FIELD = 1_000_000  # `attempts` is the executor's count: anything near this is not one
 TASK_SUFFIX = ".json"
 
 # Machine-readable dead-letter reasons for bad input.
@@ -31,6 +36,7 @@ MISSING_FIELD = "missing_field"
 INVALID_FIELD = "invalid_field"
 INVALID_TASK_ID = "invalid_task_id"
 ID_MISMATCH = "id_mismatch"
+UNENCODABLE = "unencodable"  # JSON that parses but cannot be carried: lone surrogates, NaN, 1e400, too deep
 DUPLICATE = "duplicate"
 # Reasons given by the executor and the orchestrator.
 MAX_ATTEMPTS = "max_attempts"
@@ -89,12 +95,17 @@ def parse_task(data: bytes, expected_id: str, *, max_timeout: float | None = Non
     except UnicodeDecodeError as exc:
         raise BadTask(NOT_UTF8, f"byte {exc.start} is not UTF-8") from None
     try:
-        task = json.loads(text)
+        task = codec.loads(text)
     except json.JSONDecodeError as exc:
         raise BadTask(INVALID_JSON, f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except codec.Uncarryable as exc:
+        raise BadTask(UNENCODABLE, exc.detail) from None
     if not isinstance(task, dict):
         raise BadTask(NOT_AN_OBJECT, f"a task is a JSON object, got {type(task).__name__}")
-    validate_task(task, expected_id, max_timeout=max_timeout)
+    try:
+        validate_task(task, expected_id, max_timeout=max_timeout)
+    except BadTask as exc:
+        raise BadTask(exc.reason, exc.detail, task) from None
     return task
 
 
@@ -116,19 +127,42 @@ def validate_task(task: dict[str, Any], expected_id: str | None, *, max_timeout:
         raise BadTask(INVALID_FIELD, "description must not contain NUL characters")
     timeout = task.get("timeout")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise BadTask(INVALID_FIELD, f"timeout must be a positive number, got {timeout!r}")
-        if max_timeout is not None and timeout > max_timeout:
-            raise BadTask(INVALID_FIELD, f"timeout {timeout:g} exceeds the worker's maximum {max_timeout:g}")
+        seconds = _seconds(timeout)
+        if seconds is None or not seconds > 0:
+            raise BadTask(INVALID_FIELD, f"timeout must be a positive number, got {_shown(timeout)}")
+        if max_timeout is not None and seconds > max_timeout:
+            raise BadTask(INVALID_FIELD, f"timeout {seconds:g} exceeds the worker's maximum {max_timeout:g}")
     created_at = task.get("created_at")
     if created_at is not None and not isinstance(created_at, str):
         raise BadTask(INVALID_FIELD, "created_at must be an ISO 8601 string")
     attempts = task.get("attempts")
-    if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0):
-        raise BadTask(INVALID_FIELD, f"attempts must be a non-negative integer, got {attempts!r}")
+    if attempts is not None and (
+        isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= MAX_ATTEMPTS_FIELD
+    ):
+        detail = f"attempts must be an integer from 0 to {MAX_ATTEMPTS_FIELD}, got {_shown(attempts)}"
+        raise BadTask(INVALID_FIELD, detail)
     metadata = task.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise BadTask(INVALID_FIELD, "metadata must be an object")
+
+
+def _seconds(value: object) -> float | None:
+    """A JSON number as a finite float, or None (a bool, a string, an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _shown(value: object) -> str:
+    """A value for a one-line detail: short, and printable whatever it holds."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = ascii(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_task(path: Path, *, max_timeout: float | None = None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ needs this process to be a child subreaper (`become_subreaper`), which the execu
 What the agent gets:
 - argv: ``shlex.split(ACTIVATION_AGENT_COMMAND)`` with ``{description}`` and ``{task_id}``
   replaced inside each word, so the description is always part of exactly one argument, whatever
-  it contains. No shell ever sees it.
+  it contains. No shell ever sees it, and no option parser: config.agent_words refuses a template
+  whose ``{description}`` is not after ``--`` (or an option's ``=value``).
 - environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
   ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
   and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
@@ -32,7 +33,6 @@ import os
 import re
 import resource
 import selectors
-import shlex
 import signal
 import subprocess
 import time
@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from activation.config import SECRET_VARIABLES
-from activation.errors import ConfigError
+from activation.config import SECRET_VARIABLES, agent_words
 
 log = logging.getLogger("activation.agent")
 
@@ -87,13 +86,7 @@ def become_subreaper(enable: bool = True) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _split_template(template: str) -> tuple[str, ...]:
-    try:
-        words = tuple(shlex.split(template))
-    except ValueError as exc:
-        raise ConfigError(f"ACTIVATION_AGENT_COMMAND: cannot be split into words: {exc}") from None
-    if not words:
-        raise ConfigError("ACTIVATION_AGENT_COMMAND: is empty")
-    return words
+    return agent_words(template)  # refuses a template in which a description could be an option
 
 
 def build_argv(template: str, description: str, **fields: object) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from activation.config import Settings
 from activation.errors import BadTask, ConfigError, NotReady, QueueError
 from activation.lifecycle import Program
 from activation.observability.metrics import worker_metrics
+from activation.spool import codec
 from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.layout import Spool
@@ -74,7 +74,9 @@ def parse_envelope(stdout: str) -> dict[str, Any] | None:
     if not text.startswith("{") or not text.endswith("}"):
         return None
     try:
-        envelope = json.loads(text)
+        # The result carries the envelope: lone surrogates become U+FFFD, as stdout's undecodable
+        # bytes do; NaN, huge numbers or absurd nesting make it no envelope at all.
+        envelope = codec.loads(text, surrogates="replace")
     except ValueError:
         return None
     if isinstance(envelope, dict) and envelope.get("type") == "result":
@@ -247,7 +249,7 @@ class Executor(Program):
         try:
             task = tasks.load_task(claim, max_timeout=self.settings.max_task_timeout)
         except BadTask as exc:
-            self._dead_letter(task_id, exc.reason, exc.detail)
+            self._dead_letter(task_id, exc.reason, exc.detail, task=exc.task)
             return
         except NotReady:
             self._put_back(task_id)  # an empty file is the listener's to judge, after settle_time
@@ -299,7 +301,7 @@ class Executor(Program):
         try:
             task = tasks.load_task(claim, max_timeout=self.settings.max_task_timeout)
         except BadTask as exc:
-            self._dead_letter(task_id, exc.reason, exc.detail)
+            self._dead_letter(task_id, exc.reason, exc.detail, task=exc.task)
             return None
         except NotReady:
             self._put_back(task_id)  # still being written: the listener queues it again when done

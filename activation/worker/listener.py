@@ -8,7 +8,7 @@ so the listener may die at any moment without losing a task. It never dies on ba
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 import threading
 import time
@@ -30,10 +30,6 @@ from activation.worker.wake.base import WakeSource
 # Bad-task reasons that a file still being written can show: a cut-off JSON text, or a UTF-8
 # sequence cut in half. Such a file is "not yet" until its writer is provably done.
 PARTIAL_REASONS = frozenset({tasks.INVALID_JSON, tasks.NOT_UTF8})
-# Reasons given before the bytes were parsed into an object: the record cannot keep the task.
-UNPARSED_REASONS = frozenset(
-    {tasks.SYMLINK, tasks.NOT_A_FILE, tasks.TOO_LARGE, tasks.NOT_UTF8, tasks.INVALID_JSON, tasks.NOT_AN_OBJECT}
-)
 MIN_RECHECK = 0.05  # seconds: the soonest a not-ready file is looked at again
 
 
@@ -65,6 +61,8 @@ class Listener(Program):
         # a rescan racing an inotify event keeps FIFO order.
         self._examine_lock = threading.Lock()
         self._not_ready: dict[str, tuple[float, float]] = {}  # name -> (first seen, recheck due), monotonic
+        # Files whose trouble was logged: each bad file is logged once, not at every rescan.
+        self._complained: set[str] = set()
         self._next_rescan = 0.0
         self._listed: set[str] = set()  # the names the last rescan saw
         self._last_rescan: str | None = None
@@ -168,6 +166,7 @@ class Listener(Program):
         with self._examine_lock:
             for name in [n for n in self._not_ready if n not in present]:
                 del self._not_ready[name]
+            self._complained &= present
         self._rescans += 1
         self._last_rescan = iso_now()
         self._next_rescan = time.monotonic() + self.settings.rescan_interval
@@ -240,8 +239,15 @@ class Listener(Program):
             with self._examine_lock:
                 self._examine(name, task_id, source, complete, seen_at)
         except Exception:
-            self.log.exception(
-                "failed to examine %r; will look again", name, extra={"worker": self.worker, "event": "examine_error"}
+            # A bug, not bad input (that is a BadTask): say so once per file, look again later.
+            with self._examine_lock:
+                first = self._complain(name)
+            self.log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "failed to examine %r; will look again",
+                name,
+                exc_info=True,
+                extra={"worker": self.worker, "event": "examine_error"},
             )
             with contextlib.suppress(Exception), self._examine_lock:
                 self._later(name, self.inbox / name)
@@ -257,14 +263,12 @@ class Listener(Program):
             # Claimed by an executor this listener has not served (it restarted): once that run
             # has a result, a later rescan dead-letters this file as a duplicate.
             return
-        data: bytes | None = None
         try:
-            # task.load_task, unrolled so that a bad task's bytes are at hand for its record.
+            # task.load_task, unrolled: a bad name is dead-lettered only when the file is there.
             if not valid_id:
                 os.lstat(path)  # only a file that is there can be dead-lettered
                 raise BadTask(tasks.INVALID_TASK_ID, f"file name {name[:140]!r} is not a valid task id")
-            data = tasks.read_task_bytes(path)
-            task = tasks.parse_task(data, task_id, max_timeout=self.settings.max_task_timeout)
+            task = tasks.parse_task(tasks.read_task_bytes(path), task_id, max_timeout=self.settings.max_task_timeout)
         except FileNotFoundError:
             self._not_ready.pop(name, None)  # claimed or moved away meanwhile
             return
@@ -278,10 +282,10 @@ class Listener(Program):
             if exc.reason in PARTIAL_REASONS and not complete and not self._settled(name, path):
                 self._later(name, path)
                 return
-            self._dead_letter(name, path, exc.reason, exc.detail, _as_object(data, exc.reason))
+            self._dead_letter(name, path, exc.reason, exc.detail, exc.task)
             return
         except OSError as exc:
-            if name not in self._not_ready:  # once per file, not at every recheck
+            if self._complain(name):  # once per file, not at every recheck
                 self.log.warning(
                     "cannot read %r: %s; will look again",
                     name,
@@ -291,6 +295,7 @@ class Listener(Program):
             self._later(name, path)
             return
         self._not_ready.pop(name, None)
+        self._complained.discard(name)
         if os.path.exists(self._result_prefix + name):  # Spool.has_result, without pathlib
             self._dead_letter(name, path, tasks.DUPLICATE, "a result for this task id already exists", task)
             return
@@ -333,7 +338,8 @@ class Listener(Program):
         try:
             self.spool.dead_letter(path, reason=reason, detail=detail, worker=self.worker, task=task)
         except OSError as exc:
-            self.log.error(
+            self.log.log(
+                logging.ERROR if self._complain(name) else logging.DEBUG,
                 "cannot dead-letter %r (%s): %s; will retry",
                 name,
                 reason,
@@ -343,6 +349,7 @@ class Listener(Program):
             self._later(name, path)
             return
         self._not_ready.pop(name, None)
+        self._complained.discard(name)
         self._dead_lettered += 1
         self.metrics.tasks_dead_lettered.labels(worker=self.worker, reason=reason).inc()
         self.log.warning(
@@ -352,6 +359,13 @@ class Listener(Program):
             detail,
             extra={"worker": self.worker, "task_id": task_id, "event": "dead_letter"},
         )
+
+    def _complain(self, name: str) -> bool:
+        """Whether this is the first trouble with ``name`` worth logging (until it leaves the inbox)."""
+        if name in self._complained:
+            return False
+        self._complained.add(name)
+        return True
 
     def _still_pending(self, task_id: str) -> bool:
         return os.path.lexists(f"{self._inbox_prefix}{task_id}{tasks.TASK_SUFFIX}")
@@ -386,14 +400,3 @@ class Listener(Program):
     def _redis_unused(self) -> dict[str, Any]:
         missing = "redis" in self.settings.mode and not self.settings.redis_url
         return {"configured": False, "connected": False, "last_error": "REDIS_URL is not set" if missing else None}
-
-
-def _as_object(data: bytes | None, reason: str) -> dict[str, Any] | None:
-    """The task as parsed JSON, when it was a JSON object, so the dead-letter record keeps it."""
-    if data is None or reason in UNPARSED_REASONS:
-        return None
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None

@@ -39,7 +39,7 @@ DURATIONS = ["0"] * 14 + ["0.01"] * 4 + ["0.05"] * 2 + ["0.3"]  # seconds the ag
 
 def malformed_files(inbox: Path, index: int, rng: random.Random) -> str:
     """Drop one bad file of a rotating kind; return its name."""
-    kind = index % 8
+    kind = index % 11
     name = f"bad-{index:04d}.json"
     path = inbox / name
     if kind == 0:
@@ -57,8 +57,14 @@ def malformed_files(inbox: Path, index: int, rng: random.Random) -> str:
         (inbox / name).write_text(json.dumps({"task_id": "../../escape", "description": "x"}))
     elif kind == 6:
         os.symlink("/etc/hostname", path)
-    else:
+    elif kind == 7:
         path.mkdir()
+    elif kind == 8:  # JSON that no writer can carry onward: a lone surrogate, 1e400, nesting past any limit
+        path.write_text(f'{{"task_id": "bad-{index:04d}", "description": "hi \\ud800"}}')
+    elif kind == 9:
+        path.write_text(f'{{"task_id": "bad-{index:04d}", "description": "x", "timeout": 1e400}}')
+    else:
+        path.write_text(f'{{"task_id": "bad-{index:04d}", "description": "x", "m": {"[" * 50_000}{"]" * 50_000}}}')
     return name
 
 
@@ -129,7 +135,7 @@ def test_chaos(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("ACTIVATION_CHAOS_SEED", "7")))
     redis = RedisServer(tmp_path / "redis").start()
     env = {"REDIS_URL": redis.url, "ACTIVATION_MODE": "inotify,redis", "ACTIVATION_RESCAN_INTERVAL": "2"}
-    workers = [new_tree(tmp_path, w, agent="sleep {description}", **env) for w in WORKERS]
+    workers = [new_tree(tmp_path, w, agent="sleep -- {description}", **env) for w in WORKERS]
     orchestrator = new_orchestrator(tmp_path, REDIS_URL=redis.url, ORCHESTRATOR_MODE="events")
     trees = [*workers, orchestrator]
     faults = Faults(trees, redis, rng)

@@ -69,7 +69,7 @@ def agent_command(claude: Path) -> str:
     A worker has nobody to approve tool use, hence --dangerously-skip-permissions; claude refuses
     that flag as root unless IS_SANDBOX=1 (see claude_environment).
     """
-    return f"{shlex.quote(str(claude))} -p {{description}} --output-format json --dangerously-skip-permissions"
+    return f"{shlex.quote(str(claude))} --output-format json --dangerously-skip-permissions -p -- {{description}}"
 
 
 def claude_environment(fake: FakeAnthropic, home: Path) -> dict[str, str]:

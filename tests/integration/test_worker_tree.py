@@ -60,7 +60,7 @@ def test_plain_and_atomic_writes_are_both_picked_up(make_tree):
 
 
 def test_burst_of_2000_tasks_gives_exactly_2000_results(make_tree):
-    tree: WorkerTree = make_tree(agent="true {description}")
+    tree: WorkerTree = make_tree(agent="true -- {description}")
     ids = [f"burst-{i:05d}" for i in range(2000)]
     for task_id in ids:
         tree.write_task(task_id, "x")

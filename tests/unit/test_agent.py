@@ -18,7 +18,7 @@ from activation.worker import agent
 from activation.worker.agent import AgentRun, agent_environment, build_argv, run_agent
 from tests.conftest import FAKE_AGENT, wait_for
 
-FAKE = [sys.executable, str(FAKE_AGENT), "-p"]
+FAKE = [sys.executable, str(FAKE_AGENT), "-p", "--"]
 
 HOSTILE = [
     "plain words with  two spaces",
@@ -62,7 +62,7 @@ def read_pids(path: Path) -> list[int]:
 
 @pytest.mark.parametrize("description", HOSTILE)
 def test_build_argv_keeps_any_description_as_exactly_one_argument(description: str) -> None:
-    assert build_argv("claude -p {description}", description) == ["claude", "-p", description]
+    assert build_argv("claude -p -- {description}", description) == ["claude", "-p", "--", description]
     argv = build_argv("agent --id={task_id} 'two words' --prompt={description}", description, task_id="t-1")
     assert argv == ["agent", "--id=t-1", "two words", f"--prompt={description}"]
 

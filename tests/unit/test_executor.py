@@ -141,7 +141,7 @@ def test_timeout_status_and_killed_exit_code(spool: Spool, make_executor) -> Non
 
 def test_a_missing_agent_binary_gives_a_failed_result(spool: Spool, make_executor, tmp_path: Path) -> None:
     put_task(spool, "t-127", "x")
-    result = make_executor(agent_command=f"{tmp_path}/no-agent -p {{description}}").process("t-127")
+    result = make_executor(agent_command=f"{tmp_path}/no-agent -p -- {{description}}").process("t-127")
     assert result is not None and (result["status"], result["exit_code"]) == ("failed", 127)
     assert "no-agent" in result["stderr"]
 
@@ -337,7 +337,7 @@ def test_loop_runs_queued_tasks_and_logs_an_outage_once(
 def test_json_mode_exit_0_without_an_envelope_is_failed(make_settings, spool) -> None:
     from activation.worker.executor import Executor
 
-    executor = Executor(make_settings(agent_command="true --output-format json -p {description}"))
+    executor = Executor(make_settings(agent_command="true --output-format json -p -- {description}"))
     atomic_write_json(spool.task_path("w1", "silent"), {"task_id": "silent", "description": "x"})
     result = executor.process("silent")
     assert result is not None and result["status"] == "failed" and result["agent"] is None
@@ -348,7 +348,7 @@ def test_the_agent_runs_in_its_workdir(make_settings, spool, tmp_path) -> None:
 
     workdir = tmp_path / "work"
     workdir.mkdir()
-    executor = Executor(make_settings(agent_command="pwd {description}", agent_workdir=workdir))
+    executor = Executor(make_settings(agent_command="pwd -- {description}", agent_workdir=workdir))
     atomic_write_json(spool.task_path("w1", "where"), {"task_id": "where", "description": "x"})
     result = executor.process("where")
     assert result is not None and result["stdout"].strip() == str(workdir)
