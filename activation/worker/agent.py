@@ -4,8 +4,9 @@ It knows nothing of the spool. `run_agent` starts the agent in a new session wit
 /dev/null, keeps the first ``output_limit`` bytes of each stream, and makes sure that when it
 returns no process of the agent's tree is left alive: at the timeout (or when the caller aborts)
 every descendant gets SIGINT, then SIGKILL after the grace; descendants left behind by an agent
-that exited by itself get the same treatment. Finding descendants whose parent already exited
-needs this process to be a child subreaper (`become_subreaper`), which the executor is.
+that exited by itself get the same treatment. The tree is the agent's cgroup when there is one
+(containment.py); otherwise it is what psutil finds below this process, which for descendants
+whose parent already exited needs this process to be a child subreaper (`become_subreaper`).
 
 What the agent gets:
 - argv: ``shlex.split(ACTIVATION_AGENT_COMMAND)`` with ``{description}`` and ``{task_id}``
@@ -15,8 +16,8 @@ What the agent gets:
 - environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
   ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
   and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
-  ``ACTIVATION_AGENT_OF`` (the executor's run folder, by which a restarted executor finds and
-  kills what a SIGKILLed one left running).
+  ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
+  executor without cgroups finds what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
 - stdin: /dev/null (``claude -p`` waits 3 s for an open stdin); stdout and stderr: pipes.
 - its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from activation.config import SECRET_VARIABLES, agent_words
+from activation.worker.containment import AgentCgroup, ContainmentError, TaskCgroups
 
 log = logging.getLogger("activation.agent")
 
@@ -124,8 +126,9 @@ def kill_strays(marker: str, *, grace: float) -> list[int]:
     """Kill agent processes that a previous executor with this ``marker`` left behind.
 
     A SIGKILLed executor cannot stop its agent; the agent's tree is re-parented and runs on
-    while recovery starts the task again. Every process of it inherited the marker variable,
-    setsid or not, so a scan of the environments finds them all.
+    while recovery starts the task again. This is the fallback for executors without cgroups:
+    every process of the tree inherited the marker variable, setsid or not, so a scan of the
+    environments finds them, except those that dropped their environment (``env -i``).
     """
     me = os.getpid()
     strays = []
@@ -188,15 +191,20 @@ def run_agent(
     output_limit: int,
     should_abort: Callable[[], bool] | None = None,
     cwd: str | None = None,
+    cgroups: TaskCgroups | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
+
+    With ``cgroups`` the agent is born in a cgroup of its own, and whatever is in that cgroup is
+    its tree, however it forked, whatever it did to its session or its environment.
 
     A missing or non-executable agent binary is a run with exit code 127 or 126, not an error.
     Other spawn failures (no memory, no processes left) raise OSError: they are not the task's fault.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        popen = subprocess.Popen(
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -206,7 +214,13 @@ def run_agent(
             start_new_session=True,
             close_fds=True,
         )
+
+    group = cgroups.new_group() if cgroups is not None else None
+    try:
+        popen = _spawn(start, group)
     except OSError as exc:
+        if group is not None:
+            group.remove()
         if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
             return _spawn_failure(argv, EXIT_NOT_FOUND, exc)
         if isinstance(exc, PermissionError) or exc.errno in (errno.ENOEXEC, errno.EISDIR):
@@ -214,11 +228,13 @@ def run_agent(
         raise
     started_at_wall = time.time()
     started_mono = time.monotonic()
-    tree = _Tree(popen, started_mono, kill_grace, output_limit)
+    tree = _Tree(popen, started_mono, kill_grace, output_limit, group)
     try:
         tree.supervise(started_mono + timeout, should_abort)
     finally:
         tree.close()
+        if group is not None and group.usable and not group.remove():
+            log.error("agent %d: its cgroup %s is not empty; the next sweep ends it", popen.pid, group.path)
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage_after.ru_utime + usage_after.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
     exit_code = tree.exit_code if tree.exit_code is not None else -signal.SIGKILL
@@ -241,6 +257,17 @@ def run_agent(
         killed_pids=list(tree.killed),
         pid=popen.pid,
     )
+
+
+def _spawn(start: Callable[[], subprocess.Popen[bytes]], group: AgentCgroup | None) -> subprocess.Popen[bytes]:
+    if group is None:
+        return start()
+    try:
+        return group.spawn(start)
+    except ContainmentError as exc:
+        log.warning("%s; this agent runs under the subreaper sweep alone", exc)
+        group.remove()
+        return start()
 
 
 def _spawn_failure(argv: list[str], exit_code: int, exc: OSError) -> AgentRun:
@@ -272,8 +299,11 @@ RUNNING, GRACE, DRAIN = "running", "grace", "drain"
 class _Tree:
     """One agent and everything it spawns, watched from a single thread with one selector."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int, group: AgentCgroup | None
+    ) -> None:
         self.popen = popen
+        self.group = group if group is not None and group.usable else None
         self.pid = popen.pid
         self.kill_grace = kill_grace
         self.limit = limit
@@ -487,6 +517,14 @@ class _Tree:
             pass
         else:
             alive = {proc.pid: proc for proc in self._snapshot()}
+        if self.group is not None:  # the cgroup holds every process of the tree, wherever it went
+            for pid in self.group.pids():
+                if pid in alive or pid == self.my_pid:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        alive[pid] = proc
         for pid, proc in self.killed.items():
             if pid in alive:
                 continue
@@ -519,6 +557,8 @@ class _Tree:
     def _kill_all(self) -> None:
         """SIGKILL the tree until a fresh snapshot finds nothing alive: late spawns die too."""
         give_up = time.monotonic() + KILL_BOUND
+        if self.group is not None:
+            self.group.kill()  # all at once: a fork racing the kill is born dead
         while True:
             alive = self._alive_tree()
             if not alive:

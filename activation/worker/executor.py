@@ -33,6 +33,7 @@ from activation.worker.agent import (
     kill_strays,
     run_agent,
 )
+from activation.worker.containment import TaskCgroups, choose_containment, containment_id
 
 QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
@@ -155,13 +156,19 @@ class Executor(Program):
         self._queue_down = False
         self._backoff = 0.0
         self._done = DoneEvents(settings.redis_url, self.worker, self.log) if settings.redis_url else None
+        # Names this executor's agents (their cgroup, their marker) without naming the run folder.
+        self._containment_id = containment_id(self.worker, settings.run_dir)
+        self._cgroups: TaskCgroups | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def initialize(self) -> None:
         become_subreaper()
         self.spool.init([self.worker])
-        killed = kill_strays(str(self.settings.run_dir), grace=self.settings.kill_grace)
+        self._cgroups, how = choose_containment(self.settings.containment, self._containment_id)
+        self.log.info("agent containment: %s", how, extra={"worker": self.worker, "event": "containment"})
+        killed = self._cgroups.sweep(self.settings.kill_grace) if self._cgroups is not None else []
+        killed += kill_strays(self._containment_id, grace=self.settings.kill_grace)
         if killed:
             self.log.warning(
                 "killed %d agent processes a previous executor left running: %s",
@@ -195,6 +202,8 @@ class Executor(Program):
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
 
     def shutdown(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -333,7 +342,7 @@ class Executor(Program):
         timeout = float(task.get("timeout") or self.settings.task_timeout)
         argv = build_argv(self.settings.agent_command, task["description"], task_id=task_id)
         env = agent_environment(self._environ, task_id, self.worker)
-        env[STRAY_MARKER] = str(self.settings.run_dir)
+        env[STRAY_MARKER] = self._containment_id
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
             run = run_agent(
@@ -344,6 +353,7 @@ class Executor(Program):
                 output_limit=self.settings.output_limit,
                 should_abort=self._past_drain,
                 cwd=self._cwd,
+                cgroups=self._cgroups,
             )
         except OSError as exc:  # this process cannot spawn (no memory, no pids): not the task's fault
             self._put_back(task_id)

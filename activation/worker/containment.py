@@ -1,0 +1,246 @@
+"""Where an agent's process tree lives, so that all of it can be found and killed.
+
+With a writable cgroup v2 (a delegated subtree, or root on the host) every agent starts in a
+cgroup of its own, and its end is ``cgroup.kill``: no ``env -i``, setsid, double fork or fork
+chain leaves it, and a restarted executor finds what a SIGKILLed one left running by the
+cgroups still there. Without one, the subreaper sweep in agent.py is all there is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from activation.errors import ActivationError, ConfigError
+
+log = logging.getLogger("activation.executor")
+
+CONTAINMENTS = ("auto", "cgroup", "subreaper")
+EMPTY_POLL = 0.01  # how often to look whether a killed cgroup has emptied
+EMPTY_BOUND = 5.0  # after cgroup.kill: how long its processes may take to go (only D state is slower)
+
+T = TypeVar("T")
+
+
+class ContainmentError(ActivationError):
+    """An agent cannot be started in its cgroup; it then runs under the subreaper sweep alone."""
+
+
+def containment_id(worker: str, run_dir: Path) -> str:
+    """A name for one executor's agents that says neither the run folder nor anything secret.
+
+    Stable across restarts of the executor (a restarted one must find what its predecessor left)
+    and distinct between trees that share a cgroup or a machine (their run folders differ).
+    """
+    digest = hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:12]
+    return f"{worker}-{digest}"
+
+
+def cgroup2_mount(mountinfo: str) -> Path | None:
+    """The cgroup v2 mount point in a /proc/self/mountinfo text (hybrid hosts have it beside v1)."""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if sep and right.split(" ", 1)[0] == "cgroup2":
+            fields = left.split()
+            if len(fields) >= 5:
+                return Path(fields[4].replace("\\040", " "))
+    return None
+
+
+def own_cgroup(proc_cgroup: str) -> str | None:
+    """This process's cgroup v2 path (``0::/path``) in a /proc/self/cgroup text."""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return None
+
+
+class AgentCgroup:
+    """One agent's cgroup: start the agent in it, list what runs in it, kill all of it."""
+
+    def __init__(self, path: Path, home: Path) -> None:
+        self.path = path
+        self._home = home  # the executor's own cgroup, where it goes back after the spawn
+        self.usable = True  # False once this process could not step out again: never cgroup.kill it
+
+    def spawn(self, start: Callable[[], T]) -> T:
+        """Call ``start`` (the fork) from inside this cgroup, so the child is born in it.
+
+        The executor steps in for the fork and out again: no preexec_fn (which would cost the
+        fast vfork spawn) and no window in which the agent runs, or forks, outside its cgroup.
+        """
+        try:
+            _write(self.path / "cgroup.procs", "0")  # "0" is the writing process
+        except OSError as exc:
+            self.usable = False
+            raise ContainmentError(f"cannot enter the agent cgroup {self.path}: {exc.strerror or exc}") from None
+        try:
+            return start()
+        finally:
+            try:
+                _write(self._home / "cgroup.procs", "0")
+            except OSError as exc:
+                self.usable = False  # we are inside it: a cgroup.kill would kill us too
+                log.error("cannot leave the agent cgroup %s: %s", self.path, exc.strerror or exc)
+
+    def pids(self) -> list[int]:
+        try:
+            text = (self.path / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(word) for word in text.split()]
+
+    def populated(self) -> bool:
+        try:
+            text = (self.path / "cgroup.events").read_text()
+        except OSError:
+            return False
+        return "populated 1" in text
+
+    def signal(self, sig: signal.Signals) -> list[int]:
+        sent = []
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                sent.append(pid)
+        return sent
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup at once; forks racing it are born dead."""
+        if not self.usable:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            _write(self.path / "cgroup.kill", "1")
+
+    def wait_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.populated():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(EMPTY_POLL)
+        return True
+
+    def remove(self) -> bool:
+        """Remove the cgroup once empty; False (and it stays, for the next sweep) while it is not."""
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            log.warning("cannot remove the agent cgroup %s: %s", self.path, exc.strerror)
+            return False
+        return True
+
+
+class TaskCgroups:
+    """One executor's cgroup subtree, ``<its own cgroup>/activation-<id>/``, one child per agent."""
+
+    def __init__(self, root: Path, home: Path) -> None:
+        self.root = root
+        self.home = home
+        self._count = 0
+
+    @classmethod
+    def probe(cls, ident: str, *, mount: Path | None = None, own: str | None = None) -> TaskCgroups:
+        """Set up the subtree, or raise OSError saying why this process cannot use cgroups."""
+        if mount is None:
+            mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+            if mount is None:
+                raise OSError(errno.ENOENT, "no cgroup v2 is mounted")
+        if own is None:
+            own = own_cgroup(Path("/proc/self/cgroup").read_text())
+            if own is None:
+                raise OSError(errno.ENOENT, "this process is in no cgroup v2")
+        home = mount / own.lstrip("/")
+        if not (home / "cgroup.procs").exists():
+            raise OSError(errno.ENOENT, f"its cgroup {home} is not visible (cgroup namespace?)")
+        root = home / f"activation-{ident}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root)
+        groups = cls(root, home)
+        trial = groups.new_group("probe")
+        try:
+            if not (trial.path / "cgroup.kill").exists():
+                raise OSError(errno.ENOSYS, "the kernel has no cgroup.kill (Linux 5.14 or later has)")
+            trial.spawn(lambda: None)  # moving this process in and out must be allowed
+            if not trial.usable:
+                raise OSError(errno.EACCES, f"cannot leave the cgroup {trial.path} again")
+        except ContainmentError as exc:
+            raise OSError(errno.EACCES, str(exc)) from None
+        finally:
+            trial.remove()
+        return groups
+
+    def new_group(self, name: str | None = None) -> AgentCgroup:
+        if name is None:
+            self._count += 1
+            name = f"agent-{os.getpid()}-{self._count}"
+        path = self.root / name
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        return AgentCgroup(path, self.home)
+
+    def leftovers(self) -> Iterator[AgentCgroup]:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False):
+                    yield AgentCgroup(Path(entry.path), self.home)
+
+    def sweep(self, grace: float) -> list[int]:
+        """End every agent a previous executor left in the subtree: SIGINT, the grace, cgroup.kill."""
+        groups = list(self.leftovers())
+        signalled: list[int] = []
+        for group in groups:
+            signalled += group.signal(signal.SIGINT)  # claude stops its own tools on SIGINT
+        deadline = time.monotonic() + grace
+        for group in groups:
+            group.wait_empty(max(deadline - time.monotonic(), 0.0))
+        for group in groups:
+            signalled += [pid for pid in group.pids() if pid not in signalled]
+            group.kill()
+            if not group.wait_empty(EMPTY_BOUND):
+                log.error("agent cgroup %s still holds %s after cgroup.kill", group.path, group.pids())
+            group.remove()
+        return signalled
+
+    def close(self) -> None:
+        """Remove the subtree if nothing is left in it (a stuck agent's cgroup keeps it)."""
+        for group in self.leftovers():
+            if not group.populated():
+                group.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)
+
+
+def choose_containment(choice: str, ident: str) -> tuple[TaskCgroups | None, str]:
+    """The cgroups to run agents in (None: the subreaper sweep alone), and a line saying which.
+
+    ``choice`` is ACTIVATION_CONTAINMENT: ``cgroup`` insists (a ConfigError when it cannot be),
+    ``subreaper`` never tries, ``auto`` takes a cgroup when this process may make one.
+    """
+    if choice == "subreaper":
+        return None, "subreaper sweep (ACTIVATION_CONTAINMENT=subreaper)"
+    try:
+        groups = TaskCgroups.probe(ident)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if choice == "cgroup":
+            raise ConfigError(f"ACTIVATION_CONTAINMENT: cgroup v2 containment is not available: {reason}") from None
+        return None, f"subreaper sweep (no usable cgroup v2: {reason})"
+    return groups, f"cgroup v2 {groups.root}"
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
