@@ -61,6 +61,8 @@ class Settings:
     node_env: str | None = None  # NODE_ENV
     admin_bind: str = "127.0.0.1:8000"  # ACTIVATION_ADMIN_BIND
     admin_token: str | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_ADMIN_TOKEN
+    admin_max_connections: int = 32  # ACTIVATION_ADMIN_MAX_CONNECTIONS: requests served at once
+    admin_request_timeout: float = 10.0  # ACTIVATION_ADMIN_REQUEST_TIMEOUT: the most one connection takes
     recovery_interval: float = 30.0  # ACTIVATION_RECOVERY_INTERVAL
     orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
     containment: str = "auto"  # ACTIVATION_CONTAINMENT: auto | cgroup | subreaper
@@ -192,6 +194,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NODE_ENV": ("node_env", _text),
     "ACTIVATION_ADMIN_BIND": ("admin_bind", _bind),
     "ACTIVATION_ADMIN_TOKEN": ("admin_token", _text),
+    "ACTIVATION_ADMIN_MAX_CONNECTIONS": ("admin_max_connections", _number(int, 1)),
+    "ACTIVATION_ADMIN_REQUEST_TIMEOUT": ("admin_request_timeout", _number(float, 0.1)),
     "ACTIVATION_RECOVERY_INTERVAL": ("recovery_interval", _number(float, 0.01)),
     "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
     "ACTIVATION_CONTAINMENT": ("containment", _choice("auto", "cgroup", "subreaper")),
