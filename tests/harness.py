@@ -87,13 +87,14 @@ class WorkerTree:
         self.env = env
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # e.g. setpriv, to run the whole tree as another user
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> WorkerTree:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+                [*self.prefix, sys.executable, "-m", "activation.supervise", "-n", "-c", str(self.conf)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -14,8 +14,10 @@ What the agent gets:
   it contains. No shell ever sees it, and no option parser: config.agent_words refuses a template
   whose ``{description}`` is not after ``--`` (or an option's ``=value``).
 - environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
-  ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
-  and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
+  ``REDIS_URL``, ``REDIS_PASSWORD``, ``ACTIVATION_QUEUE_KEY``, any ``ACTIVATION_*_TOKEN``,
+  ``*_PASSWORD`` or ``*_KEY``, and the ``*_FILE`` variables naming them), minus the ways into the
+  worker (``ACTIVATION_RUN_DIR``, supervisord's ``SUPERVISOR_*``) and ``PROMETHEUS_MULTIPROC_DIR``;
+  plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
   ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
   executor without cgroups finds what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
@@ -26,7 +28,6 @@ What the agent gets:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -42,12 +43,12 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from activation.config import SECRET_VARIABLES, agent_words
+from activation.config import SECRET_FILE_SUFFIX, SECRET_VARIABLES, agent_words
+from activation.procctl import PR_SET_CHILD_SUBREAPER, prctl
 from activation.worker.containment import AgentCgroup, ContainmentError, TaskCgroups
 
 log = logging.getLogger("activation.agent")
 
-PR_SET_CHILD_SUBREAPER = 36
 EXIT_NOT_EXECUTABLE = 126  # the shell's convention: found, but cannot be run
 EXIT_NOT_FOUND = 127
 READ_CHUNK = 64 * 1024  # a Linux pipe holds 64 KiB: one read empties it
@@ -69,18 +70,9 @@ def become_subreaper(enable: bool = True) -> bool:
     """
     global _subreaper
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-        # Explicit types: prctl is variadic, and a bare Python int is passed as a 32-bit int.
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        prctl.restype = ctypes.c_int
-        rc = prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0)
-    except (OSError, AttributeError) as exc:
+        prctl(PR_SET_CHILD_SUBREAPER, int(enable))
+    except OSError as exc:
         log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", exc)
-        return False
-    if rc != 0:
-        reason = os.strerror(ctypes.get_errno())
-        log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", reason)
         return False
     _subreaper = enable
     return True
@@ -108,12 +100,25 @@ def build_argv(template: str, description: str, **fields: object) -> list[str]:
 
 def is_secret(name: str) -> bool:
     """Whether an environment variable is one of activation's own secrets."""
-    return name in SECRET_VARIABLES or (name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD")))
+    name = name.removesuffix(SECRET_FILE_SUFFIX)  # where a secret lives is none of the agent's business
+    return name in SECRET_VARIABLES or (
+        name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD", "_KEY"))
+    )
+
+
+# Not secrets, but ways in: the run folder (queue socket, supervisord's socket) and supervisord's
+# own variables, SUPERVISOR_SERVER_URL among them, which it gives every program it starts.
+HIDDEN_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR", "ACTIVATION_RUN_DIR"})
+HIDDEN_PREFIXES = ("SUPERVISOR_",)
 
 
 def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dict[str, str]:
     """The agent's environment: ``base`` without activation's secrets, plus the task's identity."""
-    env = {k: v for k, v in base.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not is_secret(k)}
+    env = {
+        k: v
+        for k, v in base.items()
+        if k not in HIDDEN_VARIABLES and not k.startswith(HIDDEN_PREFIXES) and not is_secret(k)
+    }
     env["ACTIVATION_TASK_ID"] = task_id
     env["ACTIVATION_WORKER"] = worker
     return env

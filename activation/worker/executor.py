@@ -184,7 +184,7 @@ class Executor(Program):
         from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         run_dir = self.settings.run_dir
-        self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir))
+        self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir, self.settings.queue_key))
 
     def loop(self) -> None:
         if self._client is None:

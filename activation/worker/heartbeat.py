@@ -205,7 +205,9 @@ class Heartbeat(Program):
         from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         if self._queue_client is None:
-            self._queue_client = QueueClient(socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir))
+            self._queue_client = QueueClient(
+                socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir, self.settings.queue_key)
+            )
         try:
             stats: dict[str, Any] = self._queue_client.stats()
             return stats
