@@ -124,38 +124,6 @@ def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dic
     return env
 
 
-STRAY_MARKER = "ACTIVATION_AGENT_OF"  # set in every agent's environment: which executor ran it
-
-
-def kill_strays(marker: str, *, grace: float) -> list[int]:
-    """Kill agent processes that a previous executor with this ``marker`` left behind.
-
-    A SIGKILLed executor cannot stop its agent; the agent's tree is re-parented and runs on
-    while recovery starts the task again. This is the fallback for executors without cgroups:
-    every process of the tree inherited the marker variable, setsid or not, so a scan of the
-    environments finds them, except those that dropped their environment (``env -i``).
-    """
-    me = os.getpid()
-    strays = []
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get(STRAY_MARKER) == marker:
-                strays.append(proc)
-    if not strays:
-        return []
-    for proc in strays:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGINT)  # claude stops its own tools on SIGINT
-    _, alive = psutil.wait_procs(strays, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=2)
-    return [proc.pid for proc in strays]
-
-
 @dataclass
 class AgentRun:
     """What happened to one agent run. ``exit_code`` follows Popen: negative means killed by signal."""

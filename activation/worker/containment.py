@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
+
 from activation.errors import ActivationError, ConfigError
+from activation.worker.supervisor_rpc import process_infos, supervisor_socket, supervisord_pid
 
 log = logging.getLogger("activation.executor")
 
@@ -218,6 +221,107 @@ class TaskCgroups:
                 group.remove()
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
+
+
+STRAY_MARKER = "ACTIVATION_AGENT_OF"  # in every agent's environment: the id of the executor that ran it
+
+
+def kill_strays(marker: str, *, grace: float) -> list[int]:
+    """Kill agent processes that a previous executor with this ``marker`` left behind.
+
+    A SIGKILLed executor cannot stop its agent; the agent's tree is re-parented and runs on
+    while recovery starts the task again. This is a fallback for executors without cgroups:
+    every process of the tree inherited the marker variable, setsid or not, so a scan of the
+    environments finds them, except those that dropped their environment (``env -i``).
+    """
+    me = os.getpid()
+
+    def marked() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            if proc.pid == me:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(STRAY_MARKER) == marker:
+                    found.append(proc)
+        return found
+
+    return end_processes(marked, grace=grace)
+
+
+def kill_supervisor_orphans(run_dir: Path, *, grace: float) -> list[int]:
+    """End what a SIGKILLed executor left with supervisord: its children that are none of its programs.
+
+    The fallback without cgroups, for what the environment marker misses (``env -i``). The tree
+    of an agent whose executor died is re-parented to the nearest subreaper: supervisord, which
+    activation.supervise makes one (and which is PID 1 in a container). Whatever supervisord did
+    not start itself is such an orphan. Does nothing unless this process's parent is the
+    supervisord of ``run_dir``.
+    """
+    me, parent_pid = os.getpid(), os.getppid()
+    sock = supervisor_socket(run_dir)
+    try:
+        parent = psutil.Process(parent_pid)
+        if supervisord_pid(sock) != parent_pid:
+            return []
+    except (OSError, psutil.Error, ValueError) as exc:
+        log.debug("no orphan sweep: %s", exc)
+        return []
+
+    def orphans() -> list[psutil.Process]:
+        try:
+            children = parent.children()  # before asking: a program spawned later is not in this list
+            programs = {int(info.get("pid") or 0) for info in process_infos(sock)}
+        except (OSError, psutil.Error, ValueError) as exc:
+            log.warning("orphan sweep stopped: %s", exc)
+            return []
+        found: dict[int, psutil.Process] = {}
+        for child in children:
+            if child.pid == me or child.pid in programs:
+                continue
+            with contextlib.suppress(psutil.Error):
+                for proc in [child, *child.children(recursive=True)]:
+                    found[proc.pid] = proc
+        return list(found.values())
+
+    return end_processes(orphans, grace=grace)
+
+
+def end_processes(find: Callable[[], list[psutil.Process]], *, grace: float) -> list[int]:
+    """SIGINT what ``find`` finds, give it the grace, then SIGKILL whatever it finds, round after
+    round until a round finds nothing: a chain that forks while it is being killed dies too."""
+    first = find()
+    if not first:
+        return []
+    ended = {proc.pid: proc for proc in first}
+    for proc in first:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGINT)  # claude stops its own tools on SIGINT
+    deadline = time.monotonic() + grace
+    alive = first
+    while alive and time.monotonic() < deadline:
+        _, alive = psutil.wait_procs(alive, timeout=min(0.1, max(deadline - time.monotonic(), 0.0)))
+    give_up = time.monotonic() + EMPTY_BOUND
+    while True:
+        alive = [proc for proc in find() if _running(proc)]
+        if not alive:
+            break
+        if time.monotonic() >= give_up:
+            log.error("processes %s survive SIGKILL (stuck in the kernel?)", " ".join(str(p.pid) for p in alive))
+            break
+        for proc in alive:
+            ended.setdefault(proc.pid, proc)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=EMPTY_POLL)
+    return list(ended)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def choose_containment(choice: str, ident: str) -> tuple[TaskCgroups | None, str]:

@@ -25,15 +25,20 @@ from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.layout import Spool
 from activation.worker.agent import (
-    STRAY_MARKER,
     AgentRun,
     agent_environment,
     become_subreaper,
     build_argv,
-    kill_strays,
     run_agent,
 )
-from activation.worker.containment import TaskCgroups, choose_containment, containment_id
+from activation.worker.containment import (
+    STRAY_MARKER,
+    TaskCgroups,
+    choose_containment,
+    containment_id,
+    kill_strays,
+    kill_supervisor_orphans,
+)
 
 QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
@@ -169,6 +174,7 @@ class Executor(Program):
         self.log.info("agent containment: %s", how, extra={"worker": self.worker, "event": "containment"})
         killed = self._cgroups.sweep(self.settings.kill_grace) if self._cgroups is not None else []
         killed += kill_strays(self._containment_id, grace=self.settings.kill_grace)
+        killed += kill_supervisor_orphans(self.settings.run_dir, grace=self.settings.kill_grace)
         if killed:
             self.log.warning(
                 "killed %d agent processes a previous executor left running: %s",

@@ -27,8 +27,7 @@ import pytest
 from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
 from activation.spool.atomic import read_json
 from activation.spool.audit import audit
-from activation.worker.agent import STRAY_MARKER
-from activation.worker.containment import containment_id
+from activation.worker.containment import STRAY_MARKER, containment_id
 from tests.harness import RedisServer, WorkerTree, new_orchestrator, new_tree, wait_until
 
 TASKS = int(os.environ.get("ACTIVATION_CHAOS_TASKS", "3000"))

@@ -20,10 +20,12 @@ import pytest
 from activation.errors import ConfigError
 from activation.worker import agent
 from activation.worker.containment import (
+    STRAY_MARKER,
     TaskCgroups,
     cgroup2_mount,
     choose_containment,
     containment_id,
+    kill_strays,
     own_cgroup,
 )
 from tests.conftest import ROOT, wait_for
@@ -76,7 +78,7 @@ def run_escape(groups: TaskCgroups | None, tmp_path: Path, *escapes: str) -> tup
     began = time.monotonic()
     run = agent.run_agent(
         [sys.executable, str(ESCAPE_AGENT), str(pidfile), *escapes],
-        env={"PATH": os.environ.get("PATH", ""), agent.STRAY_MARKER: "test"},
+        env={"PATH": os.environ.get("PATH", ""), STRAY_MARKER: "test"},
         timeout=TIMEOUT,
         kill_grace=GRACE,
         output_limit=4096,
@@ -189,3 +191,15 @@ def test_the_containment_id_names_no_path_and_tells_trees_apart() -> None:
     assert one == containment_id("w1", Path("/run/activation"))
     assert one != containment_id("w1", Path("/run/other"))
     assert "run" not in one and "/" not in one
+
+
+def test_the_marker_sweep_ends_a_fork_chain_whose_executor_is_gone(tmp_path: Path) -> None:
+    """Without cgroups: a chain that forks while it is being killed is ended round after round."""
+    marker = f"test-{uuid.uuid4().hex[:8]}"
+    pidfile = tmp_path / "pids"
+    argv = [sys.executable, str(ESCAPE_AGENT), str(pidfile), "--exit", "fork-chain", "setsid", "double-fork"]
+    subprocess.run(argv, env={STRAY_MARKER: marker}, check=True, timeout=30)  # the agent exits: orphans only
+    wait_for(lambda: {"fork-chain", "setsid", "double-fork"} <= set(escapees(pidfile)), 10, what="the escapes")
+    killed = kill_strays(marker, grace=GRACE)
+    assert killed
+    assert_none_survives(time.monotonic() - TIMEOUT, escapees(pidfile), pidfile)
