@@ -45,7 +45,7 @@ import psutil
 
 from activation.config import SECRET_FILE_SUFFIX, SECRET_VARIABLES, agent_words
 from activation.procctl import PR_SET_CHILD_SUBREAPER, prctl
-from activation.worker.containment import AgentCgroup, ContainmentError, TaskCgroups
+from activation.worker.containment import TaskCgroups
 
 log = logging.getLogger("activation.agent")
 
@@ -168,8 +168,9 @@ def run_agent(
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
 
-    With ``cgroups`` the agent is born in a cgroup of its own, and whatever is in that cgroup is
-    its tree, however it forked, whatever it did to its session or its environment.
+    With ``cgroups`` (entered: this process waits in a cgroup of its own) the agent is born in
+    that cgroup, and whatever else is in it is the agent's tree, however it forked, whatever it
+    did to its session or its environment.
 
     A missing or non-executable agent binary is a run with exit code 127 or 126, not an error.
     Other spawn failures (no memory, no processes left) raise OSError: they are not the task's fault.
@@ -188,12 +189,9 @@ def run_agent(
             close_fds=True,
         )
 
-    group = cgroups.new_group() if cgroups is not None else None
     try:
-        popen = _spawn(start, group)
+        popen = start()  # born in this process's cgroup, which is the agent's when there are cgroups
     except OSError as exc:
-        if group is not None:
-            group.remove()
         if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
             return _spawn_failure(argv, EXIT_NOT_FOUND, exc)
         if isinstance(exc, PermissionError) or exc.errno in (errno.ENOEXEC, errno.EISDIR):
@@ -201,13 +199,11 @@ def run_agent(
         raise
     started_at_wall = time.time()
     started_mono = time.monotonic()
-    tree = _Tree(popen, started_mono, kill_grace, output_limit, group)
+    tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups)
     try:
         tree.supervise(started_mono + timeout, should_abort)
     finally:
         tree.close()
-        if group is not None and group.usable and not group.remove():
-            log.error("agent %d: its cgroup %s is not empty; the next sweep ends it", popen.pid, group.path)
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage_after.ru_utime + usage_after.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
     exit_code = tree.exit_code if tree.exit_code is not None else -signal.SIGKILL
@@ -230,17 +226,6 @@ def run_agent(
         killed_pids=list(tree.killed),
         pid=popen.pid,
     )
-
-
-def _spawn(start: Callable[[], subprocess.Popen[bytes]], group: AgentCgroup | None) -> subprocess.Popen[bytes]:
-    if group is None:
-        return start()
-    try:
-        return group.spawn(start)
-    except ContainmentError as exc:
-        log.warning("%s; this agent runs under the subreaper sweep alone", exc)
-        group.remove()
-        return start()
 
 
 def _spawn_failure(argv: list[str], exit_code: int, exc: OSError) -> AgentRun:
@@ -273,10 +258,10 @@ class _Tree:
     """One agent and everything it spawns, watched from a single thread with one selector."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int, group: AgentCgroup | None
+        self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int, cgroups: TaskCgroups | None
     ) -> None:
         self.popen = popen
-        self.group = group if group is not None and group.usable else None
+        self.cgroups = cgroups if cgroups is not None and cgroups.current is not None else None
         self.pid = popen.pid
         self.kill_grace = kill_grace
         self.limit = limit
@@ -490,9 +475,9 @@ class _Tree:
             pass
         else:
             alive = {proc.pid: proc for proc in self._snapshot()}
-        if self.group is not None:  # the cgroup holds every process of the tree, wherever it went
-            for pid in self.group.pids():
-                if pid in alive or pid == self.my_pid:
+        if self.cgroups is not None:  # the cgroup holds every process of the tree, wherever it went
+            for pid in self.cgroups.agent_pids():
+                if pid in alive:
                     continue
                 with contextlib.suppress(psutil.Error):
                     proc = psutil.Process(pid)
@@ -530,8 +515,8 @@ class _Tree:
     def _kill_all(self) -> None:
         """SIGKILL the tree until a fresh snapshot finds nothing alive: late spawns die too."""
         give_up = time.monotonic() + KILL_BOUND
-        if self.group is not None:
-            self.group.kill()  # all at once: a fork racing the kill is born dead
+        if self.cgroups is not None and self.cgroups.agent_pids():
+            self.cgroups.kill_agents()  # all at once: a fork racing the kill is born dead
         while True:
             alive = self._alive_tree()
             if not alive:

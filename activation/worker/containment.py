@@ -1,9 +1,11 @@
 """Where an agent's process tree lives, so that all of it can be found and killed.
 
-With a writable cgroup v2 (a delegated subtree, or root on the host) every agent starts in a
-cgroup of its own, and its end is ``cgroup.kill``: no ``env -i``, setsid, double fork or fork
-chain leaves it, and a restarted executor finds what a SIGKILLed one left running by the
-cgroups still there. Without one, the subreaper sweep in agent.py is all there is.
+With a writable cgroup v2 (a delegated subtree, or root on the host) the executor waits in a
+cgroup of its own, where its agent is born; the agent's tree is everything else in it, and its
+end is ``cgroup.kill``. No ``env -i``, setsid, double fork or fork chain leaves it, and a
+restarted executor finds what a SIGKILLed one left running by the cgroups still there. Without
+one, the subreaper sweep in agent.py is all there is while the executor lives, and the sweeps
+here (the environment marker, supervisord's orphans) after it died.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 
@@ -30,11 +31,9 @@ CONTAINMENTS = ("auto", "cgroup", "subreaper")
 EMPTY_POLL = 0.01  # how often to look whether a killed cgroup has emptied
 EMPTY_BOUND = 5.0  # after cgroup.kill: how long its processes may take to go (only D state is slower)
 
-T = TypeVar("T")
-
 
 class ContainmentError(ActivationError):
-    """An agent cannot be started in its cgroup; it then runs under the subreaper sweep alone."""
+    """This process cannot enter or make a cgroup of its subtree."""
 
 
 def containment_id(worker: str, run_dir: Path) -> str:
@@ -67,32 +66,10 @@ def own_cgroup(proc_cgroup: str) -> str | None:
 
 
 class AgentCgroup:
-    """One agent's cgroup: start the agent in it, list what runs in it, kill all of it."""
+    """One cgroup of the subtree: list what runs in it, kill all of it, remove it."""
 
-    def __init__(self, path: Path, home: Path) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._home = home  # the executor's own cgroup, where it goes back after the spawn
-        self.usable = True  # False once this process could not step out again: never cgroup.kill it
-
-    def spawn(self, start: Callable[[], T]) -> T:
-        """Call ``start`` (the fork) from inside this cgroup, so the child is born in it.
-
-        The executor steps in for the fork and out again: no preexec_fn (which would cost the
-        fast vfork spawn) and no window in which the agent runs, or forks, outside its cgroup.
-        """
-        try:
-            _write(self.path / "cgroup.procs", "0")  # "0" is the writing process
-        except OSError as exc:
-            self.usable = False
-            raise ContainmentError(f"cannot enter the agent cgroup {self.path}: {exc.strerror or exc}") from None
-        try:
-            return start()
-        finally:
-            try:
-                _write(self._home / "cgroup.procs", "0")
-            except OSError as exc:
-                self.usable = False  # we are inside it: a cgroup.kill would kill us too
-                log.error("cannot leave the agent cgroup %s: %s", self.path, exc.strerror or exc)
 
     def pids(self) -> list[int]:
         try:
@@ -118,8 +95,6 @@ class AgentCgroup:
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup at once; forks racing it are born dead."""
-        if not self.usable:
-            return
         with contextlib.suppress(FileNotFoundError):
             _write(self.path / "cgroup.kill", "1")
 
@@ -144,12 +119,19 @@ class AgentCgroup:
 
 
 class TaskCgroups:
-    """One executor's cgroup subtree, ``<its own cgroup>/activation-<id>/``, one child per agent."""
+    """One executor's cgroup subtree, ``<its own cgroup>/activation-<id>/``.
+
+    The executor waits in a cgroup of that subtree, and its agent is born there with no extra
+    cost to the spawn (no preexec_fn, no move per task): the agent's tree is everything in that
+    cgroup but the executor itself. To kill the tree the executor steps out into a fresh cgroup
+    and ``cgroup.kill``s the old one, so only a run that must be killed pays for the move.
+    """
 
     def __init__(self, root: Path, home: Path) -> None:
         self.root = root
         self.home = home
         self._count = 0
+        self.current: AgentCgroup | None = None  # where this process waits, and its agent is born
 
     @classmethod
     def probe(cls, ident: str, *, mount: Path | None = None, own: str | None = None) -> TaskCgroups:
@@ -169,18 +151,67 @@ class TaskCgroups:
         with contextlib.suppress(FileExistsError):
             os.mkdir(root)
         groups = cls(root, home)
-        trial = groups.new_group("probe")
         try:
-            if not (trial.path / "cgroup.kill").exists():
+            if not (root / "cgroup.kill").exists():
                 raise OSError(errno.ENOSYS, "the kernel has no cgroup.kill (Linux 5.14 or later has)")
-            trial.spawn(lambda: None)  # moving this process in and out must be allowed
-            if not trial.usable:
+            trial = groups._stage()  # stepping in and out again must be allowed
+            if not groups._go_home():
                 raise OSError(errno.EACCES, f"cannot leave the cgroup {trial.path} again")
+            trial.remove()
         except ContainmentError as exc:
             raise OSError(errno.EACCES, str(exc)) from None
-        finally:
-            trial.remove()
         return groups
+
+    def enter(self) -> None:
+        """Move this process into a fresh cgroup of the subtree: its agents are born there."""
+        self.current = self._stage()
+
+    def agent_pids(self) -> list[int]:
+        """Every process in this process's cgroup but itself: the running agent's whole tree."""
+        if self.current is None:
+            return []
+        me = os.getpid()
+        return [pid for pid in self.current.pids() if pid != me]
+
+    def kill_agents(self) -> bool:
+        """Step out into a fresh cgroup, then ``cgroup.kill`` the old one: the agent's tree at once.
+
+        False (logged) when this process cannot move: the caller then kills pid by pid.
+        """
+        old = self.current
+        if old is None:
+            return False
+        try:
+            self.current = self._stage()
+        except ContainmentError as exc:
+            log.error("%s; killing the agent's processes one by one", exc)
+            return False
+        old.kill()
+        if old.wait_empty(EMPTY_BOUND):
+            old.remove()
+        else:
+            log.error("agent cgroup %s still holds %s after cgroup.kill", old.path, old.pids())
+        return True
+
+    def _stage(self) -> AgentCgroup:
+        try:
+            group = self.new_group()
+        except OSError as exc:
+            raise ContainmentError(f"cannot make an agent cgroup in {self.root}: {exc.strerror or exc}") from None
+        try:
+            _write(group.path / "cgroup.procs", "0")  # "0" is the writing process
+        except OSError as exc:
+            group.remove()
+            raise ContainmentError(f"cannot enter the agent cgroup {group.path}: {exc.strerror or exc}") from None
+        return group
+
+    def _go_home(self) -> bool:
+        try:
+            _write(self.home / "cgroup.procs", "0")
+        except OSError as exc:
+            log.error("cannot go back to the cgroup %s: %s", self.home, exc.strerror or exc)
+            return False
+        return True
 
     def new_group(self, name: str | None = None) -> AgentCgroup:
         if name is None:
@@ -189,13 +220,15 @@ class TaskCgroups:
         path = self.root / name
         with contextlib.suppress(FileExistsError):
             os.mkdir(path)
-        return AgentCgroup(path, self.home)
+        return AgentCgroup(path)
 
     def leftovers(self) -> Iterator[AgentCgroup]:
+        """Every cgroup in the subtree but the one this process is in."""
+        current = self.current.path if self.current is not None else None
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-                if entry.is_dir(follow_symlinks=False):
-                    yield AgentCgroup(Path(entry.path), self.home)
+                if entry.is_dir(follow_symlinks=False) and Path(entry.path) != current:
+                    yield AgentCgroup(Path(entry.path))
 
     def sweep(self, grace: float) -> list[int]:
         """End every agent a previous executor left in the subtree: SIGINT, the grace, cgroup.kill."""
@@ -215,7 +248,10 @@ class TaskCgroups:
         return signalled
 
     def close(self) -> None:
-        """Remove the subtree if nothing is left in it (a stuck agent's cgroup keeps it)."""
+        """Go home, and remove the subtree if nothing is left in it (a stuck agent's cgroup keeps it)."""
+        current, self.current = self.current, None
+        if current is not None and self._go_home():
+            current.remove()
         for group in self.leftovers():
             if not group.populated():
                 group.remove()
@@ -340,6 +376,29 @@ def choose_containment(choice: str, ident: str) -> tuple[TaskCgroups | None, str
             raise ConfigError(f"ACTIVATION_CONTAINMENT: cgroup v2 containment is not available: {reason}") from None
         return None, f"subreaper sweep (no usable cgroup v2: {reason})"
     return groups, f"cgroup v2 {groups.root}"
+
+
+def contain_agents(
+    choice: str, ident: str, run_dir: Path, *, grace: float
+) -> tuple[TaskCgroups | None, str, list[int]]:
+    """An executor's start: choose the mechanism, end what a killed predecessor left, get ready.
+
+    Returns the cgroups its agents are born in (None: the subreaper sweep alone), a line saying
+    which, and the pids of the strays it ended: those in the predecessor's cgroups, those still
+    carrying the marker, and supervisord's children that are none of its programs.
+    """
+    groups, how = choose_containment(choice, ident)
+    killed = groups.sweep(grace) if groups is not None else []
+    if groups is not None:
+        try:
+            groups.enter()
+        except ContainmentError as exc:
+            if choice == "cgroup":
+                raise ConfigError(f"ACTIVATION_CONTAINMENT: {exc}") from None
+            groups, how = None, f"subreaper sweep ({exc})"
+    killed += [pid for pid in kill_strays(ident, grace=grace) if pid not in killed]
+    killed += [pid for pid in kill_supervisor_orphans(run_dir, grace=grace) if pid not in killed]
+    return groups, how, killed
 
 
 def _write(path: Path, text: str) -> None:

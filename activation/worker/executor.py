@@ -31,14 +31,7 @@ from activation.worker.agent import (
     build_argv,
     run_agent,
 )
-from activation.worker.containment import (
-    STRAY_MARKER,
-    TaskCgroups,
-    choose_containment,
-    containment_id,
-    kill_strays,
-    kill_supervisor_orphans,
-)
+from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 
 QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
@@ -170,11 +163,10 @@ class Executor(Program):
     def initialize(self) -> None:
         become_subreaper()
         self.spool.init([self.worker])
-        self._cgroups, how = choose_containment(self.settings.containment, self._containment_id)
+        self._cgroups, how, killed = contain_agents(
+            self.settings.containment, self._containment_id, self.settings.run_dir, grace=self.settings.kill_grace
+        )
         self.log.info("agent containment: %s", how, extra={"worker": self.worker, "event": "containment"})
-        killed = self._cgroups.sweep(self.settings.kill_grace) if self._cgroups is not None else []
-        killed += kill_strays(self._containment_id, grace=self.settings.kill_grace)
-        killed += kill_supervisor_orphans(self.settings.run_dir, grace=self.settings.kill_grace)
         if killed:
             self.log.warning(
                 "killed %d agent processes a previous executor left running: %s",

@@ -18,7 +18,7 @@ import pytest
 
 from activation.worker.containment import TaskCgroups, containment_id
 from tests.conftest import ROOT, wait_for
-from tests.harness import new_tree
+from tests.harness import cgroup2_root, new_tree
 
 ESCAPE_AGENT = ROOT / "tests" / "escape_agent.py"
 GRACE = 1.0  # the harness's ACTIVATION_KILL_GRACE
@@ -90,7 +90,5 @@ def test_a_sigkilled_executors_agent_tree_dies_after_the_restart(tmp_path: Path,
         for pid in every:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        leftover = usable_cgroups(ident)
-        if leftover is not None:
-            leftover.sweep(grace=0)
-            leftover.close()
+        home = cgroup2_root()
+        assert home is None or not (home / f"activation-{ident}").exists(), "the agent cgroups are left behind"

@@ -37,10 +37,13 @@ SLACK = 10.0  # the bound of the poll, past timeout + grace: generous, as the ma
 
 
 def cgroups_or_skip(ident: str | None = None) -> TaskCgroups:
+    """The executor's cgroups, entered by this test process as the executor enters them."""
     try:
-        return TaskCgroups.probe(ident or f"test-{uuid.uuid4().hex[:8]}")
+        groups = TaskCgroups.probe(ident or f"test-{uuid.uuid4().hex[:8]}")
     except OSError as exc:
         pytest.skip(f"no usable cgroup v2 here: {exc}")
+    groups.enter()
+    return groups
 
 
 @pytest.fixture(params=["cgroup", "subreaper"])
@@ -134,13 +137,13 @@ def test_the_sweep_ends_what_a_killed_executor_left_in_its_cgroups(tmp_path: Pat
     """A restarted executor finds its predecessor's agents by their cgroups, env -i or not."""
     ident = f"test-{uuid.uuid4().hex[:8]}"
     before = cgroups_or_skip(ident)
-    group = before.new_group()
     pidfile = tmp_path / "pids"
     argv = [sys.executable, str(ESCAPE_AGENT), str(pidfile), "env-i", "setsid", "double-fork", "fork-chain"]
-    orphan = group.spawn(lambda: subprocess.Popen(argv, env={}, start_new_session=True))
+    orphan = subprocess.Popen(argv, env={}, start_new_session=True)  # born in the cgroup we wait in
+    before.close()  # this "executor" leaves, as if SIGKILLed: it never looks at its agent again
     try:
         wait_for(lambda: pidfile.exists() and len(escapees(pidfile)) == 5, 10, what="every escape started")
-        after = TaskCgroups.probe(ident)  # what the restarted executor sets up
+        after = TaskCgroups.probe(ident)  # what the restarted executor sets up first
         killed = after.sweep(grace=GRACE)
         assert orphan.pid in killed
         assert_none_survives(time.monotonic() - TIMEOUT, escapees(pidfile), pidfile)
@@ -150,8 +153,9 @@ def test_the_sweep_ends_what_a_killed_executor_left_in_its_cgroups(tmp_path: Pat
     finally:
         orphan.kill()
         orphan.wait(5)
-        group.kill()
-        group.wait_empty(5)
+        for group in TaskCgroups(before.root, before.home).leftovers():
+            group.kill()
+            group.wait_empty(5)
         before.close()
 
 
