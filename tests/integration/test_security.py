@@ -21,6 +21,16 @@ REDIS_PASSWORD = "redis-pw-8d1f2c"
 ADMIN_TOKEN = "admin-token-77c3e9"
 
 
+def api_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
 def test_secrets_never_show_anywhere(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD).start()
     secrets_env = {"REDIS_URL": redis.url, "ACTIVATION_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -35,6 +45,8 @@ def test_secrets_never_show_anywhere(tmp_path: Path) -> None:
         bad = {"task_id": "bad-url", "description": "x", "timeout": "soon"}
         worker.spool.task_path("w1", "bad-url").write_text(json.dumps(bad))
         api = f"http://{orchestrator.env['ACTIVATION_ADMIN_BIND']}"
+        # RUNNING (startsecs=1) comes before the API listens on a loaded machine: wait for it.
+        wait_for(lambda: api_answers(f"{api}/config"), 20, 0.1, "the admin API to listen")
         refused = urllib.request.Request(f"{api}/config", data=b'{"mode": "events"}', method="POST")
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(refused, timeout=5)
