@@ -13,7 +13,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from activation.errors import ConfigError
 
@@ -21,8 +21,11 @@ WAKE_SOURCES = ("inotify", "poll", "redis")
 ORCHESTRATOR_MODES = ("files", "events", "auto")
 WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
-# Variables that are activation's own secrets: never logged, never handed to the agent.
-SECRET_VARIABLES = ("ACTIVATION_ADMIN_TOKEN", "REDIS_URL", "REDIS_PASSWORD")
+# Variables that are activation's own secrets: never logged, never handed to the agent. Each
+# may also come from a file named by <VARIABLE>_FILE (the Docker secrets convention).
+SECRET_VARIABLES = ("ACTIVATION_ADMIN_TOKEN", "REDIS_URL", "REDIS_PASSWORD", "ACTIVATION_QUEUE_KEY")
+SECRET_FILE_SUFFIX = "_FILE"
+MAX_SECRET_FILE = 64 * 1024
 
 T = TypeVar("T")
 
@@ -51,7 +54,8 @@ class Settings:
     metrics_port: int = 9100  # ACTIVATION_METRICS_PORT (0 disables)
     log_format: str = "text"  # ACTIVATION_LOG_FORMAT: text | json
     log_level: str = "INFO"  # ACTIVATION_LOG_LEVEL
-    redis_url: str | None = dataclasses.field(default=None, repr=False)  # REDIS_URL
+    redis_url: str | None = dataclasses.field(default=None, repr=False)  # REDIS_URL (with REDIS_PASSWORD in it)
+    redis_password: str | None = dataclasses.field(default=None, repr=False)  # REDIS_PASSWORD
     redis_backoff_max: float = 5.0  # ACTIVATION_REDIS_BACKOFF_MAX
     orchestrator_mode: str = "files"  # ORCHESTRATOR_MODE
     response_time_threshold_ms: float = 500.0  # RESPONSE_TIME_THRESHOLD_MS
@@ -61,8 +65,12 @@ class Settings:
     node_env: str | None = None  # NODE_ENV
     admin_bind: str = "127.0.0.1:8000"  # ACTIVATION_ADMIN_BIND
     admin_token: str | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_ADMIN_TOKEN
+    admin_max_connections: int = 32  # ACTIVATION_ADMIN_MAX_CONNECTIONS: requests served at once
+    admin_request_timeout: float = 10.0  # ACTIVATION_ADMIN_REQUEST_TIMEOUT: the most one connection takes
     recovery_interval: float = 30.0  # ACTIVATION_RECOVERY_INTERVAL
     orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
+    containment: str = "auto"  # ACTIVATION_CONTAINMENT: auto | cgroup | subreaper
+    queue_key: bytes | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_QUEUE_KEY (hex)
 
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
@@ -146,6 +154,16 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _key(name: str, raw: str) -> bytes:
+    try:
+        key = bytes.fromhex(raw.strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{name}: expected 64 hex digits (32 bytes)")  # never echo a secret
+    return key
+
+
 def _path(name: str, raw: str) -> Path:
     if not raw.strip():
         raise ConfigError(f"{name}: must not be empty")
@@ -182,6 +200,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_LOG_FORMAT": ("log_format", _choice("text", "json")),
     "ACTIVATION_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "REDIS_URL": ("redis_url", _redis_url),
+    "REDIS_PASSWORD": ("redis_password", _text),
     "ACTIVATION_REDIS_BACKOFF_MAX": ("redis_backoff_max", _number(float, 0.01)),
     "ORCHESTRATOR_MODE": ("orchestrator_mode", _choice(*ORCHESTRATOR_MODES)),
     "RESPONSE_TIME_THRESHOLD_MS": ("response_time_threshold_ms", _number(float, 0)),
@@ -191,11 +210,54 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NODE_ENV": ("node_env", _text),
     "ACTIVATION_ADMIN_BIND": ("admin_bind", _bind),
     "ACTIVATION_ADMIN_TOKEN": ("admin_token", _text),
+    "ACTIVATION_ADMIN_MAX_CONNECTIONS": ("admin_max_connections", _number(int, 1)),
+    "ACTIVATION_ADMIN_REQUEST_TIMEOUT": ("admin_request_timeout", _number(float, 0.1)),
     "ACTIVATION_RECOVERY_INTERVAL": ("recovery_interval", _number(float, 0.01)),
     "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
+    "ACTIVATION_CONTAINMENT": ("containment", _choice("auto", "cgroup", "subreaper")),
+    "ACTIVATION_QUEUE_KEY": ("queue_key", _key),
 }
 
-KNOWN_VARIABLES = frozenset(_VARIABLES)
+KNOWN_VARIABLES = frozenset(_VARIABLES) | {name + SECRET_FILE_SUFFIX for name in SECRET_VARIABLES}
+
+
+def read_secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with each secret ``X`` filled in from the file named by ``X_FILE``, when that is set.
+
+    The file holds the value alone; one trailing newline (as ``echo`` writes) is dropped. Setting
+    both ``X`` and ``X_FILE`` is an error: which one wins would be a guess.
+    """
+    resolved = dict(env)
+    for name in SECRET_VARIABLES:
+        file_variable = name + SECRET_FILE_SUFFIX
+        path = env.get(file_variable, "").strip()
+        if not path:
+            continue
+        if env.get(name, "").strip():
+            raise ConfigError(f"{file_variable}: set {name} or {file_variable}, not both")
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(f"{file_variable}: cannot read {path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_SECRET_FILE:
+            raise ConfigError(f"{file_variable}: {path} is larger than {MAX_SECRET_FILE} bytes")
+        try:
+            value = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_variable}: {path} is not UTF-8 text") from None
+        if not value.strip():
+            raise ConfigError(f"{file_variable}: {path} is empty")
+        resolved[name] = value
+    return resolved
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` as its password (percent-encoded: any character may be in it)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = quote(parts.username or "", safe="")
+    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -203,7 +265,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
 
     Empty variables count as unset. Overrides are already-typed values, e.g. from click options.
     """
-    env = os.environ if env is None else env
+    env = read_secret_files(os.environ if env is None else env)
     values: dict[str, Any] = {}
     for variable, (field, parse) in _VARIABLES.items():
         raw = env.get(variable)
@@ -216,6 +278,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         worker = values.get("worker_name")
         values["run_dir"] = base / worker if worker else base
     values["log_level"] = str(values.get("log_level", "INFO")).upper()
+    if values.get("redis_password"):
+        if not values.get("redis_url"):
+            raise ConfigError("REDIS_PASSWORD: set, but REDIS_URL is not")
+        values["redis_url"] = with_password(values["redis_url"], values["redis_password"])
     settings = Settings(**values)
     _check(settings)
     return settings

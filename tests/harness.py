@@ -87,13 +87,14 @@ class WorkerTree:
         self.env = env
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # e.g. setpriv, to run the whole tree as another user
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> WorkerTree:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+                [*self.prefix, sys.executable, "-m", "activation.supervise", "-n", "-c", str(self.conf)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -116,10 +117,11 @@ class WorkerTree:
         return self.process.wait(timeout)
 
     def kill_everything(self) -> None:
-        """SIGKILL supervisord and every descendant, then drop the run folder."""
+        """SIGKILL supervisord and every descendant, then drop the run folder and agent cgroups."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.process is not None:
             kill_tree(self.process)
+        remove_agent_cgroups(self.worker, self.run_dir)
 
     # -- looking ------------------------------------------------------------------------------
 
@@ -203,6 +205,31 @@ class WorkerTree:
         return subprocess.run(
             [str(BIN / "activation"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=check
         )
+
+
+def remove_agent_cgroups(worker: str, run_dir: Path) -> None:
+    """End and remove the cgroup subtree a killed executor of this tree leaves (cgroup mode)."""
+    from activation.worker.containment import TaskCgroups, containment_id
+
+    root = None
+    with contextlib.suppress(OSError):
+        mount = cgroup2_root()
+        if mount is not None:
+            root = mount / f"activation-{containment_id(worker, run_dir)}"
+    if root is None or not root.exists():
+        return
+    groups = TaskCgroups(root, root.parent)
+    groups.sweep(grace=0)
+    groups.close()
+
+
+def cgroup2_root() -> Path | None:
+    """This process's own cgroup v2 folder, where an executor it starts makes its subtree."""
+    from activation.worker.containment import cgroup2_mount, own_cgroup
+
+    mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    own = own_cgroup(Path("/proc/self/cgroup").read_text())
+    return None if mount is None or own is None else mount / own.lstrip("/")
 
 
 def kill_tree(process: subprocess.Popen[bytes]) -> None:

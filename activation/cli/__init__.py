@@ -17,6 +17,7 @@ import click
 from activation import __version__
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json, setup_logging
 from activation.config import Settings, load_settings
+from activation.procctl import make_undumpable
 
 
 @click.group(cls=Group)
@@ -172,6 +173,7 @@ def _run(factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> N
     from activation.lifecycle import run_program
     from activation.observability import metrics
 
+    make_undumpable()  # first: the secrets in this process's environment stay its own
     settings = load_settings()
     settings.require_worker()
     setup_logging(settings)

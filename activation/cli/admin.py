@@ -287,7 +287,9 @@ def orchestrator_command() -> None:
     """Hand out tasks, rescue dead workers' tasks, serve the admin API (as supervisord runs it)."""
     from activation.config import load_settings
     from activation.lifecycle import run_program
+    from activation.procctl import make_undumpable
 
+    make_undumpable()  # first: the admin token and the Redis password stay this process's own
     # The orchestrator keeps its metrics in its own registry; a multiprocess folder inherited
     # from a worker's environment would divert them into files nobody serves.
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

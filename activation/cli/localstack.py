@@ -75,7 +75,8 @@ def worker_environment(settings: Settings, worker: str, index: int, agent: str) 
 def _already_running(run_dir: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         pid = int((run_dir / "supervisord.pid").read_text().strip())
-        if psutil.pid_exists(pid) and "supervisord" in " ".join(psutil.Process(pid).cmdline()):
+        # supervisord itself, or activation.supervise running it in-process
+        if psutil.pid_exists(pid) and "supervise" in " ".join(psutil.Process(pid).cmdline()):
             return pid
     return None
 
@@ -117,7 +118,7 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
 
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+            [sys.executable, "-m", "activation.supervise", "-n", "-c", str(conf)],
             env=env,
             stdin=subprocess.DEVNULL,
         )

@@ -3,7 +3,10 @@
 It is built on the standard library's ``http.server.ThreadingHTTPServer`` on purpose: the
 surface is a dozen small JSON routes for an operator and Prometheus, so a web framework would
 add a dependency (and its CVEs) for nothing; and one thread per request keeps a slow client
-from stalling the others. What each route does is the `AdminService`'s job (the orchestrator).
+from stalling the others. Abuse is bounded here: at most ``max_connections`` requests are
+served at once (the next ones get 503 at once, from the accepting thread), and a connection
+still open past ``request_timeout`` is cut, however slowly it dribbles bytes in or reads them
+out. What each route does is the `AdminService`'s job (the orchestrator).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ log = logging.getLogger("activation.orchestrator")
 MAX_BODY = 1024 * 1024  # larger request bodies get 413 without being read
 DISCARD_LIMIT = 8 * MAX_BODY  # refused bodies up to this size are drained, so the client reads our answer
 DISCARD_SECONDS = 2.0  # ... for at most this long
-REQUEST_TIMEOUT = 10.0  # seconds a connection may sit idle: a slow client cannot hold a thread forever
+REQUEST_TIMEOUT = 10.0  # default: seconds one connection may take in all, from accept to its last byte
+MAX_CONNECTIONS = 32  # default: requests served at once, each by a thread of its own
+DEADLINE_CHECK = 0.2  # how often the accepting thread cuts connections past their deadline
+_BUSY_BODY = b'{"error": "the admin API is serving too many requests at once; retry"}\n'
+BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 class ApiError(ActivationError):
@@ -130,7 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.0"  # one request per connection: handler threads end promptly
     server_version = "activation-orchestrator"
-    timeout = REQUEST_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)  # per recv; the server cuts the whole
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -298,25 +311,125 @@ class _Server(ThreadingHTTPServer):
     block_on_close = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], service: AdminService, token: str | None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        service: AdminService,
+        token: str | None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         self.service = service
         self.token = token
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: dict[socket.socket, float] = {}  # connection -> its deadline (monotonic)
+        self._open_lock = threading.Lock()
+        self._next_check = 0.0
+        self.turned_away = 0
+        self.cut = 0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve in a thread of its own if a slot is free; else answer 503 from here, without one."""
+        if not self._slots.acquire(blocking=False):
+            self.turned_away += 1
+            self._turn_away(request)
+            return
+        with self._open_lock:
+            self._open[request] = time.monotonic() + self.request_timeout
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread could be started: give the slot back
+            self._release(request)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
+
+    def _turn_away(self, request: socket.socket) -> None:
+        # A fresh socket's send buffer is empty: a non-blocking send of a small answer never waits.
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(BUSY_RESPONSE)
+            request.shutdown(socket.SHUT_WR)
+        request.close()
+        if self.turned_away in (1, 10, 100) or self.turned_away % 1000 == 0:
+            log.warning(
+                "admin API: %d connection(s) turned away with 503: all %s slots busy",
+                self.turned_away,
+                self.max_connections,
+                extra={"event": "api_busy"},
+            )
+
+    def service_actions(self) -> None:
+        """Between accepts (serve_forever calls this): cut connections past their deadline."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + DEADLINE_CHECK
+        with self._open_lock:
+            late = [conn for conn, deadline in self._open.items() if deadline <= now]
+            for conn in late:
+                self._open[conn] = float("inf")  # cut once
+        for conn in late:
+            self.cut += 1
+            log.info(
+                "admin API: cut a connection still open after %gs", self.request_timeout, extra={"event": "api_cut"}
+            )
+            _cut(conn)
+
+    def cut_all(self) -> None:
+        """Cut every open connection: their threads end, and server_close() can join them."""
+        with self._open_lock:
+            open_now = list(self._open)
+            for conn in open_now:
+                self._open[conn] = float("inf")
+        for conn in open_now:
+            _cut(conn)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver would print a traceback to stderr; a reset connection is not worth one.
         log.debug("admin API: connection from %s failed", client_address, exc_info=True)
 
 
+def _cut(conn: socket.socket) -> None:
+    """Wake the thread blocked on ``conn`` (recv gets EOF, send gets EPIPE); its thread closes it."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
 class AdminApi:
     """The HTTP server in a thread of its own. Port 0 binds a free port; `port` says which."""
 
-    def __init__(self, service: AdminService, *, host: str, port: int, token: str | None) -> None:
+    def __init__(
+        self,
+        service: AdminService,
+        *,
+        host: str,
+        port: int,
+        token: str | None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         check_bind(host, token)
         self.host = host
-        self._server = _Server((host, port), service, token or None)
+        self._server = _Server(
+            (host, port), service, token or None, max_connections=max_connections, request_timeout=request_timeout
+        )
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -333,8 +446,14 @@ class AdminApi:
         log.info("admin API listening on %s", self.url, extra={"event": "api_up"})
 
     def stop(self) -> None:
+        """Stop accepting, cut the connections still open, and join their threads.
+
+        A slow client gets no say in how long this takes: its connection is cut, not waited for.
+        Only a route still computing its answer is waited for.
+        """
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
             self._thread = None
-        self._server.server_close()  # joins the request threads still answering
+        self._server.cut_all()
+        self._server.server_close()  # joins the request threads, which the cut has ended

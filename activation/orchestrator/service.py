@@ -131,7 +131,14 @@ class Orchestrator(Program):
     def open_api(self) -> AdminApi:
         """Bind the API's socket (serving starts at the end of initialize); raises OSError."""
         if self.api is None:
-            self.api = AdminApi(self, host=self.host, port=self.port, token=self.settings.admin_token)
+            self.api = AdminApi(
+                self,
+                host=self.host,
+                port=self.port,
+                token=self.settings.admin_token,
+                max_connections=self.settings.admin_max_connections,
+                request_timeout=self.settings.admin_request_timeout,
+            )
         return self.api
 
     def initialize(self) -> None:

@@ -4,8 +4,9 @@ It knows nothing of the spool. `run_agent` starts the agent in a new session wit
 /dev/null, keeps the first ``output_limit`` bytes of each stream, and makes sure that when it
 returns no process of the agent's tree is left alive: at the timeout (or when the caller aborts)
 every descendant gets SIGINT, then SIGKILL after the grace; descendants left behind by an agent
-that exited by itself get the same treatment. Finding descendants whose parent already exited
-needs this process to be a child subreaper (`become_subreaper`), which the executor is.
+that exited by itself get the same treatment. The tree is the agent's cgroup when there is one
+(containment.py); otherwise it is what psutil finds below this process, which for descendants
+whose parent already exited needs this process to be a child subreaper (`become_subreaper`).
 
 What the agent gets:
 - argv: ``shlex.split(ACTIVATION_AGENT_COMMAND)`` with ``{description}`` and ``{task_id}``
@@ -13,10 +14,12 @@ What the agent gets:
   it contains. No shell ever sees it, and no option parser: config.agent_words refuses a template
   whose ``{description}`` is not after ``--`` (or an option's ``=value``).
 - environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
-  ``REDIS_URL``, ``REDIS_PASSWORD``, and any ``ACTIVATION_*_TOKEN`` or ``ACTIVATION_*_PASSWORD``)
-  and minus ``PROMETHEUS_MULTIPROC_DIR``; plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
-  ``ACTIVATION_AGENT_OF`` (the executor's run folder, by which a restarted executor finds and
-  kills what a SIGKILLed one left running).
+  ``REDIS_URL``, ``REDIS_PASSWORD``, ``ACTIVATION_QUEUE_KEY``, any ``ACTIVATION_*_TOKEN``,
+  ``*_PASSWORD`` or ``*_KEY``, and the ``*_FILE`` variables naming them), minus the ways into the
+  worker (``ACTIVATION_RUN_DIR``, supervisord's ``SUPERVISOR_*``) and ``PROMETHEUS_MULTIPROC_DIR``;
+  plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
+  ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
+  executor without cgroups finds what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
 - stdin: /dev/null (``claude -p`` waits 3 s for an open stdin); stdout and stderr: pipes.
 - its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
@@ -25,7 +28,6 @@ What the agent gets:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -41,11 +43,12 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from activation.config import SECRET_VARIABLES, agent_words
+from activation.config import SECRET_FILE_SUFFIX, SECRET_VARIABLES, agent_words
+from activation.procctl import PR_SET_CHILD_SUBREAPER, prctl
+from activation.worker.containment import TaskCgroups
 
 log = logging.getLogger("activation.agent")
 
-PR_SET_CHILD_SUBREAPER = 36
 EXIT_NOT_EXECUTABLE = 126  # the shell's convention: found, but cannot be run
 EXIT_NOT_FOUND = 127
 READ_CHUNK = 64 * 1024  # a Linux pipe holds 64 KiB: one read empties it
@@ -67,18 +70,9 @@ def become_subreaper(enable: bool = True) -> bool:
     """
     global _subreaper
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-        # Explicit types: prctl is variadic, and a bare Python int is passed as a 32-bit int.
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        prctl.restype = ctypes.c_int
-        rc = prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0)
-    except (OSError, AttributeError) as exc:
+        prctl(PR_SET_CHILD_SUBREAPER, int(enable))
+    except OSError as exc:
         log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", exc)
-        return False
-    if rc != 0:
-        reason = os.strerror(ctypes.get_errno())
-        log.warning("cannot become a child subreaper (%s): orphaned agent descendants may survive", reason)
         return False
     _subreaper = enable
     return True
@@ -106,46 +100,28 @@ def build_argv(template: str, description: str, **fields: object) -> list[str]:
 
 def is_secret(name: str) -> bool:
     """Whether an environment variable is one of activation's own secrets."""
-    return name in SECRET_VARIABLES or (name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD")))
+    name = name.removesuffix(SECRET_FILE_SUFFIX)  # where a secret lives is none of the agent's business
+    return name in SECRET_VARIABLES or (
+        name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD", "_KEY"))
+    )
+
+
+# Not secrets, but ways in: the run folder (queue socket, supervisord's socket) and supervisord's
+# own variables, SUPERVISOR_SERVER_URL among them, which it gives every program it starts.
+HIDDEN_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR", "ACTIVATION_RUN_DIR"})
+HIDDEN_PREFIXES = ("SUPERVISOR_",)
 
 
 def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dict[str, str]:
     """The agent's environment: ``base`` without activation's secrets, plus the task's identity."""
-    env = {k: v for k, v in base.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not is_secret(k)}
+    env = {
+        k: v
+        for k, v in base.items()
+        if k not in HIDDEN_VARIABLES and not k.startswith(HIDDEN_PREFIXES) and not is_secret(k)
+    }
     env["ACTIVATION_TASK_ID"] = task_id
     env["ACTIVATION_WORKER"] = worker
     return env
-
-
-STRAY_MARKER = "ACTIVATION_AGENT_OF"  # set in every agent's environment: which executor ran it
-
-
-def kill_strays(marker: str, *, grace: float) -> list[int]:
-    """Kill agent processes that a previous executor with this ``marker`` left behind.
-
-    A SIGKILLed executor cannot stop its agent; the agent's tree is re-parented and runs on
-    while recovery starts the task again. Every process of it inherited the marker variable,
-    setsid or not, so a scan of the environments finds them all.
-    """
-    me = os.getpid()
-    strays = []
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get(STRAY_MARKER) == marker:
-                strays.append(proc)
-    if not strays:
-        return []
-    for proc in strays:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGINT)  # claude stops its own tools on SIGINT
-    _, alive = psutil.wait_procs(strays, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=2)
-    return [proc.pid for proc in strays]
 
 
 @dataclass
@@ -188,15 +164,21 @@ def run_agent(
     output_limit: int,
     should_abort: Callable[[], bool] | None = None,
     cwd: str | None = None,
+    cgroups: TaskCgroups | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
+
+    With ``cgroups`` (entered: this process waits in a cgroup of its own) the agent is born in
+    that cgroup, and whatever else is in it is the agent's tree, however it forked, whatever it
+    did to its session or its environment.
 
     A missing or non-executable agent binary is a run with exit code 127 or 126, not an error.
     Other spawn failures (no memory, no processes left) raise OSError: they are not the task's fault.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        popen = subprocess.Popen(
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -206,6 +188,9 @@ def run_agent(
             start_new_session=True,
             close_fds=True,
         )
+
+    try:
+        popen = start()  # born in this process's cgroup, which is the agent's when there are cgroups
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
             return _spawn_failure(argv, EXIT_NOT_FOUND, exc)
@@ -214,7 +199,7 @@ def run_agent(
         raise
     started_at_wall = time.time()
     started_mono = time.monotonic()
-    tree = _Tree(popen, started_mono, kill_grace, output_limit)
+    tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups)
     try:
         tree.supervise(started_mono + timeout, should_abort)
     finally:
@@ -272,8 +257,11 @@ RUNNING, GRACE, DRAIN = "running", "grace", "drain"
 class _Tree:
     """One agent and everything it spawns, watched from a single thread with one selector."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int, cgroups: TaskCgroups | None
+    ) -> None:
         self.popen = popen
+        self.cgroups = cgroups if cgroups is not None and cgroups.current is not None else None
         self.pid = popen.pid
         self.kill_grace = kill_grace
         self.limit = limit
@@ -487,6 +475,14 @@ class _Tree:
             pass
         else:
             alive = {proc.pid: proc for proc in self._snapshot()}
+        if self.cgroups is not None:  # the cgroup holds every process of the tree, wherever it went
+            for pid in self.cgroups.agent_pids():
+                if pid in alive:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        alive[pid] = proc
         for pid, proc in self.killed.items():
             if pid in alive:
                 continue
@@ -519,6 +515,8 @@ class _Tree:
     def _kill_all(self) -> None:
         """SIGKILL the tree until a fresh snapshot finds nothing alive: late spawns die too."""
         give_up = time.monotonic() + KILL_BOUND
+        if self.cgroups is not None and self.cgroups.agent_pids():
+            self.cgroups.kill_agents()  # all at once: a fork racing the kill is born dead
         while True:
             alive = self._alive_tree()
             if not alive:

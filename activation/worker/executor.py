@@ -25,14 +25,13 @@ from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.layout import Spool
 from activation.worker.agent import (
-    STRAY_MARKER,
     AgentRun,
     agent_environment,
     become_subreaper,
     build_argv,
-    kill_strays,
     run_agent,
 )
+from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 
 QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
@@ -155,13 +154,19 @@ class Executor(Program):
         self._queue_down = False
         self._backoff = 0.0
         self._done = DoneEvents(settings.redis_url, self.worker, self.log) if settings.redis_url else None
+        # Names this executor's agents (their cgroup, their marker) without naming the run folder.
+        self._containment_id = containment_id(self.worker, settings.run_dir)
+        self._cgroups: TaskCgroups | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def initialize(self) -> None:
         become_subreaper()
         self.spool.init([self.worker])
-        killed = kill_strays(str(self.settings.run_dir), grace=self.settings.kill_grace)
+        self._cgroups, how, killed = contain_agents(
+            self.settings.containment, self._containment_id, self.settings.run_dir, grace=self.settings.kill_grace
+        )
+        self.log.info("agent containment: %s", how, extra={"worker": self.worker, "event": "containment"})
         if killed:
             self.log.warning(
                 "killed %d agent processes a previous executor left running: %s",
@@ -177,7 +182,7 @@ class Executor(Program):
         from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         run_dir = self.settings.run_dir
-        self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir))
+        self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir, self.settings.queue_key))
 
     def loop(self) -> None:
         if self._client is None:
@@ -195,6 +200,8 @@ class Executor(Program):
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
 
     def shutdown(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -333,7 +340,7 @@ class Executor(Program):
         timeout = float(task.get("timeout") or self.settings.task_timeout)
         argv = build_argv(self.settings.agent_command, task["description"], task_id=task_id)
         env = agent_environment(self._environ, task_id, self.worker)
-        env[STRAY_MARKER] = str(self.settings.run_dir)
+        env[STRAY_MARKER] = self._containment_id
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
             run = run_agent(
@@ -344,6 +351,7 @@ class Executor(Program):
                 output_limit=self.settings.output_limit,
                 should_abort=self._past_drain,
                 cwd=self._cwd,
+                cgroups=self._cgroups,
             )
         except OSError as exc:  # this process cannot spawn (no memory, no pids): not the task's fault
             self._put_back(task_id)

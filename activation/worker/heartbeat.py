@@ -8,7 +8,6 @@ queue's socket). It serves the whole worker's Prometheus metrics.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import math
@@ -16,7 +15,6 @@ import os
 import socket
 import threading
 import time
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
@@ -34,54 +32,14 @@ from activation.observability.metrics import (
 )
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
+from activation.worker.supervisor_rpc import process_infos, supervisor_socket
 
-SUPERVISOR_SOCKET = "supervisor.sock"
 SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
-
-
-def supervisor_socket(run_dir: Path) -> Path:
-    return run_dir / SUPERVISOR_SOCKET
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over supervisord's Unix socket, with a timeout on this connection only."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class _UnixTransport(xmlrpc.client.Transport):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__()
-        self._path, self._timeout = path, timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        return _UnixConnection(self._path, self._timeout)
 
 
 def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
     """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
-    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=_UnixTransport(str(sock), timeout))
-    try:
-        infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
-    except xmlrpc.client.Fault as exc:
-        raise OSError(f"supervisord refused: {exc.faultString}") from None
-    except (http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
-        raise OSError(f"supervisord answered badly: {exc}") from None
-    finally:
-        proxy("close")()
-    return {str(info["name"]): str(info["statename"]) for info in infos}
+    return {str(info["name"]): str(info["statename"]) for info in process_infos(sock, timeout)}
 
 
 class Heartbeat(Program):
@@ -205,7 +163,9 @@ class Heartbeat(Program):
         from activation.worker.queue import QueueClient, load_authkey, socket_path
 
         if self._queue_client is None:
-            self._queue_client = QueueClient(socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir))
+            self._queue_client = QueueClient(
+                socket_path(self.settings.run_dir), load_authkey(self.settings.run_dir, self.settings.queue_key)
+            )
         try:
             stats: dict[str, Any] = self._queue_client.stats()
             return stats

@@ -85,7 +85,9 @@ class Listener(Program):
         # reports a listener without the sources it is configured with.
         if self._build_sources:
             self.sources = build_sources(self.settings, self.spool, self._events_lost)
-        self.server = QueueServer(socket_path(run_dir), load_authkey(run_dir), self.work, self.stats)
+        self.server = QueueServer(
+            socket_path(run_dir), load_authkey(run_dir, self.settings.queue_key), self.work, self.stats
+        )
         self.server.start()
         # Sources first, then the scan: a file that lands before a source listens is in the scan,
         # one that lands after the scan listed the inbox is seen by the source.

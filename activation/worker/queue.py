@@ -44,13 +44,21 @@ def socket_path(run_dir: Path) -> Path:
     return Path(run_dir) / SOCKET_NAME
 
 
-def load_authkey(run_dir: Path) -> bytes:
-    """The worker's queue authkey, created on first use by whichever program comes first.
+def load_authkey(run_dir: Path, key: bytes | None = None) -> bytes:
+    """The worker's queue authkey: ``key`` (ACTIVATION_QUEUE_KEY) when given, else the key file.
+
+    ``activation supervisord`` puts a fresh key in the environment of the programs it runs, where
+    a same-uid agent cannot read it (they are not dumpable); then there is no file at all. A file
+    in the run folder is readable by any process of the worker's uid, the agent included.
+
+    The file is created on first use by whichever program comes first.
 
     The key is written to a private temp file and published with ``os.link``, which fails if the
     key already exists: two programs starting together agree on one key and nobody ever reads a
     half-written one.
     """
+    if key is not None:
+        return key
     run_dir = Path(run_dir)
     path = run_dir / AUTHKEY_NAME
     try:

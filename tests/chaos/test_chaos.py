@@ -27,7 +27,7 @@ import pytest
 from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
 from activation.spool.atomic import read_json
 from activation.spool.audit import audit
-from activation.worker.agent import STRAY_MARKER
+from activation.worker.containment import STRAY_MARKER, containment_id
 from tests.harness import RedisServer, WorkerTree, new_orchestrator, new_tree, wait_until
 
 TASKS = int(os.environ.get("ACTIVATION_CHAOS_TASKS", "3000"))
@@ -120,7 +120,7 @@ def post_task(url: str, body: dict[str, str]) -> None:
 
 
 def surviving_agents(trees: list[WorkerTree]) -> list[int]:
-    markers = {str(tree.run_dir) for tree in trees}
+    markers = {containment_id(tree.worker, tree.run_dir) for tree in trees}
     found = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):

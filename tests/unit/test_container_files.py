@@ -254,8 +254,9 @@ def dockerignore_excludes(relative: str) -> bool:
 def test_the_image_runs_supervisord_as_pid_1_on_the_repos_conf(image, conf):
     dockerfile = parse_dockerfile(DOCKERFILES[image])
     cmd = dockerfile.exec_form("CMD")
-    assert cmd[:3] == ["/opt/activation/venv/bin/supervisord", "-n", "-c"] and len(cmd) == 4
-    assert dockerfile.image_path(cmd[3]) == ROOT / "supervisor_conf" / conf
+    # supervisord, run in-process by activation.supervise (non-dumpable: README "Secrets").
+    assert cmd[:5] == ["/opt/activation/venv/bin/python", "-m", "activation.supervise", "-n", "-c"] and len(cmd) == 6
+    assert dockerfile.image_path(cmd[5]) == ROOT / "supervisor_conf" / conf
     # Nothing wraps supervisord: no ENTRYPOINT of ours, and the worker clears any of its base's.
     entrypoint = dockerfile.last("ENTRYPOINT")
     assert entrypoint in (None, "[]")

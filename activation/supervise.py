@@ -1,0 +1,39 @@
+"""supervisord with activation's secrets out of the agent's reach: ``python -m activation.supervise ARGS``.
+
+ARGS are supervisord's own (``-n -c supervisor_conf/worker.conf``). supervisord runs in this very
+process, not through exec, because the kernel makes a process dumpable again at execve: this one
+is made non-dumpable first, so a process of the same uid (the agent) cannot read the secrets in
+its ``/proc/<pid>/environ``. It also gives the programs a fresh work-queue key in their environment
+(ACTIVATION_QUEUE_KEY), so that no key file lies in the run folder for the agent to read, and
+makes supervisord a child subreaper, so that orphans stay its children.
+Imports stay few: this process lives as long as the container, and its memory counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+
+from activation.procctl import PR_SET_CHILD_SUBREAPER, make_undumpable, prctl
+
+QUEUE_KEY_VARIABLE = "ACTIVATION_QUEUE_KEY"
+
+
+def main(argv: list[str]) -> int:
+    make_undumpable()
+    # Orphans come here, not to the host's init: what a SIGKILLed executor's agent left running
+    # stays in reach of the executor's next start (containment.kill_supervisor_orphans).
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if not os.environ.get(QUEUE_KEY_VARIABLE):
+        os.environ[QUEUE_KEY_VARIABLE] = secrets.token_hex(32)  # every program gets it from supervisord
+    from supervisor import supervisord
+
+    supervisord.main(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
