@@ -1,0 +1,5 @@
+"""The Redis Streams transport (ACTIVATION_TRANSPORT=streams): tasks and results between hosts.
+
+`keys` names everything in Redis, `scripts` holds the atomic steps in Lua, `client` is the typed
+API over them, and `connect` builds the Redis client (one server, a Cluster, or Sentinel).
+"""
