@@ -202,4 +202,3 @@ def _role(port: int) -> str:
         return ""
     finally:
         client.close()
-

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +14,7 @@ import redis
 
 from activation.transport.streams import client as streams
 from activation.transport.streams.client import Delivery, StreamsTransport
-from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys
+from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys, consumer_name
 from tests.conftest import wait_for
 from tests.harness import RedisServer
 
@@ -97,6 +99,15 @@ def test_all_keys_of_a_worker_share_one_hash_tag():
 
 
 # -- receiving --------------------------------------------------------------------------------
+
+
+def test_a_process_started_again_under_the_same_host_gets_another_consumer_name():
+    code = "from activation.transport.streams.keys import consumer_name; print(consumer_name(host='box'))"
+    names = {
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(names) == 2 and consumer_name(host="box") not in names
 
 
 def test_receive_takes_one_entry_at_a_time_with_no_prefetch(make, client):
@@ -221,9 +232,7 @@ def test_exactly_one_of_three_concurrent_reclaimers_wins_each_entry(make, client
         held.append(dead.receive(0))
     wait_lapsed(client, held[-1])
     connections = [redis.Redis.from_url(redis_server.url, decode_responses=True) for _ in range(3)]
-    reclaimers = [
-        StreamsTransport(c, WORKER, consumer=f"r{n}", lease=LEASE) for n, c in enumerate(connections)
-    ]
+    reclaimers = [StreamsTransport(c, WORKER, consumer=f"r{n}", lease=LEASE) for n, c in enumerate(connections)]
     won: dict[str, list[str]] = {r.consumer: [] for r in reclaimers}
     start = threading.Barrier(3)
 
@@ -288,9 +297,7 @@ def test_a_dead_lettered_task_id_goes_again_only_when_asked(make, client):
 # -- hand-back on drain -----------------------------------------------------------------------
 
 
-def test_a_handed_back_task_is_taken_at_once_by_a_blocked_reader_and_counts_no_delivery(
-    make, client, redis_server
-):
+def test_a_handed_back_task_is_taken_at_once_by_a_blocked_reader_and_counts_no_delivery(make, client, redis_server):
     make("orchestrator").dispatch("t1", task("t1"))
     a = make("a", lease=120)
     held = a.receive(0)
@@ -353,9 +360,7 @@ def test_idle_consumers_are_removed_only_once_they_hold_nothing_pending(make, cl
     def consumers() -> dict[str, int]:
         return {c["name"]: c["pending"] for c in client.xinfo_consumers(KEYS.tasks, KEYS.group)}
 
-    wait_for(
-        lambda: all(c["idle"] > 50 for c in client.xinfo_consumers(KEYS.tasks, KEYS.group)), 5, 0.01, "idle"
-    )
+    wait_for(lambda: all(c["idle"] > 50 for c in client.xinfo_consumers(KEYS.tasks, KEYS.group)), 5, 0.01, "idle")
     assert me.prune_consumers(0.05) == ["idle"]
     assert consumers() == {"holder": 1, "me": 0}
 

@@ -186,9 +186,7 @@ class StreamsTransport:
                 entry_id, fields.get("task_id", ""), fields.get("task", ""), Token(self.consumer, deliveries), owner
             )
             if reply[0] == "claimed":
-                log.info(
-                    "claimed task=%s entry=%s from=%s delivery=%d", delivery.task_id, entry_id, owner, deliveries
-                )
+                log.info("claimed task=%s entry=%s from=%s delivery=%d", delivery.task_id, entry_id, owner, deliveries)
                 return delivery
             reason = f"{MAX_DELIVERIES}: delivered {deliveries} times, the limit is {self.max_attempts}"
             verdict = self.dead_letter(delivery, reason, last_owner=owner)

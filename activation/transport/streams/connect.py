@@ -73,4 +73,3 @@ def _through_sentinel(settings: Settings, common: dict[str, Any]) -> redis.Redis
         settings.redis_sentinel_master, retry=Retry(NoBackoff(), 0), **common, **auth
     )
     return client
-
