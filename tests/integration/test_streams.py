@@ -85,6 +85,16 @@ def test_a_completed_task_id_is_not_dispatched_again(make, client):
     assert client.xlen(KEYS.tasks) == 0 and replica.receive(0) is None
 
 
+def test_a_queued_task_id_whose_entry_was_lost_is_sent_again(make, client):
+    orchestrator = make("orchestrator")
+    first = orchestrator.dispatch("t1", task("t1"))
+    client.xdel(KEYS.tasks, first.entry_id)
+    again = orchestrator.dispatch("t1", task("t1"))
+    assert again.status == streams.QUEUED and again.entry_id != first.entry_id
+    assert orchestrator.dispatch("t1", task("t1")).status == streams.DUPLICATE
+    assert client.xlen(KEYS.tasks) == 1
+
+
 def test_the_task_stream_is_never_trimmed_by_length(make, client):
     orchestrator = make("orchestrator")
     for n in range(2000):

@@ -42,12 +42,17 @@ end
 """
 
 # KEYS: tasks, task key.  ARGV: group, task_id, task JSON, allow re-dispatch of a dead task (0/1).
-# Idempotent by task id: a known id adds nothing and says where it is. The group is created at
-# 0 with the stream, so after a restart without persistence the next dispatch recreates both.
+# Idempotent by task id: a known id adds nothing and says where it is, so the orchestrator may
+# re-send its whole outbox at any time (after NOGROUP, say) and only lost tasks go again. The
+# group is created at 0 with the stream, so after a restart without persistence the next
+# dispatch recreates both.
 DISPATCH = r"""
 local state = redis.call('HGET', KEYS[2], 'state')
-if state and not (state == 'dead' and ARGV[4] == '1') then
-  return {'duplicate', state, redis.call('HGET', KEYS[2], 'entry') or ''}
+local entry = redis.call('HGET', KEYS[2], 'entry') or ''
+-- A queued id whose entry is gone (lost with an AOF tail, or deleted by hand) is sent again.
+local lost = state == 'queued' and #redis.call('XRANGE', KEYS[1], entry, entry) == 0
+if state and not lost and not (state == 'dead' and ARGV[4] == '1') then
+  return {'duplicate', state, entry}
 end
 local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP', 1, true) then
