@@ -426,16 +426,62 @@ def test_results_and_dead_letters_are_trimmed_by_age(make, client):
     a.complete(a.receive(0), {"exit_code": 0})
     a.dead_letter(a.receive(0), "bad")
     [(old_id, _)] = client.xrange(KEYS.results)
+    [(bad_id, _)] = client.xrange(KEYS.dead)
 
     def redis_ms() -> int:
         seconds, micros = client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-    oldest = int(old_id.split("-")[0])
-    wait_for(lambda: redis_ms() > oldest + 300, 5, 0.01, "Redis's clock past the retention")
+    newest = max(int(old_id.split("-")[0]), int(bad_id.split("-")[0]))
+    wait_for(lambda: redis_ms() > newest + 300, 5, 0.01, "Redis's clock past the retention of both")
     orchestrator.dispatch("new", task("new"))
     orchestrator.dispatch("worse", task("worse"))
     a.complete(a.receive(0), {"exit_code": 0})
     a.dead_letter(a.receive(0), "worse")
     assert [f["task_id"] for _id, f in client.xrange(KEYS.results)] == ["new"]
     assert [f["task_id"] for _id, f in client.xrange(KEYS.dead)] == ["worse"]
+
+
+# -- leases kept by the executor's loop -------------------------------------------------------
+
+
+def test_a_lease_kept_by_the_executor_loop_outlives_the_lease_and_a_stalled_one_is_lost(make, client):
+    import time
+
+    from activation.transport.streams.lease import LeaseKeeper
+
+    make("orchestrator").dispatch("t1", task("t1"))
+    lease = 1.0
+    a, b = make("a", lease=lease), make("b", lease=lease)
+    sent = time.monotonic()
+    held = a.receive(0)
+    keeper = LeaseKeeper(lambda: a.renew(held), lease, held_since=sent, task_id="t1")
+
+    def kept_past_the_lease() -> bool:
+        assert keeper.should_abort() is False  # the supervise loop's tick
+        return time.monotonic() - sent > 1.5 * lease and keeper.renewals >= 4
+
+    wait_for(kept_past_the_lease, 20, 0.02, "renewals past the lease")
+    assert [(p["consumer"], p["times_delivered"]) for p in pending(client)] == [("a", 1)]
+    assert b.claim() is None
+    # The executor stalls (SIGSTOP): no more ticks. The lease lapses on Redis, b takes it over.
+    wait_lapsed(client, held, lease)
+    taken = b.claim()
+    assert taken is not None and taken.attempt == 2
+    assert keeper.should_abort() is True  # woken up (SIGCONT): kill the agent, submit nothing
+    assert a.complete(held, {"exit_code": 0}).status == streams.REFUSED
+
+
+# -- heartbeats -------------------------------------------------------------------------------
+
+
+def test_each_replica_has_one_heartbeat_that_expires_with_its_ttl(make, client):
+    a, b = make("a"), make("b")
+    a.beat({"state": "idle"}, ttl=30)
+    b.beat({"state": "busy", "task_id": "t1"}, ttl=0.2)
+    a.beat({"state": "busy", "task_id": "t2"}, ttl=30)  # a replaces its own, never adds one
+    assert a.replicas() == {"a": {"state": "busy", "task_id": "t2"}, "b": {"state": "busy", "task_id": "t1"}}
+    wait_for(lambda: set(a.replicas()) == {"a"}, 5, 0.02, "b's heartbeat to expire")
+    assert client.ttl(KEYS.replica("a")) > 0
+    a.leave()
+    assert a.replicas() == {} and not client.exists(KEYS.replica("a"))

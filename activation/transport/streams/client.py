@@ -270,6 +270,34 @@ class StreamsTransport:
         reply = self._run("prune_consumers", [self.keys.tasks], [self.keys.group, int(idle * 1000), self.consumer])
         return [str(name) for name in reply]
 
+    # -- heartbeats: one per replica -------------------------------------------------------------
+
+    def beat(self, state: Mapping[str, Any], ttl: float) -> None:
+        """Publish this replica's state for ``ttl`` seconds."""
+        self._run(
+            "beat",
+            [self.keys.replica(self.consumer), self.keys.replicas],
+            [self.consumer, json.dumps(state, sort_keys=True), max(1, int(ttl * 1000))],
+        )
+
+    def leave(self) -> None:
+        """Remove this replica's heartbeat at a clean exit."""
+        self._run("leave", [self.keys.replica(self.consumer), self.keys.replicas], [self.consumer])
+
+    def replicas(self) -> dict[str, dict[str, Any]]:
+        """Each live replica of the role and the state it last published."""
+        names = self._run("live_replicas", [self.keys.replicas], [])
+        found: dict[str, dict[str, Any]] = {}
+        for name in names:
+            key = self.keys.replica(name)
+            raw = self._redis(lambda key=key: self.client.get(key))  # type: ignore[misc]
+            if raw is not None:
+                try:
+                    found[name] = json.loads(raw)
+                except ValueError:
+                    found[name] = {"state": "unreadable"}
+        return found
+
     # -- the orchestrator's side: results and dead letters --------------------------------------
 
     def read_results(self, block: float = 0.0, count: int = 100) -> list[Outcome]:

@@ -52,6 +52,15 @@ class StreamKeys:
         """The task stream's consumer group, named after the worker; every replica joins it."""
         return self.worker
 
+    @property
+    def replicas(self) -> str:
+        """The index of the role's live replicas: consumer name scored by heartbeat expiry."""
+        return f"{self.tag}:replicas"
+
+    def replica(self, consumer: str) -> str:
+        """One replica's heartbeat: its state as JSON, with a TTL."""
+        return f"{self.tag}:replica:{consumer}"
+
     def task(self, task_id: str) -> str:
         """One small hash per task id: its state (queued, done, dead), entry, and recorded result."""
         return f"{self.tag}:task:{task_id}"

@@ -208,6 +208,32 @@ end
 return removed
 """
 
+# KEYS: the replica's heartbeat key, the role's replica index.  ARGV: consumer, state JSON, ttl ms.
+# One heartbeat per replica, a key with a TTL; the index (a sorted set scored by expiry on
+# Redis's clock) lets `activation status` list a role's replicas without SCAN across a cluster.
+BEAT = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return {'beat', ARGV[1]}
+"""
+
+# KEYS: the role's replica index.  The consumers whose heartbeat has not expired, on Redis's clock.
+LIVE_REPLICAS = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.0f', now), '+inf')
+"""
+
+# KEYS: the replica's heartbeat key, the role's replica index.  ARGV: consumer.  A clean exit.
+LEAVE = r"""
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {'left', ARGV[1]}
+"""
+
 ALL = {
     "dispatch": DISPATCH,
     "claim": CLAIM,
@@ -217,4 +243,7 @@ ALL = {
     "hand_back": HAND_BACK,
     "drop": DROP,
     "prune_consumers": PRUNE_CONSUMERS,
+    "beat": BEAT,
+    "live_replicas": LIVE_REPLICAS,
+    "leave": LEAVE,
 }
