@@ -15,7 +15,7 @@ import redis
 from activation.spool.layout import Spool
 from activation.spool.task import load_task
 from activation.transport.streams.client import DONE, StreamsTransport
-from activation.transport.streams.inbox import delivery_of, write_to_inbox
+from activation.transport.streams.inbox import delivery_of, take_one, write_to_inbox
 from activation.transport.streams.outbox import mirror, resend_outbox, send
 from tests.conftest import wait_for
 
@@ -106,3 +106,17 @@ def test_after_redis_lost_everything_the_outbox_is_sent_again_and_nothing_is_los
     mirror(orchestrator, orchestrator_spool, WORKER)
     assert {orchestrator_spool.locate(f"t{n}").state for n in range(4)} == {"done"}
     assert orchestrator_spool.count_inbox(WORKER) == 0
+
+
+def test_take_one_writes_the_entry_into_the_inbox_and_dead_letters_bad_input(spools, client):
+    orchestrator_spool, worker_spool = spools
+    orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
+    replica = StreamsTransport(client, WORKER, consumer="a")
+    orchestrator.dispatch("bad", {"task_id": "bad"})  # no description: never a runnable task
+    send(orchestrator, orchestrator_spool, WORKER, task("good"))
+    delivery = take_one(replica, worker_spool, WORKER, block=0)
+    assert delivery is not None and delivery.task_id == "good"
+    assert worker_spool.inbox_names(WORKER) == ["good.json"]
+    [(_id, dead)] = client.xrange(replica.keys.dead)
+    assert (dead["task_id"], dead["reason"]) == ("bad", "missing_field: description is required")
+    assert take_one(replica, worker_spool, WORKER, block=0) is None

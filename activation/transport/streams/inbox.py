@@ -9,6 +9,7 @@ attempt number is the delivery count.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from activation.errors import BadTask
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
 from activation.spool.task import INVALID_FIELD, parse_task
-from activation.transport.streams.client import Delivery, Token
+from activation.transport.streams.client import Delivery, StreamsTransport, Token
+
+log = logging.getLogger("activation.listener")
 
 STREAM_METADATA = "stream"
 
@@ -51,3 +54,25 @@ def delivery_of(task: dict[str, Any]) -> Delivery:
     except (TypeError, KeyError, ValueError):
         raise BadTask(INVALID_FIELD, "metadata.stream must hold entry_id, consumer and deliveries") from None
     return Delivery(entry_id, str(task["task_id"]), json.dumps(task, sort_keys=True), token)
+
+
+def take_one(
+    transport: StreamsTransport, spool: Spool, worker: str, *, block: float = 1.0, max_timeout: float | None = None
+) -> Delivery | None:
+    """Receive one entry (call only when the executor is free) and write it into the local inbox.
+
+    A payload that is no valid task goes to the stream's dead letter with the BadTask reason,
+    and nothing is written: the worker tree never sees it. None when there was nothing to take.
+    """
+    while True:
+        delivery = transport.receive(block)
+        if delivery is None:
+            return None
+        try:
+            write_to_inbox(spool, worker, delivery, max_timeout=max_timeout)
+        except BadTask as exc:
+            transport.dead_letter(delivery, f"{exc.reason}: {exc.detail}")
+            log.warning("task %s from the stream is bad input, dead-lettered: %s", delivery.task_id, exc)
+            block = 0.0
+            continue
+        return delivery
