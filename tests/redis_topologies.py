@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from tests.harness import free_port, wait_until
+from tests.harness import RedisServer, free_port, wait_until
 
 
 def _redis_server() -> str:
@@ -202,3 +202,20 @@ def _role(port: int) -> str:
         return ""
     finally:
         client.close()
+
+
+class DurableRedisServer(RedisServer):
+    """A RedisServer with the settings the streams transport asks for: AOF, fsync always, noeviction.
+
+    ``restart()`` keeps its folder, so the data comes back from the AOF.
+    """
+
+    def start(self) -> DurableRedisServer:
+        binary = _redis_server()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
+        argv += ["--dir", str(self.folder), "--daemonize", "no", "--logfile", str(self.folder / "redis.log")]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _answers(self.port), 10, 0.02, "redis-server to answer")
+        return self
