@@ -240,9 +240,11 @@ def test_exactly_one_of_three_concurrent_reclaimers_wins_each_entry(make, client
     for n in range(60):
         orchestrator.dispatch(f"t{n}", task(f"t{n}"))
         held.append(dead.receive(0))
-    wait_lapsed(client, held[-1])
+    # Age every entry past a 30 s lease at once (no delivery counted), so that no entry a
+    # reclaimer has just won can lapse again while the others are still claiming.
+    client.xclaim(KEYS.tasks, KEYS.group, "dead", 0, [d.entry_id for d in held], idle=60_000, justid=True)
     connections = [redis.Redis.from_url(redis_server.url, decode_responses=True) for _ in range(3)]
-    reclaimers = [StreamsTransport(c, WORKER, consumer=f"r{n}", lease=LEASE) for n, c in enumerate(connections)]
+    reclaimers = [StreamsTransport(c, WORKER, consumer=f"r{n}", lease=30) for n, c in enumerate(connections)]
     won: dict[str, list[str]] = {r.consumer: [] for r in reclaimers}
     start = threading.Barrier(3)
 
