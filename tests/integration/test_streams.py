@@ -453,7 +453,7 @@ def test_a_lease_kept_by_the_executor_loop_outlives_the_lease_and_a_stalled_one_
     from activation.transport.streams.lease import LeaseKeeper
 
     make("orchestrator").dispatch("t1", task("t1"))
-    lease = 1.0
+    lease = 2.0
     a, b = make("a", lease=lease), make("b", lease=lease)
     sent = time.monotonic()
     held = a.receive(0)
