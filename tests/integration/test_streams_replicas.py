@@ -173,3 +173,29 @@ def _safe_xlen(client: redis.Redis, key: str) -> int:
         return int(client.xlen(key))
     except redis.RedisError:
         return 0
+
+
+def test_replicas_killed_and_replaced_mid_run_leave_one_result_per_task_and_nothing_behind(client, replica):
+    from activation.transport.streams.client import StreamsTransport
+
+    running = [replica("a0", work=0.01), replica("b0", work=0.01), replica("c0", work=0.01)]
+    dispatch(client, 1500)
+    for round_, threshold in enumerate((300, 600, 900), start=1):
+        wait_for(lambda t=threshold: client.xlen(KEYS.results) >= t, 120, 0.05, f"{threshold} results")
+        victim = running.pop(0)
+        victim.process.kill()  # whatever it held comes back after a lease, at the next delivery
+        victim.process.wait(10)
+        running.append(replica(f"{victim.consumer[0]}{round_}", work=0.01))  # a new process start
+    wait_for(lambda: client.xlen(KEYS.results) >= 1500, 180, 0.1, "1500 results")
+    for r in running:
+        stop(r)
+    done = results(client)
+    assert sorted(r["task_id"] for r in done) == sorted(f"t{n}" for n in range(1500))
+    assert client.xlen(KEYS.tasks) == 0 and holder(client) is None
+    admin = StreamsTransport(client, WORKER, consumer="admin")
+    wait_for(
+        lambda: admin.prune_consumers(0) is not None and not client.xinfo_consumers(KEYS.tasks, KEYS.group),
+        10,
+        0.05,
+        "every consumer pruned",
+    )
