@@ -28,8 +28,8 @@ def test_a_worker_name_that_could_break_the_hash_tag_is_refused():
 def test_a_consumer_name_names_host_and_this_process_start():
     name = consumer_name(host="box")
     host, boot, process = name.split("/")
-    pid, start = process.split("-")
-    assert host == "box" and len(boot) == 8 and int(pid) == os.getpid() and int(start) > 0
+    pid, start, nonce = process.split("-")
+    assert host == "box" and len(boot) == 8 and int(pid) == os.getpid() and int(start) > 0 and len(nonce) == 6
     assert consumer_name(host="box") == name  # stable within one process start
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class StreamKeys:
         return f"{self.tag}:task:{task_id}"
 
 
+# Drawn once per interpreter: two containers given the same host name and started in the same
+# clock tick could otherwise share pid and start time. A fork keeps it, but changes the pid.
+_NONCE = secrets.token_hex(3)
+
+
 def consumer_name(*, host: str | None = None, pid: int | None = None) -> str:
     """A consumer name unique to this process start: host (a container's id), boot id, pid, start.
 
@@ -74,7 +80,7 @@ def consumer_name(*, host: str | None = None, pid: int | None = None) -> str:
     """
     host = host or socket.gethostname() or "host"
     pid = pid or os.getpid()
-    return f"{host}/{_boot_id()[:8]}/{pid}-{_start_ticks(pid)}"
+    return f"{host}/{_boot_id()[:8]}/{pid}-{_start_ticks(pid)}-{_NONCE}"
 
 
 def _boot_id() -> str:
