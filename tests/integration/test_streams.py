@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from activation.errors import DispatchError
 from activation.transport.streams import client as streams
 from activation.transport.streams.client import Delivery, StreamsTransport
 from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys, consumer_name
@@ -73,6 +74,19 @@ def test_dispatching_the_same_task_id_twice_gives_one_entry(make, client):
     assert (first.status, second.status) == (streams.QUEUED, streams.DUPLICATE)
     assert second.entry_id == first.entry_id and second.state == "queued"
     assert client.xlen(KEYS.tasks) == 1
+
+
+@pytest.mark.parametrize(
+    ("task_id", "payload", "message"),
+    [
+        ("../etc", {"task_id": "../etc", "description": "x"}, "does not match"),
+        ("big", {"task_id": "big", "description": "x" * (1024 * 1024)}, "larger than"),
+    ],
+)
+def test_an_invalid_id_or_an_oversized_task_is_refused_before_anything_is_sent(make, client, task_id, payload, message):
+    with pytest.raises(DispatchError, match=message):
+        make("orchestrator").dispatch(task_id, payload)
+    assert not client.exists(KEYS.tasks) and not client.exists(KEYS.task(task_id))
 
 
 def test_a_completed_task_id_is_not_dispatched_again(make, client):

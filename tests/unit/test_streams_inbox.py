@@ -35,6 +35,7 @@ def test_a_delivery_becomes_a_valid_inbox_file_carrying_its_token(spool):
         (json.dumps({"task_id": "t1"}), "missing_field"),
         (json.dumps({"task_id": "t2", "description": "x"}), "id_mismatch"),
         (json.dumps({"task_id": "t1", "description": "x", "timeout": 10**9}), "invalid_field"),
+        (json.dumps({"task_id": "t1", "description": "x" * (1024 * 1024)}), "too_large"),
     ],
 )
 def test_a_payload_that_is_no_valid_task_is_bad_input_with_a_reason(spool, payload, reason):

@@ -23,6 +23,8 @@ from typing import Any
 import redis
 
 from activation.config import Settings
+from activation.errors import DispatchError
+from activation.spool.task import MAX_TASK_BYTES, TASK_ID_PATTERN, is_valid_task_id
 from activation.transport.pubsub import describe
 from activation.transport.streams import scripts
 from activation.transport.streams.connect import RedisClient, StreamsError, connect
@@ -135,9 +137,14 @@ class StreamsTransport:
     def dispatch(self, task_id: str, task: Mapping[str, Any] | str, *, allow_dead: bool = False) -> Dispatched:
         """Add a task entry, once per task id: a known id adds nothing and says where it is.
 
-        ``allow_dead`` lets a dead-lettered id go again (`dlq retry`).
+        ``allow_dead`` lets a dead-lettered id go again (`dlq retry`). An invalid task id or a
+        task over the spool's size limit is a DispatchError, before anything is sent.
         """
+        if not is_valid_task_id(task_id):
+            raise DispatchError(f"task_id {task_id[:140]!r} does not match {TASK_ID_PATTERN.pattern}")
         payload = task if isinstance(task, str) else json.dumps(task, sort_keys=True)
+        if len(payload.encode("utf-8")) > MAX_TASK_BYTES:
+            raise DispatchError(f"task {task_id} is larger than {MAX_TASK_BYTES} bytes")
         reply = self._run(
             "dispatch",
             [self.keys.tasks, self.keys.task(task_id)],

@@ -16,7 +16,7 @@ from typing import Any
 from activation.errors import BadTask
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
-from activation.spool.task import INVALID_FIELD, parse_task
+from activation.spool.task import INVALID_FIELD, MAX_TASK_BYTES, TOO_LARGE, parse_task
 from activation.transport.streams.client import Delivery, StreamsTransport, Token
 
 log = logging.getLogger("activation.listener")
@@ -26,6 +26,9 @@ STREAM_METADATA = "stream"
 
 def task_of(delivery: Delivery, *, max_timeout: float | None = None) -> dict[str, Any]:
     """The task file's content for ``delivery``; BadTask if the payload is no valid task."""
+    size = len(delivery.task.encode("utf-8"))
+    if size > MAX_TASK_BYTES:
+        raise BadTask(TOO_LARGE, f"{size} bytes, the limit is {MAX_TASK_BYTES}")
     task = parse_task(delivery.task.encode("utf-8"), delivery.task_id, max_timeout=max_timeout)
     metadata = dict(task.get("metadata") or {})
     metadata[STREAM_METADATA] = {
