@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from activation.transport.streams.connect import StreamsError
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
 from tests.harness import ROOT, RedisServer
@@ -199,3 +200,42 @@ def test_replicas_killed_and_replaced_mid_run_leave_one_result_per_task_and_noth
         0.05,
         "every consumer pruned",
     )
+
+
+def test_redis_restarted_without_persistence_mid_run_loses_nothing_once_the_outbox_is_re_sent(
+    client, replica, redis_server, tmp_path
+):
+    from activation.spool.layout import Spool
+    from activation.transport.streams.client import StreamsTransport
+    from activation.transport.streams.outbox import mirror, resend_outbox, send
+
+    spool = Spool(tmp_path / "orchestrator")
+    spool.init([WORKER])
+    orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
+    orchestrator.ensure_groups()
+    a, b = replica("a", work=0.01), replica("b", work=0.01)
+    for n in range(300):
+        send(orchestrator, spool, WORKER, {"task_id": f"t{n}", "description": "x"})
+
+    def mirrored() -> int:
+        mirror(orchestrator, spool, WORKER)
+        return len(list(spool.results(WORKER).glob("*.json")))
+
+    wait_for(lambda: mirrored() >= 50, 60, 0.05, "some results mirrored before the restart")
+    redis_server.restart()  # streams, groups, task records and unmirrored results are gone
+
+    requeued: set[str] = set()
+
+    def all_done() -> bool:  # the orchestrator's loop: re-send the outbox, mirror what came back
+        try:
+            requeued.update(resend_outbox(orchestrator, spool, WORKER))
+            return mirrored() >= 300
+        except StreamsError:
+            return False
+
+    wait_for(all_done, 120, 0.2, "all 300 results in the orchestrator's spool")
+    stop(a)
+    stop(b)
+    assert sorted(p.stem for p in spool.results(WORKER).glob("*.json")) == sorted(f"t{n}" for n in range(300))
+    assert spool.count_inbox(WORKER) == 0
+    assert requeued  # the restart did lose tasks in flight: they came back from the outbox
