@@ -501,3 +501,24 @@ def test_each_replica_has_one_heartbeat_that_expires_with_its_ttl(make, client):
     assert client.ttl(KEYS.replica("a")) > 0
     a.leave()
     assert a.replicas() == {} and not client.exists(KEYS.replica("a"))
+
+
+def test_a_renewal_against_a_hung_redis_fails_within_the_socket_timeout_instead_of_hanging(redis_server):
+    import signal
+
+    from activation.config import load_settings
+    from activation.transport.streams.connect import StreamsError, connect
+
+    settings = load_settings(env={"REDIS_URL": redis_server.url})
+    keeper_client = connect(settings, socket_timeout=0.3)
+    transport = StreamsTransport(keeper_client, WORKER, consumer="a", lease=30)
+    transport.dispatch("t1", task("t1"))
+    held = transport.receive(0)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)  # a cut network: no answer, no error
+    try:
+        with pytest.raises(StreamsError, match=r"[Tt]imeout"):
+            transport.renew(held)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+        keeper_client.close()

@@ -32,12 +32,17 @@ class StreamsError(ActivationError):
     """Redis could not be reached, or answered the streams transport in a way it cannot use."""
 
 
-def connect(settings: Settings) -> RedisClient:
-    """The client for settings.redis_url / redis_cluster / redis_sentinels, replies decoded as text."""
+def connect(settings: Settings, *, socket_timeout: float = SOCKET_TIMEOUT) -> RedisClient:
+    """The client for settings.redis_url / redis_cluster / redis_sentinels, replies decoded as text.
+
+    The lease keeper wants a client of its own with a ``socket_timeout`` well under the lease
+    (and no blocking reads): a renewal stuck on a cut network must not hold up the executor's
+    loop past the moment it has to give the lease up.
+    """
     common: dict[str, Any] = {
         "decode_responses": True,
-        "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": min(CONNECT_TIMEOUT, socket_timeout),
+        "socket_timeout": socket_timeout,
     }
     try:
         if settings.redis_sentinels:

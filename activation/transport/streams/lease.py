@@ -27,7 +27,9 @@ class LeaseKeeper:
 
     The lease is counted from when a renewal (or the receive) was *sent*, on this host's monotonic
     clock: Redis resets the idle time later than that, so this host always gives up first.
-    ``margin`` makes it give up that much earlier still, e.g. the kill grace of the agent tree.
+    ``margin`` makes it give up that much earlier still: the kill grace of the agent tree plus
+    the renewal client's socket timeout (a call that hangs on a cut network is late by that much;
+    see `connect(socket_timeout=...)`).
     """
 
     def __init__(
