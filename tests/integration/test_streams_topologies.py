@@ -13,6 +13,7 @@ from redis.crc import key_slot
 
 from activation.config import load_settings
 from activation.transport.streams import client as streams
+from activation.transport.streams import scripts
 from activation.transport.streams.client import StreamsTransport
 from activation.transport.streams.connect import StreamsError, connect
 from activation.transport.streams.keys import StreamKeys
@@ -105,15 +106,24 @@ def exercise_every_script(client: redis.Redis | RedisCluster, worker: str) -> No
     assert client.xlen(keys.tasks) == 0
 
 
-def test_every_script_runs_on_a_three_master_cluster_without_crossslot(cluster):
+def test_every_script_runs_on_a_three_master_cluster_without_crossslot(cluster, monkeypatch):
     workers = workers_on_every_master(cluster)
     client = connect(load_settings(env={"REDIS_URL": cluster.url, "REDIS_CLUSTER": "true"}))
     assert isinstance(client, RedisCluster)
+    ran: set[str] = set()
+    run = StreamsTransport._run
+
+    def counting(self, name, keys, args):
+        ran.add(name)
+        return run(self, name, keys, args)
+
+    monkeypatch.setattr(StreamsTransport, "_run", counting)
     try:
         for worker in workers:
             exercise_every_script(client, worker)  # a CROSSSLOT error would raise StreamsError
     finally:
         client.close()
+    assert ran == set(scripts.ALL)  # a new script must be added to the exercise
 
 
 def test_the_client_reaches_the_primary_through_sentinel(sentinel_set):
