@@ -166,3 +166,16 @@ def test_a_sentinel_failover_loses_no_dispatched_task(sentinel_set):
         assert done == {f"t{n}" for n in range(30)}
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("cluster_mode", ["true", "false"])
+def test_an_unreachable_redis_is_a_one_line_streams_error_not_a_traceback(cluster_mode):
+    from tests.harness import free_port
+
+    settings = load_settings(
+        env={"REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0", "REDIS_CLUSTER": cluster_mode}
+    )
+    with pytest.raises(StreamsError) as caught:
+        client = connect(settings)
+        StreamsTransport(client, "marie", consumer="a").dispatch("t1", {"task_id": "t1"})
+    assert "\n" not in str(caught.value) and "s3cret" not in str(caught.value)

@@ -27,7 +27,7 @@ from activation.errors import DispatchError
 from activation.spool.task import MAX_TASK_BYTES, TASK_ID_PATTERN, is_valid_task_id
 from activation.transport.pubsub import describe
 from activation.transport.streams import scripts
-from activation.transport.streams.connect import RedisClient, StreamsError, connect
+from activation.transport.streams.connect import REDIS_ERRORS, RedisClient, StreamsError, connect
 from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys, consumer_name
 
 log = logging.getLogger("activation.streams")
@@ -343,7 +343,7 @@ class StreamsTransport:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise StreamsError(f"XGROUP CREATE {stream} failed: {describe(exc)}") from None
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 raise StreamsError(f"XGROUP CREATE {stream} failed: {describe(exc)}") from None
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -358,12 +358,12 @@ class StreamsTransport:
                 raise StreamsError(describe(exc)) from None
             # First use, or Redis restarted without persistence and lost streams and groups.
             log.warning("no consumer group for %s (NOGROUP): creating the groups at 0", self.keys.worker)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StreamsError(describe(exc)) from None
         self.ensure_groups()
         try:
             return call()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StreamsError(describe(exc)) from None
 
     def _read_new(self, block: float) -> tuple[str, dict[str, str]] | None:

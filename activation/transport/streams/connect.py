@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -22,6 +23,9 @@ from activation.errors import ActivationError
 from activation.transport.pubsub import describe
 
 RedisClient = redis.Redis | RedisCluster
+# redis-py's cluster client raises some failures (no node reachable, slots not covered) outside
+# the RedisError tree; every caller catches both.
+REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 
 # Long enough for the longest blocking read the transport makes (client.MAX_BLOCK), plus slack.
 SOCKET_TIMEOUT = 10.0
@@ -52,7 +56,7 @@ def connect(settings: Settings, *, socket_timeout: float = SOCKET_TIMEOUT) -> Re
         if settings.redis_cluster:
             return RedisCluster.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **common)
         return redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **common)
-    except (ValueError, redis.RedisError) as exc:
+    except (ValueError, *REDIS_ERRORS) as exc:
         where = redact_url(settings.redis_url) if settings.redis_url else "REDIS_SENTINELS"
         raise StreamsError(f"cannot connect to {where}: {describe(exc)}") from None
 
