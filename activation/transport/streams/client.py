@@ -355,16 +355,16 @@ class StreamsTransport:
             return call()
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
-                raise StreamsError(describe(exc)) from None
+                raise StreamsError(f"streams transport of {self.keys.worker}: {describe(exc)}") from None
             # First use, or Redis restarted without persistence and lost streams and groups.
             log.warning("no consumer group for %s (NOGROUP): creating the groups at 0", self.keys.worker)
         except REDIS_ERRORS as exc:
-            raise StreamsError(describe(exc)) from None
+            raise StreamsError(f"streams transport of {self.keys.worker}: {describe(exc)}") from None
         self.ensure_groups()
         try:
             return call()
         except REDIS_ERRORS as exc:
-            raise StreamsError(describe(exc)) from None
+            raise StreamsError(f"streams transport of {self.keys.worker}: {describe(exc)}") from None
 
     def _read_new(self, block: float) -> tuple[str, dict[str, str]] | None:
         reply = self._redis(
