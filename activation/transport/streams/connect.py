@@ -58,7 +58,7 @@ def connect(settings: Settings, *, socket_timeout: float = SOCKET_TIMEOUT) -> Re
         return redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **common)
     except (ValueError, *REDIS_ERRORS) as exc:
         where = redact_url(settings.redis_url) if settings.redis_url else "REDIS_SENTINELS"
-        raise StreamsError(f"cannot connect to {where}: {describe(exc)}") from None
+        raise StreamsError(f"cannot connect to {where}: {describe(exc, settings.redis_url or '')}") from None
 
 
 def _through_sentinel(settings: Settings, common: dict[str, Any]) -> redis.Redis:
