@@ -19,6 +19,7 @@ from activation.errors import ConfigError
 
 WAKE_SOURCES = ("inotify", "poll", "redis")
 ORCHESTRATOR_MODES = ("files", "events", "auto")
+TRANSPORTS = ("files", "streams")
 WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 # Variables that are activation's own secrets: never logged, never handed to the agent. Each
@@ -71,6 +72,12 @@ class Settings:
     orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
     containment: str = "auto"  # ACTIVATION_CONTAINMENT: auto | cgroup | subreaper
     queue_key: bytes | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_QUEUE_KEY (hex)
+    transport: str = "files"  # ACTIVATION_TRANSPORT: files (one shared spool) | streams (Redis Streams)
+    lease: float = 120.0  # ACTIVATION_LEASE: seconds a streams entry stays held without renewal
+    stream_retention: float = 7 * 86400.0  # ACTIVATION_STREAM_RETENTION: results, dead letters, task ids
+    redis_cluster: bool = False  # REDIS_CLUSTER: REDIS_URL names a node of a Redis Cluster
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # REDIS_SENTINELS: host:port,host:port
+    redis_sentinel_master: str = "mymaster"  # REDIS_SENTINEL_MASTER: the primary's name in Sentinel
 
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
@@ -150,6 +157,20 @@ def _redis_url(name: str, raw: str) -> str:
     return raw
 
 
+def _sentinels(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    found = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}: expected a comma-separated list of HOST:PORT, got {raw!r}")
+        found.append((host.strip("[]"), int(port)))
+    if not found:
+        raise ConfigError(f"{name}: expected a comma-separated list of HOST:PORT, got {raw!r}")
+    return tuple(found)
+
+
 def _text(name: str, raw: str) -> str:
     return raw
 
@@ -216,6 +237,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
     "ACTIVATION_CONTAINMENT": ("containment", _choice("auto", "cgroup", "subreaper")),
     "ACTIVATION_QUEUE_KEY": ("queue_key", _key),
+    "ACTIVATION_TRANSPORT": ("transport", _choice(*TRANSPORTS)),
+    "ACTIVATION_LEASE": ("lease", _number(float, 0.01)),
+    "ACTIVATION_STREAM_RETENTION": ("stream_retention", _number(float, 1)),
+    "REDIS_CLUSTER": ("redis_cluster", _boolean),
+    "REDIS_SENTINELS": ("redis_sentinels", _sentinels),
+    "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _text),
 }
 
 KNOWN_VARIABLES = frozenset(_VARIABLES) | {name + SECRET_FILE_SUFFIX for name in SECRET_VARIABLES}
@@ -294,6 +321,10 @@ def _check(settings: Settings) -> None:
             f"({settings.task_timeout:g} > {settings.max_task_timeout:g})"
         )
     agent_words(settings.agent_command)
+    if settings.transport == "streams" and not (settings.redis_url or settings.redis_sentinels):
+        raise ConfigError("ACTIVATION_TRANSPORT: streams needs REDIS_URL or REDIS_SENTINELS")
+    if settings.redis_cluster and settings.redis_sentinels:
+        raise ConfigError("REDIS_CLUSTER: a Redis Cluster is not reached through REDIS_SENTINELS; set one of them")
 
 
 DESCRIPTION = "{description}"

@@ -1,0 +1,81 @@
+"""From a stream entry to a task file in the local inbox, and back to the delivery it came from.
+
+The task file is the task as dispatched, validated as any inbox file is, with the delivery's
+fencing token in ``metadata.stream``: the listener writes it, the executor reads it back to
+renew the lease and complete. ``attempts`` is the deliveries before this one, so the agent's
+attempt number is the delivery count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from activation.errors import BadTask
+from activation.spool.atomic import atomic_write_json
+from activation.spool.layout import Spool
+from activation.spool.task import INVALID_FIELD, MAX_TASK_BYTES, TOO_LARGE, parse_task
+from activation.transport.streams.client import Delivery, StreamsTransport, Token
+
+log = logging.getLogger("activation.listener")
+
+STREAM_METADATA = "stream"
+
+
+def task_of(delivery: Delivery, *, max_timeout: float | None = None) -> dict[str, Any]:
+    """The task file's content for ``delivery``; BadTask if the payload is no valid task."""
+    size = len(delivery.task.encode("utf-8"))
+    if size > MAX_TASK_BYTES:
+        raise BadTask(TOO_LARGE, f"{size} bytes, the limit is {MAX_TASK_BYTES}")
+    task = parse_task(delivery.task.encode("utf-8"), delivery.task_id, max_timeout=max_timeout)
+    metadata = dict(task.get("metadata") or {})
+    metadata[STREAM_METADATA] = {
+        "entry_id": delivery.entry_id,
+        "consumer": delivery.token.consumer,
+        "deliveries": delivery.token.deliveries,
+    }
+    task["metadata"] = metadata
+    task["attempts"] = delivery.token.deliveries - 1
+    return task
+
+
+def write_to_inbox(spool: Spool, worker: str, delivery: Delivery, *, max_timeout: float | None = None) -> Path:
+    """Write the delivery as ``inbox/<task_id>.json`` (atomically, durably); BadTask if invalid."""
+    path = spool.task_path(worker, delivery.task_id)
+    atomic_write_json(path, task_of(delivery, max_timeout=max_timeout))
+    return path
+
+
+def delivery_of(task: dict[str, Any]) -> Delivery:
+    """The delivery a task file came from, to renew and complete it; BadTask if it names none."""
+    stream: Any = (task.get("metadata") or {}).get(STREAM_METADATA)
+    try:
+        token = Token(str(stream["consumer"]), int(stream["deliveries"]))
+        entry_id = str(stream["entry_id"])
+    except (TypeError, KeyError, ValueError):
+        raise BadTask(INVALID_FIELD, "metadata.stream must hold entry_id, consumer and deliveries") from None
+    return Delivery(entry_id, str(task["task_id"]), json.dumps(task, sort_keys=True), token)
+
+
+def take_one(
+    transport: StreamsTransport, spool: Spool, worker: str, *, block: float = 1.0, max_timeout: float | None = None
+) -> Delivery | None:
+    """Receive one entry (call only when the executor is free) and write it into the local inbox.
+
+    A payload that is no valid task goes to the stream's dead letter with the BadTask reason,
+    and nothing is written: the worker tree never sees it. None when there was nothing to take.
+    """
+    while True:
+        delivery = transport.receive(block)
+        if delivery is None:
+            return None
+        try:
+            write_to_inbox(spool, worker, delivery, max_timeout=max_timeout)
+        except BadTask as exc:
+            transport.dead_letter(delivery, f"{exc.reason}: {exc.detail}")
+            log.warning("task %s from the stream is bad input, dead-lettered: %s", delivery.task_id, exc)
+            block = 0.0
+            continue
+        return delivery

@@ -1,0 +1,92 @@
+"""The orchestrator's side of the streams transport: its spool as the outbox, results mirrored in.
+
+In streams mode the orchestrator's own spool keeps each dispatched task in ``inbox/<worker>/``
+(the outbox) until its result or dead letter comes back; then the record lands where files mode
+would put it (``results/<worker>/``, ``dead_letter/``), so `show`, `/tasks/<id>`, `dispatch
+--wait`, `dlq` and `audit` read the same spool either way. Every step is safe to repeat: a
+crash between mirroring and acknowledging mirrors the same record again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from activation.errors import BadTask
+from activation.spool.atomic import atomic_write_json
+from activation.spool.layout import Spool
+from activation.spool.task import load_task, task_id_of
+from activation.transport.streams.client import DUPLICATE, Dispatched, Outcome, StreamsTransport
+
+log = logging.getLogger("activation.orchestrator")
+
+MAX_ATTEMPTS_REASON = "max_attempts"  # the spool's dead-letter reason for a task that kept failing
+
+
+def send(transport: StreamsTransport, spool: Spool, worker: str, task: dict[str, Any]) -> Dispatched:
+    """Keep the task in the outbox first, then add its entry: a crash in between is re-sent."""
+    atomic_write_json(spool.task_path(worker, task["task_id"]), task)
+    return transport.dispatch(task["task_id"], task)
+
+
+def resend_outbox(transport: StreamsTransport, spool: Spool, worker: str) -> list[str]:
+    """Dispatch every outbox task again; idempotent, so only lost ones go. The ids re-queued."""
+    requeued = []
+    for name in spool.inbox_names(worker):
+        try:
+            task = load_task(spool.task_path(worker, task_id_of(name)))
+        except (BadTask, OSError) as exc:
+            log.warning("outbox file %s/%s is unreadable, not re-sent: %s", worker, name, exc)
+            continue
+        if transport.dispatch(task["task_id"], task).status != DUPLICATE:
+            requeued.append(task["task_id"])
+    if requeued:
+        log.warning("re-sent %d outbox task(s) of %s that Redis had lost", len(requeued), worker)
+    return requeued
+
+
+def mirror(transport: StreamsTransport, spool: Spool, worker: str, *, block: float = 0.0) -> int:
+    """Bring the role's results and dead letters into the spool, then acknowledge them; how many."""
+    results = transport.read_results(block=block)
+    for outcome in results:
+        _land_result(spool, worker, outcome)
+    transport.ack_results([o.stream_id for o in results])
+    dead = transport.read_dead_letters()
+    for outcome in dead:
+        _land_dead_letter(spool, worker, outcome)
+    transport.ack_dead_letters([o.stream_id for o in dead])
+    return len(results) + len(dead)
+
+
+def _land_result(spool: Spool, worker: str, outcome: Outcome) -> None:
+    try:
+        result = json.loads(outcome.fields.get("result", ""))
+    except ValueError:
+        result = None
+    if not isinstance(result, dict) or result.get("task_id") != outcome.task_id:
+        # Written by our own completion script, so this is a bug or tampering: keep it visibly.
+        result = {"task_id": outcome.task_id, "worker": worker, "status": "unreadable_result"}
+        log.error("result of %s from %s is unreadable; recorded as such", outcome.task_id, worker)
+    spool.write_result(worker, result)
+    outbox = spool.task_path(worker, outcome.task_id)
+    outbox.unlink(missing_ok=True)
+
+
+def _land_dead_letter(spool: Spool, worker: str, outcome: Outcome) -> None:
+    fields = outcome.fields
+    try:
+        task = json.loads(fields.get("task", ""))
+    except ValueError:
+        task = None
+    reason_text = fields.get("reason", "")
+    reason = MAX_ATTEMPTS_REASON if reason_text.startswith("max_deliveries") else reason_text.split(":", 1)[0]
+    detail = f"{reason_text}; deliveries {fields.get('deliveries', '?')}, last owner {fields.get('last_owner', '?')}"
+    source = spool.task_path(worker, outcome.task_id)
+    spool.dead_letter(
+        source,
+        reason=reason or "dead_letter",
+        detail=detail,
+        worker=worker,
+        task=task if isinstance(task, dict) else None,
+    )
