@@ -17,7 +17,7 @@ from activation.config import Settings
 from activation.spool.layout import Spool
 from activation.transport import pubsub as events
 from activation.worker import redis_source as rs
-from activation.worker.executor import DONE_RETRY_AFTER, DoneEvents
+from activation.worker.done_events import DONE_RETRY_AFTER, DoneEvents
 from activation.worker.listener import Listener
 from activation.worker.redis_source import RedisSource, vet_message
 from tests.conftest import WORKER, wait_for
