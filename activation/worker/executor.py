@@ -140,7 +140,9 @@ class Executor(Program):
         # supervisord must not SIGKILL us before the drain and the kill grace are over.
         check_drain_fits(self.settings.run_dir, self.name, self.settings.drain_timeout, self.settings.kill_grace)
         become_subreaper()
-        self.spool.init([self.worker])
+        damaged = self.spool.try_init([self.worker])  # health names it; the executor still settles what it can
+        if damaged is not None:
+            self.condition.degrade(SPOOL_ERROR, damaged)
         killed = kill_strays(str(self.settings.run_dir), grace=self.settings.kill_grace)
         if killed:
             self.log.warning(

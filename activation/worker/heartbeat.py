@@ -59,7 +59,9 @@ class Heartbeat(Program):
         self._executor_info = liveness.ExecutorInfo()
 
     def initialize(self) -> None:
-        self.spool.init([self.worker])
+        damaged = self.spool.try_init([self.worker])
+        if damaged is not None:  # `check` names the broken folder; this program still does its job
+            self.log.error("%s", damaged, extra={"worker": self.worker, "event": "spool_error"})
         # A heartbeat SIGKILLed mid-write leaves its temp file; it is the file's only writer.
         remove_temp_files(self.spool.heartbeats_dir, f"{TEMP_PREFIX}{self.path.name}.")
         self._serve_metrics()
