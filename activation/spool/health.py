@@ -3,7 +3,8 @@
 Used by ``activation status`` and ``activation check`` (and later the orchestrator). A worker is
 healthy when its heartbeat is fresh, every program of its tree is RUNNING, the listener's wake
 sources are alive, the executor makes progress and can start its agent and write its results,
-the heartbeat serves its metrics, and every folder the worker moves tasks through is a folder.
+the heartbeat serves its metrics, every folder the worker moves tasks through is a folder, and
+the spool has room for a result.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def worker_health(
 ) -> WorkerHealth:
     now = time.time() if now is None else now
     path = spool.heartbeat_path(worker)
-    layout = layout_problems(spool, worker)
+    layout = layout_problems(spool, worker) + space_problems(spool)
     try:
         beat = read_json(path)
         if not isinstance(beat, dict):
@@ -135,6 +136,22 @@ def layout_problems(spool: Spool, worker: str) -> list[str]:
         if not stat.S_ISDIR(mode):
             problems.append(f"spool layout broken: {_relative(spool, folder)} is not a folder")
     return problems
+
+
+MIN_FREE_BYTES = 64 * 1024  # below this, no result (nor the heartbeat saying so) can be written
+
+
+def space_problems(spool: Spool) -> list[str]:
+    """A full spool: the heartbeat cannot report it (its own write fails too), so check looks itself."""
+    try:
+        info = os.statvfs(spool.root)
+    except OSError:
+        return []  # a missing root shows up as missing folders
+    free = info.f_bavail * info.f_frsize
+    if free < MIN_FREE_BYTES or (info.f_files and info.f_favail == 0):
+        what = "no inodes" if free >= MIN_FREE_BYTES else f"{free // 1024} KiB"
+        return [f"spool full: {what} left on {spool.root}; results and heartbeats cannot be written"]
+    return []
 
 
 def _relative(spool: Spool, path: Path) -> str:

@@ -92,3 +92,41 @@ def settle_outcome(spool: Spool, worker: str, task_id: str) -> dict[str, Any] | 
     except OSError as exc:
         raise UnwrittenOutcome(result, exc) from None
     return result
+
+
+class HeldResults:
+    """A program's finished runs whose result the spool has not taken yet, each saved when it can be."""
+
+    def __init__(self, spool: Spool, worker: str) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.results: dict[str, dict[str, Any]] = {}
+        self.saved: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.results)
+
+    def hold(self, result: dict[str, Any], *, saved: bool = False) -> bool:
+        """Keep ``result``; save it beside its claim unless that was done. True when it is saved."""
+        task_id = result["task_id"]
+        self.results[task_id] = result
+        if saved:
+            self.saved.add(task_id)
+        if task_id not in self.saved:
+            with contextlib.suppress(OSError):  # as full as the results: it stays in memory
+                save_outcome(self.spool, self.worker, result)
+                self.saved.add(task_id)
+        return task_id in self.saved
+
+    def flush(self) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], OSError] | None]:
+        """Write what is held: the results written, and the first that failed with its error."""
+        written: list[dict[str, Any]] = []
+        for task_id, result in list(self.results.items()):
+            try:
+                finish_write(self.spool, self.worker, result)
+            except OSError as exc:
+                return written, (result, exc)
+            del self.results[task_id]
+            self.saved.discard(task_id)
+            written.append(result)
+        return written, None

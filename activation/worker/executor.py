@@ -130,8 +130,8 @@ class Executor(Program):
         self._queue_wait = liveness.beat_period(settings.heartbeat_interval)
         self.pulse = liveness.ExecutorBeat(settings.run_dir, self._queue_wait)
         self.condition = liveness.Condition(self.pulse, self.log, self.worker)
-        self._held: dict[str, dict[str, Any]] = {}  # finished runs whose result is not written yet
-        self._saved: set[str] = set()  # ... of which the outcome is saved beside the claim
+        self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
+        self._unsettled: set[str] = set()  # claims that recovery could not settle yet
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -168,6 +168,12 @@ class Executor(Program):
         if self._held:
             self._retry_held()
             return
+        if self._unsettled:
+            if self.condition.trouble is None or self.condition.trouble.retry_at <= time.monotonic():
+                self._settle_claims(sorted(self._unsettled))
+            if self._unsettled:
+                self.stopping.wait(self._queue_wait)
+                return
         if self.condition.trouble is not None and not self._trouble_over():
             return
         if self._client is None:
@@ -230,13 +236,24 @@ class Executor(Program):
         running when it was killed: they go back to the inbox with ``attempts + 1``, or to the
         dead letter once ``ACTIVATION_MAX_ATTEMPTS`` runs have started.
         """
-        # Writes a killed executor cut short: it is the only writer of both folders.
+        # Writes a killed executor cut short: it is the only writer of both folders (and of outcomes).
         remove_temp_files(self.spool.processing(self.worker))
         remove_temp_files(self.spool.results(self.worker))
         held = self._settle_outcomes()
-        for task_id in self.spool.claimed_ids(self.worker):
-            if task_id not in held:  # a held outcome is written, never run again
+        # A held outcome is written, never run again.
+        self._settle_claims([task_id for task_id in self.spool.claimed_ids(self.worker) if task_id not in held])
+
+    def _settle_claims(self, task_ids: list[str]) -> None:
+        """Recover each claim; one the spool cannot take yet (a full disk) is retried from loop()."""
+        for task_id in task_ids:
+            self.pulse.beat()
+            try:
                 self._recover_claim(task_id)
+            except OSError as exc:
+                self._unsettled.add(task_id)
+                self._spool_trouble("cannot recover the claim of", task_id, exc)
+                continue
+            self._unsettled.discard(task_id)
 
     def _settle_outcomes(self) -> set[str]:
         """Finish the result writes a previous executor could not; the ids still waiting for theirs."""
@@ -245,8 +262,7 @@ class Executor(Program):
             try:
                 result = outcomes.settle_outcome(self.spool, self.worker, task_id)
             except outcomes.UnwrittenOutcome as exc:
-                self._saved.add(task_id)
-                self._hold(exc.result, exc.error)
+                self._hold(exc.result, exc.error, saved=True)
                 continue
             if result is not None:
                 self.log.info(
@@ -255,7 +271,7 @@ class Executor(Program):
                     extra=self._extra(task_id, "recovered"),
                 )
                 self._finished(result)
-        return set(self._held)
+        return set(self._held.results)
 
     def _recover_claim(self, task_id: str) -> None:
         claim = self.spool.claim_path(self.worker, task_id)
@@ -495,17 +511,10 @@ class Executor(Program):
         self.stopping.wait(self._queue_wait)
         return False
 
-    def _hold(self, result: dict[str, Any], exc: OSError) -> None:
+    def _hold(self, result: dict[str, Any], exc: OSError, *, saved: bool = False) -> None:
         """Keep a finished run's result, saved beside its claim when the disk lets us, and degrade."""
         task_id = result["task_id"]
-        self._held[task_id] = result
-        if task_id not in self._saved:
-            try:
-                outcomes.save_outcome(self.spool, self.worker, result)
-                self._saved.add(task_id)
-            except OSError:
-                pass  # as full as the results: it stays in memory, and the write is retried
-        kept = "saved beside its claim" if task_id in self._saved else "kept in memory"
+        kept = "saved beside its claim" if self._held.hold(result, saved=saved) else "kept in memory"
         error = exc.strerror or exc
         detail = f"cannot write the result of {task_id}: {error}; its outcome is {kept}, only the write is retried"
         self.condition.degrade(RESULT_WRITE_FAILED, detail, task_id=task_id)
@@ -522,17 +531,15 @@ class Executor(Program):
 
     def _write_held(self) -> bool:
         """Try to write every held result once; True when none is left."""
-        for task_id, result in list(self._held.items()):
-            try:
-                outcomes.finish_write(self.spool, self.worker, result)
-            except OSError as exc:
-                self._hold(result, exc)
-                return False
-            del self._held[task_id]
-            self._saved.discard(task_id)
-            self.log.info("wrote the held result of %s", task_id, extra=self._extra(task_id, "result_written"))
+        written, failure = self._held.flush()
+        for result in written:
+            self.log.info(
+                "wrote the held result of %s", result["task_id"], extra=self._extra(result["task_id"], "held")
+            )
             self._finished(result)
-        return True
+        if failure is not None:
+            self._hold(*failure)
+        return failure is None
 
     def _flush_held(self) -> None:
         """At shutdown: keep trying until the drain deadline; what is left stays claimed for recovery."""
@@ -541,8 +548,8 @@ class Executor(Program):
             if deadline is None or time.monotonic() + SPOOL_BACKOFF >= deadline:
                 break
             time.sleep(SPOOL_BACKOFF)
-        for task_id in self._held:
-            if task_id in self._saved:
+        for task_id in self._held.results:
+            if task_id in self._held.saved:
                 what = "its saved outcome is written when the executor starts again"
             else:
                 what = "its outcome could not be saved either, so the task runs again (attempts + 1)"

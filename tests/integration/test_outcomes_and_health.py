@@ -17,7 +17,7 @@ from pathlib import Path
 from activation.spool import outcome as outcomes
 from activation.worker import spawn as spawning
 from tests.conftest import FAKE_AGENT, wait_for
-from tests.harness import WORKER_CONF, WorkerTree
+from tests.harness import WORKER_CONF, WorkerTree, listener_rescans
 
 INTERVAL = 1.0  # the heartbeat interval of these trees; "within two intervals" is measured against it
 
@@ -43,14 +43,6 @@ def wait_healthy(tree: WorkerTree, timeout: float = 20) -> None:
 
 def runs_of(record: Path) -> int:
     return len(record.read_text().splitlines()) if record.exists() else 0
-
-
-def listener_rescans(tree: WorkerTree) -> int:
-    try:
-        beat = json.loads(tree.spool.heartbeat_path(tree.worker).read_text())
-    except (OSError, ValueError):
-        return 0
-    return int((beat.get("listener") or {}).get("rescans") or 0)
 
 
 def shell_agent(path: Path) -> Path:
