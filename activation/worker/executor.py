@@ -399,8 +399,7 @@ class Executor(Program):
             self._put_back(task_id)
             self._spool_trouble("cannot run the agent for", task_id, exc)
             return None
-        if self.condition.trouble is not None:
-            self.condition.recovered()  # an agent started: whatever kept tasks from starting is over
+        self.condition.started()
         if run.aborted:
             # A drain is not the task's fault: back unchanged, same attempt count, no result.
             self._put_back(task_id)
@@ -411,6 +410,8 @@ class Executor(Program):
             )
             return None
         result = self._result(task, run, attempts, visible_ns, source)
+        failed = result["status"] == FAILED
+        self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
         try:
             outcomes.finish_write(self.spool, self.worker, result)
         except OSError as exc:

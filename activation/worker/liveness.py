@@ -29,6 +29,11 @@ OK, DEGRADED = "ok", "degraded"
 # doubling up to the maximum. A fault that preflight can see is re-checked every beat instead.
 TROUBLE_BACKOFF_MIN = 1.0
 TROUBLE_BACKOFF_MAX = 30.0
+# An agent that starts but fails every task at once is as broken as one that cannot start: after
+# this many failed runs in a row, each shorter than FAST_FAIL_S, the executor backs off as above.
+FAST_FAIL_STREAK = 5
+FAST_FAIL_S = 1.0
+AGENT_FAILING = "agent_failing"
 
 
 def wedge_after(heartbeat_interval: float) -> float:
@@ -151,6 +156,7 @@ class Condition:
         self.log = log
         self.worker = worker
         self.trouble: Trouble | None = None
+        self.streak = 0  # failed runs in a row, each shorter than FAST_FAIL_S
 
     def degrade(self, reason: str, detail: str, *, static: bool = False, task_id: str | None = None) -> None:
         """Report degraded (the heartbeat passes it on to `check`) and back off; logged once per cause."""
@@ -173,3 +179,22 @@ class Condition:
         if self.pulse.set_state(OK) and trouble is not None:
             extra = {"worker": self.worker, "event": "ok"}
             self.log.info("no longer degraded (%s is over)", trouble.reason, extra=extra)
+
+    def started(self) -> None:
+        """An agent started: whatever kept tasks from starting is over (a failing agent is judged by its runs)."""
+        if self.trouble is not None and self.trouble.reason != AGENT_FAILING:
+            self.recovered()
+
+    def note_run(self, failed: bool, duration_s: float, exit_code: int, output: str) -> None:
+        """After each run: a streak of fast failures means the agent itself is broken, so back off."""
+        if not failed or duration_s >= FAST_FAIL_S:
+            self.streak = 0
+            if self.trouble is not None and self.trouble.reason == AGENT_FAILING:
+                self.recovered()
+            return
+        self.streak += 1
+        if self.streak >= FAST_FAIL_STREAK:
+            said = output.splitlines()[:1]
+            summary = f"exit {exit_code}" + (f": {said[0][:200]}" if said else "")
+            detail = f"the agent failed {self.streak} tasks in a row, each within {FAST_FAIL_S:g}s (last: {summary})"
+            self.degrade(AGENT_FAILING, f"{detail}; the next task waits")

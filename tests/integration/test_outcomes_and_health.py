@@ -100,6 +100,17 @@ def test_a_missing_agent_binary_keeps_300_tasks_waiting_while_check_says_why(mak
     wait_healthy(tree)
 
 
+def test_an_agent_that_fails_every_task_at_once_backs_off_and_check_says_why(make_tree) -> None:
+    tree: WorkerTree = make_tree(agent="false {description}", ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
+    for i in range(300):
+        tree.write_task(f"doomed-{i:03d}", "x")
+    said = wait_unhealthy(tree, "executor degraded: the agent failed")
+    assert "in a row" in said and "exit 1" in said
+    assert len(tree.result_ids()) <= 20, "the backlog is not burnt into failed"
+    assert tree.spool.count_inbox("w1") >= 280
+    assert tree.states()["executor"] == "RUNNING"
+
+
 def test_a_workdir_that_is_gone_degrades_the_worker_and_the_task_waits(make_tree, tmp_path: Path) -> None:
     workdir = tmp_path / "workdir"
     tree: WorkerTree = make_tree(ACTIVATION_AGENT_WORKDIR=str(workdir), ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))

@@ -171,6 +171,25 @@ def test_a_spawn_failure_preflight_cannot_see_puts_the_task_back_and_backs_off(s
     assert beat_state(settings)["state"] == "degraded"
 
 
+def test_a_streak_of_fast_failures_degrades_and_one_good_run_clears_it(run_dir: Path) -> None:
+    import logging
+
+    condition = liveness.Condition(liveness.ExecutorBeat(run_dir, 1), logging.getLogger("test"), WORKER)
+    for _ in range(liveness.FAST_FAIL_STREAK - 1):
+        condition.note_run(True, 0.01, 2, "error: unknown option '--bogus'\nmore")
+    assert condition.trouble is None
+    condition.note_run(True, 0.01, 2, "error: unknown option '--bogus'")
+    trouble = condition.trouble
+    assert trouble is not None and trouble.reason == liveness.AGENT_FAILING and not trouble.static
+    assert "exit 2: error: unknown option '--bogus'" in trouble.detail
+    condition.started()
+    assert condition.trouble is not None, "starting proves nothing: the run must succeed"
+    condition.note_run(True, 0.01, 2, "again")
+    assert condition.trouble is not None and condition.trouble.backoff == 2 * trouble.backoff
+    condition.note_run(True, liveness.FAST_FAIL_S + 1, 1, "a slow failure is the task's own")
+    assert condition.trouble is None and condition.streak == 0
+
+
 def test_a_missing_workdir_degrades_instead_of_refusing_to_start(spool: Spool, make_settings, tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     settings = make_settings(agent_workdir=workdir)
