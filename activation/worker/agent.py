@@ -194,12 +194,15 @@ def run_agent(
     should_abort: Callable[[], bool] | None = None,
     cwd: str | None = None,
     stdin_data: bytes | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
 
     ``stdin_data`` becomes the agent's stdin, read to its end (a memory file, so a large one never
     blocks us on a pipe); without it stdin is /dev/null. An agent that cannot be started at all
     raises `activation.worker.spawn.CannotStart`, which says whether it is this task's fault.
+    ``on_tick`` is called on every turn of the supervision loop (at least every 0.25 s while the
+    agent runs, every 50 ms while its tree is being killed): the caller's proof of progress.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     stdin: int = subprocess.DEVNULL
@@ -227,7 +230,7 @@ def run_agent(
     started_mono = time.monotonic()
     tree = _Tree(popen, started_mono, kill_grace, output_limit)
     try:
-        tree.supervise(started_mono + timeout, should_abort)
+        tree.supervise(started_mono + timeout, should_abort, on_tick)
     finally:
         tree.close()
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -321,13 +324,17 @@ class _Tree:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def supervise(self, deadline: float, should_abort: Callable[[], bool] | None) -> None:
+    def supervise(
+        self, deadline: float, should_abort: Callable[[], bool] | None, on_tick: Callable[[], None] | None = None
+    ) -> None:
         phase = RUNNING
         now = time.monotonic()
         grace_end = drain_end = next_gone_check = 0.0
         next_abort = now + ABORT_CHECK_INTERVAL
         next_sample = now + RSS_SAMPLE_INTERVAL
         while True:
+            if on_tick is not None:
+                on_tick()
             if self.pidfd is None and self.exit_code is None:
                 self._reap_agent(block=False)
             now = time.monotonic()

@@ -210,11 +210,6 @@ class Executor(Program):
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
 
-    def _during_run(self) -> bool:
-        """Called by the agent's supervision loop a few times a second: beat, and say whether to abort."""
-        self.pulse.beat()
-        return self._past_drain()
-
     def _queue_unreachable(self, exc: QueueError) -> None:
         # The listener is down or restarting: say so once per outage, not once per attempt.
         if not self._queue_down:
@@ -388,7 +383,8 @@ class Executor(Program):
                 timeout=timeout,
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
-                should_abort=self._during_run,
+                should_abort=self._past_drain,
+                on_tick=self.pulse.beat,
                 cwd=self._cwd,
                 stdin_data=launch.stdin,
             )
