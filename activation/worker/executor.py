@@ -199,6 +199,7 @@ class Executor(Program):
             self._client = None
         if self._done is not None:
             self._done.close()
+        self.pulse.close()
 
     def request_stop(self, signum: int | None = None) -> None:
         """Take no new task; the running one may finish until the drain deadline (first signal only)."""

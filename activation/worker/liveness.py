@@ -83,6 +83,11 @@ class ExecutorBeat:
         self._write()
         return True
 
+    def close(self) -> None:
+        """A clean exit: no beat file, so nobody mistakes a stopped executor for a wedged one."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
     def _write(self) -> None:
         if not self._state:
             self._state = {"pid": os.getpid(), "state": OK, "reason": None, "detail": None, "since": iso_now()}

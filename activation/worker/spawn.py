@@ -99,10 +99,13 @@ def plan_launch(template: str, description: str, env: Mapping[str, str], **field
     return Launch(without, description.encode("utf-8", "surrogateescape"))
 
 
-def resolve(program: str, env: Mapping[str, str]) -> str | None:
-    """Where exec would find ``program`` with this environment's PATH, as execvpe searches it."""
+def resolve(program: str, env: Mapping[str, str], cwd: str | None = None) -> str | None:
+    """Where exec would find ``program`` with this environment's PATH, as execvpe searches it.
+
+    A path with a slash is taken from the agent's workdir, where exec runs (after the chdir).
+    """
     if "/" in program:
-        return program
+        return os.path.join(cwd, program) if cwd is not None else program
     for folder in env.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(folder or ".", program)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
@@ -114,7 +117,7 @@ def preflight(program: str, env: Mapping[str, str], cwd: str | None) -> CannotSt
     """What stops every task from starting, seen without starting anything (a few stat calls)."""
     if cwd is not None and not os.path.isdir(cwd):
         return CannotStart(WORKDIR_MISSING, f"the agent's workdir {cwd} is not a folder", whole_worker=True)
-    path = resolve(program, env)
+    path = resolve(program, env, cwd)
     if path is None or not os.path.exists(path):
         where = program if "/" in program else f"{program} on PATH"
         return CannotStart(AGENT_NOT_FOUND, f"the agent {where} does not exist", whole_worker=True)
