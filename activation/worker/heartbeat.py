@@ -92,8 +92,10 @@ class Heartbeat(Program):
         try:
             report = self.beat()
             programs = report.get("programs") or {}
-            if set(programs.values()) - {"RUNNING"}:
-                # A sibling is starting or restarting: say when it runs, not an interval later.
+            listener = report.get("listener") or {}
+            if set(programs.values()) - {"RUNNING"} or listener.get("reachable") is False:
+                # A sibling is starting, restarting or not serving yet: say when it runs, not an
+                # interval later.
                 interval = min(interval, SETTLING_INTERVAL)
         except OSError as exc:  # a full or unwritable spool must not kill the heartbeat
             self.log.error("cannot write heartbeat %s: %s", self.path, exc, extra={"event": "heartbeat_failed"})

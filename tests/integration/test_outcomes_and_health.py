@@ -220,12 +220,16 @@ def test_status_exits_non_zero_when_a_worker_it_shows_is_unhealthy(make_tree) ->
     tree: WorkerTree = make_tree(ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
     wait_for(lambda: tree.cli("status").returncode == 0, 20, 0.1, "a healthy status")
     tree.ctl("stop", "listener")
-    wait_for(lambda: tree.cli("status").returncode == 1, 20, 0.1, "status to exit 1")
-    shown = tree.cli("status", "--json")
-    assert shown.returncode == 1
-    (worker,) = json.loads(shown.stdout)
-    assert worker["healthy"] is False and "listener STOPPED" in worker["problems"]
-    assert "SICK" in tree.cli("status").stdout
+
+    def stopped_shown() -> dict | None:
+        shown = tree.cli("status", "--json")
+        (worker,) = json.loads(shown.stdout)
+        return worker if "listener STOPPED" in worker["problems"] and shown.returncode == 1 else None
+
+    worker = wait_for(stopped_shown, 20, 0.1, "status --json to show the stopped listener and exit 1")
+    assert worker["healthy"] is False
+    text = tree.cli("status")
+    assert text.returncode == 1 and "SICK" in text.stdout
 
 
 # -- class 9: margins ------------------------------------------------------------------------------
