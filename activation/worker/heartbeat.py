@@ -32,7 +32,10 @@ from activation.observability.metrics import (
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
 from activation.worker import liveness
-from activation.worker.supervision import program_infos, supervisor_socket
+from activation.worker.supervision import SUPERVISOR_SOCKET, program_infos, program_states, supervisor_socket
+
+# supervisord's RPC moved to supervision.py (the executor reads it too); the old names stay here.
+__all__ = ["SUPERVISOR_SOCKET", "Heartbeat", "program_states", "supervisor_socket"]
 
 SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
 METRICS_RETRY = 5.0  # seconds between attempts to bind a metrics port that was taken
