@@ -22,6 +22,9 @@ ORCHESTRATOR_MODES = ("files", "events", "auto")
 TRANSPORTS = ("files", "streams")
 WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
+# Seconds the executor needs beyond its drain and kill grace to put the task back and exit.
+STOP_MARGIN = 5.0
+
 # Variables that are activation's own secrets: never logged, never handed to the agent. Each
 # may also come from a file named by <VARIABLE>_FILE (the Docker secrets convention).
 SECRET_VARIABLES = ("ACTIVATION_ADMIN_TOKEN", "REDIS_URL", "REDIS_PASSWORD", "ACTIVATION_QUEUE_KEY")
@@ -44,7 +47,8 @@ class Settings:
     task_timeout: float = 600.0  # ACTIVATION_TASK_TIMEOUT
     max_task_timeout: float = 86400.0  # ACTIVATION_MAX_TASK_TIMEOUT
     kill_grace: float = 5.0  # ACTIVATION_KILL_GRACE
-    drain_timeout: float = 50.0  # ACTIVATION_DRAIN_TIMEOUT
+    drain_timeout: float = 45.0  # ACTIVATION_DRAIN_TIMEOUT
+    executor_stopwaitsecs: float = 55.0  # ACTIVATION_EXECUTOR_STOPWAITSECS: supervisord's, for the executor
     max_attempts: int = 3  # ACTIVATION_MAX_ATTEMPTS
     poll_interval: float = 1.0  # ACTIVATION_POLL_INTERVAL
     rescan_interval: float = 5.0  # ACTIVATION_RESCAN_INTERVAL
@@ -210,6 +214,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_MAX_TASK_TIMEOUT": ("max_task_timeout", _number(float, 0.001)),
     "ACTIVATION_KILL_GRACE": ("kill_grace", _number(float, 0)),
     "ACTIVATION_DRAIN_TIMEOUT": ("drain_timeout", _number(float, 0)),
+    "ACTIVATION_EXECUTOR_STOPWAITSECS": ("executor_stopwaitsecs", _number(float, 1)),
     "ACTIVATION_MAX_ATTEMPTS": ("max_attempts", _number(int, 1)),
     "ACTIVATION_POLL_INTERVAL": ("poll_interval", _number(float, 0.01)),
     "ACTIVATION_RESCAN_INTERVAL": ("rescan_interval", _number(float, 0.01)),
@@ -320,6 +325,7 @@ def _check(settings: Settings) -> None:
             "ACTIVATION_TASK_TIMEOUT: must not exceed ACTIVATION_MAX_TASK_TIMEOUT "
             f"({settings.task_timeout:g} > {settings.max_task_timeout:g})"
         )
+    check_stop_margin(settings.drain_timeout, settings.kill_grace, settings.executor_stopwaitsecs)
     agent_words(settings.agent_command)
     if settings.transport == "streams" and not (settings.redis_url or settings.redis_sentinels):
         raise ConfigError("ACTIVATION_TRANSPORT: streams needs REDIS_URL or REDIS_SENTINELS")
@@ -365,3 +371,17 @@ def agent_words(template: str) -> tuple[str, ...]:
 
 def _never_an_option(word: str) -> bool:
     return bool(_LONG_OPTION_VALUE.match(word)) or not (word.startswith("-") or word.startswith(DESCRIPTION))
+
+
+def check_stop_margin(drain: float, grace: float, stopwaitsecs: float, *, where: str = "") -> None:
+    """The drain, then the kill grace, then STOP_MARGIN to put the task back: all before SIGKILL.
+
+    supervisord SIGKILLs the executor ``stopwaitsecs`` after its SIGTERM; a kill that races the
+    drain leaves the agent's tree to a stranger and the task claimed.
+    """
+    if drain + grace + STOP_MARGIN > stopwaitsecs:
+        raise ConfigError(
+            f"ACTIVATION_DRAIN_TIMEOUT: {drain:g} s plus ACTIVATION_KILL_GRACE {grace:g} s plus a {STOP_MARGIN:g} s "
+            f"margin must fit in the executor's stopwaitsecs ({stopwaitsecs:g} s{where}); "
+            f"lower the drain to at most {max(stopwaitsecs - grace - STOP_MARGIN, 0):g} s"
+        )

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The project's fake agent: a stand-in for ``claude -p`` whose description says what it does.
 
-Usage: ``fake_agent.py [--output-format json] -p -- "<description>"``. The description is a list of
+Usage: ``fake_agent.py [--output-format json] -p -- "<description>"``; with ``-p`` and no description
+it reads the description from stdin, as Claude Code does. The description is a list of
 space-separated directives; any other word is only echoed. By default it prints
 ``done: <description>`` and exits 0. Directives (acted on in this order, whatever their order):
 
@@ -101,7 +102,9 @@ def flood(stream: object, size: int) -> None:
 def main(argv: list[str]) -> int:
     started = time.monotonic()
     description, output_format = parse_args(argv)
-    if description is None:
+    if description is None and ("-p" in argv or "--print" in argv):
+        description = sys.stdin.read()  # like claude: -p with no prompt argument reads it from stdin
+    if not description:
         print(USAGE, file=sys.stderr)
         return 2
     options: dict[str, str] = {}

@@ -11,6 +11,8 @@ import signal
 import threading
 from types import FrameType
 
+from activation.errors import ActivationError, ConfigError
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -53,6 +55,9 @@ def run_program(program: Program) -> int:
         log.info("%s started", program.name)
         while not program.stopping.is_set():
             program.loop()
+    except ActivationError as exc:  # a refusal we raised on purpose: one line, no traceback
+        log.error("%s cannot run: %s", program.name, exc)
+        code = EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR
     except Exception:
         log.exception("%s failed", program.name)
         code = EXIT_ERROR

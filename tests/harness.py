@@ -342,3 +342,20 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def listener_rescans(tree: WorkerTree) -> int:
+    """How many reconcile scans the tree's listener has done, asked over its queue socket (0: unknown).
+
+    Not through the heartbeat file, which a full disk keeps from being written.
+    """
+    from activation.errors import QueueError
+    from activation.worker.queue import QueueClient, load_authkey, socket_path
+
+    client = QueueClient(socket_path(tree.run_dir), load_authkey(tree.run_dir))
+    try:
+        return int(client.stats().get("rescans") or 0)
+    except QueueError:
+        return 0
+    finally:
+        client.close()

@@ -218,12 +218,18 @@ def heartbeat() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
 def status(obj: Context, as_json: bool) -> None:
-    """Show every worker: alive or stale, current task, queue, programs, dead letters."""
+    """Show every worker: alive or stale, current task, queue, programs, dead letters.
+
+    Exits 1 when any worker it shows is unhealthy, so that a script can rely on it as on `check`.
+    """
     from activation.spool.health import all_health
 
     healths = all_health(obj.spool, timeout=obj.settings.heartbeat_timeout)
+    sick = any(not h.healthy for h in healths)
     if as_json:
         print_json([h.as_dict() for h in healths])
+        if sick:
+            sys.exit(EXIT_FAILED)
         return
     if not healths:
         click.echo(f"no workers in {obj.spool.root}")
@@ -238,6 +244,8 @@ def status(obj: Context, as_json: bool) -> None:
             f"queue={h.queue_size if h.queue_size is not None else '?'} dead_letters={h.dead_letters} {programs}"
         )
         click.echo(f"{'':<12} results: {done}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+    if sick:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

@@ -54,7 +54,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: i
 def remove_temp_files(folder: Path, prefix: str = TEMP_PREFIX) -> int:
     """Delete the temp files a killed writer left in ``folder``; only call it as their sole writer."""
     removed = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+    # No folder (or a file in its place, which health reports): no temp files to remove.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith(prefix):
                 with contextlib.suppress(FileNotFoundError):

@@ -1,15 +1,20 @@
-"""Worker health, judged from the heartbeat files in the spool.
+"""Worker health, judged from the heartbeat files in the spool and the spool's own layout.
 
 Used by ``activation status`` and ``activation check`` (and later the orchestrator). A worker is
-healthy when its heartbeat is fresh, every program of its tree is RUNNING, and the listener's
-wake sources are alive.
+healthy when its heartbeat is fresh, every program of its tree is RUNNING, the listener's wake
+sources are alive, the executor makes progress and can start its agent and write its results,
+the heartbeat serves its metrics, every folder the worker moves tasks through is a folder, and
+the spool has room for a result.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from activation.clock import parse_iso
@@ -48,14 +53,16 @@ def worker_health(
 ) -> WorkerHealth:
     now = time.time() if now is None else now
     path = spool.heartbeat_path(worker)
+    layout = layout_problems(spool, worker) + space_problems(spool)
     try:
         beat = read_json(path)
         if not isinstance(beat, dict):
             raise ValueError("not an object")
     except FileNotFoundError:
-        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=["no heartbeat"])
+        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=["no heartbeat", *layout])
     except (OSError, ValueError) as exc:
-        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=[f"unreadable heartbeat: {exc}"])
+        problems = [f"unreadable heartbeat: {exc}", *layout]
+        return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=problems)
     stamp = _epoch(beat.get("epoch")) or parse_iso(beat.get("timestamp"))
     age = max(0.0, now - stamp) if stamp is not None else None
     programs = beat.get("programs")
@@ -90,6 +97,12 @@ def worker_health(
         for name, source in (sources if isinstance(sources, dict) else {}).items():
             if isinstance(source, dict) and source.get("alive") is False and name != "inotify":
                 health.problems.append(f"wake source {name} dead")
+    if health.alive:  # a stopped or stale worker's last words are not news
+        health.problems.extend(_executor_problems(beat.get("executor")))
+        metrics = beat.get("metrics")
+        if isinstance(metrics, dict) and metrics.get("error"):
+            health.problems.append(f"heartbeat {metrics['error']}")
+    health.problems.extend(layout)
     return health
 
 
@@ -106,6 +119,64 @@ def _epoch(value: object) -> float | None:
 
 def _typed(value: Any, kind: type) -> Any:
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _executor_problems(executor: Any) -> list[str]:
+    if not isinstance(executor, dict):
+        return []
+    if executor.get("wedged"):
+        return [f"executor wedged: no progress for {executor.get('beat_age_s', '?')}s"]
+    if executor.get("state") == "degraded":
+        return [f"executor degraded: {executor.get('detail') or executor.get('reason')}"]
+    return []
+
+
+def layout_problems(spool: Spool, worker: str) -> list[str]:
+    """The folders this worker's tasks move through that are not folders (a file, or missing)."""
+    problems = []
+    folders = (
+        spool.tasks_dir,
+        spool.dead_letter_dir,
+        spool.inbox(worker),
+        spool.processing(worker),
+        spool.results_dir,
+        spool.results(worker),
+    )
+    for folder in folders:
+        try:
+            mode = os.stat(folder).st_mode
+        except FileNotFoundError:
+            problems.append(f"spool layout broken: {_relative(spool, folder)} is missing")
+            continue
+        except OSError as exc:
+            problems.append(f"spool layout broken: {_relative(spool, folder)}: {exc.strerror or exc}")
+            continue
+        if not stat.S_ISDIR(mode):
+            problems.append(f"spool layout broken: {_relative(spool, folder)} is not a folder")
+    return problems
+
+
+MIN_FREE_BYTES = 64 * 1024  # below this, no result (nor the heartbeat saying so) can be written
+
+
+def space_problems(spool: Spool) -> list[str]:
+    """A full spool: the heartbeat cannot report it (its own write fails too), so check looks itself."""
+    try:
+        info = os.statvfs(spool.root)
+    except OSError:
+        return []  # a missing root shows up as missing folders
+    free = info.f_bavail * info.f_frsize
+    if free < MIN_FREE_BYTES or (info.f_files and info.f_favail == 0):
+        what = "no inodes" if free >= MIN_FREE_BYTES else f"{free // 1024} KiB"
+        return [f"spool full: {what} left on {spool.root}; results and heartbeats cannot be written"]
+    return []
+
+
+def _relative(spool: Spool, path: Path) -> str:
+    try:
+        return str(path.relative_to(spool.root))
+    except ValueError:
+        return str(path)
 
 
 def dead_letter_counts(spool: Spool) -> dict[str | None, int]:

@@ -70,15 +70,31 @@ class Spool:
         return self.dead_letter_dir / f"{key}{TASK_SUFFIX}"
 
     def init(self, workers: Iterable[str] = ()) -> None:
-        """Create the layout; existing folders and files are left as they are."""
-        try:
-            for folder in (self.tasks_dir, self.results_dir, self.heartbeats_dir, self.dead_letter_dir):
+        """Create the layout; existing folders and files are left as they are.
+
+        Every folder that can be made is made, even when another cannot (a file in its place):
+        the SpoolError at the end names the first that failed.
+        """
+        folders = [self.tasks_dir, self.results_dir, self.heartbeats_dir, self.dead_letter_dir]
+        for worker in workers:
+            folders += [self.inbox(worker), self.processing(worker), self.results(worker)]
+        failed: list[str] = []
+        for folder in folders:
+            try:
                 folder.mkdir(parents=True, exist_ok=True)
-            for worker in workers:
-                for folder in (self.inbox(worker), self.processing(worker), self.results(worker)):
-                    folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SpoolError(f"cannot create the spool layout under {self.root}: {exc.strerror}") from None
+            except OSError as exc:
+                failed.append(f"{folder}: {exc.strerror}")
+        if failed:
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise SpoolError(f"cannot create the spool layout under {self.root}: {failed[0]}{more}")
+
+    def try_init(self, workers: Iterable[str] = ()) -> str | None:
+        """init(), for a program that must keep running on a damaged spool: the problem, or None."""
+        try:
+            self.init(workers)
+        except SpoolError as exc:
+            return str(exc)
+        return None
 
     def workers(self) -> list[str]:
         """Every worker the spool knows of: an inbox, a results folder or a heartbeat."""

@@ -21,14 +21,14 @@ What the agent gets:
   ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
   executor without cgroups finds what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
-- stdin: /dev/null (``claude -p`` waits 3 s for an open stdin); stdout and stderr: pipes.
+- stdin: /dev/null (``claude -p`` waits 3 s for an open stdin), or the description itself when it
+  is too long for argv (spawn.py decides); stdout and stderr: pipes.
 - its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -49,8 +49,6 @@ from activation.worker.containment import TaskCgroups
 
 log = logging.getLogger("activation.agent")
 
-EXIT_NOT_EXECUTABLE = 126  # the shell's convention: found, but cannot be run
-EXIT_NOT_FOUND = 127
 READ_CHUNK = 64 * 1024  # a Linux pipe holds 64 KiB: one read empties it
 ABORT_CHECK_INTERVAL = 0.25
 RSS_SAMPLE_INTERVAL = 0.5
@@ -165,6 +163,8 @@ def run_agent(
     should_abort: Callable[[], bool] | None = None,
     cwd: str | None = None,
     cgroups: TaskCgroups | None = None,
+    stdin_data: bytes | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
 
@@ -172,15 +172,21 @@ def run_agent(
     that cgroup, and whatever else is in it is the agent's tree, however it forked, whatever it
     did to its session or its environment.
 
-    A missing or non-executable agent binary is a run with exit code 127 or 126, not an error.
-    Other spawn failures (no memory, no processes left) raise OSError: they are not the task's fault.
+    ``stdin_data`` becomes the agent's stdin, read to its end (a memory file, so a large one never
+    blocks us on a pipe); without it stdin is /dev/null. An agent that cannot be started at all
+    raises `activation.worker.spawn.CannotStart`, which says whether it is this task's fault.
+    ``on_tick`` is called on every turn of the supervision loop (at least every 0.25 s while the
+    agent runs, every 50 ms while its tree is being killed): the caller's proof of progress.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+    stdin: int = subprocess.DEVNULL
+    if stdin_data is not None:
+        stdin = _memory_file(stdin_data)
+    try:
+        # Born in this process's cgroup, which is the agent's when there are cgroups.
+        popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -188,20 +194,18 @@ def run_agent(
             start_new_session=True,
             close_fds=True,
         )
-
-    try:
-        popen = start()  # born in this process's cgroup, which is the agent's when there are cgroups
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
-            return _spawn_failure(argv, EXIT_NOT_FOUND, exc)
-        if isinstance(exc, PermissionError) or exc.errno in (errno.ENOEXEC, errno.EISDIR):
-            return _spawn_failure(argv, EXIT_NOT_EXECUTABLE, exc)
-        raise
+        from activation.worker.spawn import classify
+
+        raise classify(exc, argv, cwd) from None
+    finally:
+        if stdin_data is not None:
+            os.close(stdin)
     started_at_wall = time.time()
     started_mono = time.monotonic()
     tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups)
     try:
-        tree.supervise(started_mono + timeout, should_abort)
+        tree.supervise(started_mono + timeout, should_abort, on_tick)
     finally:
         tree.close()
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -228,25 +232,24 @@ def run_agent(
     )
 
 
-def _spawn_failure(argv: list[str], exit_code: int, exc: OSError) -> AgentRun:
-    now = time.time()
-    message = f"activation: cannot start the agent {argv[0] if argv else ''!r}: {exc.strerror or exc}\n"
-    return AgentRun(
-        exit_code=exit_code,
-        signal=None,
-        timed_out=False,
-        aborted=False,
-        stdout="",
-        stderr=message,
-        stdout_bytes=0,
-        stderr_bytes=len(message.encode()),
-        truncated=False,
-        started_at_wall=now,
-        started_mono=time.monotonic(),
-        duration_s=0.0,
-        cpu_seconds=0.0,
-        rss_peak_bytes=0,
-    )
+def _memory_file(data: bytes) -> int:
+    """An fd that reads ``data`` from its start: a memfd, or an unlinked temp file without one."""
+    try:
+        fd = os.memfd_create("activation-stdin", os.MFD_CLOEXEC)
+    except (OSError, AttributeError):
+        import tempfile
+
+        with tempfile.TemporaryFile() as handle:
+            fd = os.dup(handle.fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # Phases of one run: RUNNING until the agent exits or its time is up; GRACE while the tree has
@@ -299,13 +302,17 @@ class _Tree:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def supervise(self, deadline: float, should_abort: Callable[[], bool] | None) -> None:
+    def supervise(
+        self, deadline: float, should_abort: Callable[[], bool] | None, on_tick: Callable[[], None] | None = None
+    ) -> None:
         phase = RUNNING
         now = time.monotonic()
         grace_end = drain_end = next_gone_check = 0.0
         next_abort = now + ABORT_CHECK_INTERVAL
         next_sample = now + RSS_SAMPLE_INTERVAL
         while True:
+            if on_tick is not None:
+                on_tick()
             if self.pidfd is None and self.exit_code is None:
                 self._reap_agent(block=False)
             now = time.monotonic()

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from activation.errors import ActivationError, ConfigError
-from activation.worker.supervisor_rpc import process_infos, supervisor_socket, supervisord_pid
+from activation.worker.supervision import program_infos, supervisor_socket, supervisord_pid
 
 log = logging.getLogger("activation.executor")
 
@@ -307,7 +307,7 @@ def kill_supervisor_orphans(run_dir: Path, *, grace: float) -> list[int]:
     def orphans() -> list[psutil.Process]:
         try:
             children = parent.children()  # before asking: a program spawned later is not in this list
-            programs = {int(info.get("pid") or 0) for info in process_infos(sock)}
+            programs = {int(info.get("pid") or 0) for info in program_infos(sock).values()}
         except (OSError, psutil.Error, ValueError) as exc:
             log.warning("orphan sweep stopped: %s", exc)
             return []

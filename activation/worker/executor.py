@@ -1,29 +1,34 @@
 """The executor program: takes task ids off the work queue and brings each task to exactly one result.
 
-It owns the claim → run → result sequence, the recovery of ``.processing/`` at start, and the
-drain on SIGTERM. Running the agent's process tree is agent.py's job; moves in the spool are
-spool.py's. The spool decides: whatever dies, a task is in the inbox, claimed, done or dead.
+It owns the claim → run → result sequence, the recovery of ``.processing/`` at start, the drain
+on SIGTERM, and the two ways a worker degrades without losing anything: no task can start (the
+task waits in the inbox) and a result cannot be written (the run's outcome is held, only the write
+is retried). Running the agent's process tree is agent.py's job, telling whether it can start is
+spawn.py's, the liveness beat is liveness.py's, moves in the spool are spool's. The spool decides:
+whatever dies, a task is in the inbox, claimed, done or dead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from activation.clock import iso_now
 from activation.config import Settings
-from activation.errors import BadTask, ConfigError, NotReady, QueueError
+from activation.errors import ActivationError, BadTask, NotReady, QueueError
 from activation.lifecycle import Program
 from activation.observability.metrics import worker_metrics
 from activation.spool import codec
+from activation.spool import outcome as outcomes
 from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.layout import Spool
+from activation.worker import liveness
 from activation.worker.agent import (
     AgentRun,
     agent_environment,
@@ -32,13 +37,15 @@ from activation.worker.agent import (
     run_agent,
 )
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
+from activation.worker.done_events import DoneEvents
+from activation.worker.spawn import CannotStart, plan_launch, preflight
+from activation.worker.supervision import check_drain_fits
 
-QUEUE_WAIT = 2.0  # one loop step: how long to wait on the queue before checking the stop flag (idle cost)
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
-SPOOL_BACKOFF = 0.5  # after a failed result write or claim: give the disk a moment
-
-DONE_TIMEOUT = 0.25  # connect and reply timeout of a done event: never stall the next task on it
+SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held result
+RESULT_WRITE_FAILED = "result_write_failed"
+SPOOL_ERROR = "spool_error"
 
 COMPLETED, FAILED, TIMEOUT = "completed", "failed", "timeout"
 EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
@@ -93,38 +100,6 @@ def result_status(run: AgentRun, envelope: dict[str, Any] | None, *, expects_env
     return COMPLETED
 
 
-class DoneEvents:
-    """PUBLISH ``done:<worker> <task_id>`` after each result, best effort.
-
-    The result file is the truth; the event only wakes ``dispatch --wait`` sooner. So it goes
-    through a RedisLink: an outage is logged once, Redis is left alone while it backs off, and a
-    slow Redis never stalls the next task (DONE_TIMEOUT).
-    """
-
-    def __init__(self, url: str, worker: str, log: logging.Logger) -> None:
-        # redis-py is loaded only when Redis is configured.
-        from activation.transport.pubsub import done_channel
-        from activation.transport.redis_link import RedisLink
-
-        self.channel = done_channel(worker)
-        self.link = RedisLink(
-            url,
-            log=log,
-            what=f"PUBLISH {self.channel}",
-            timeout=DONE_TIMEOUT,
-            extra={"worker": worker},
-            consequence="results are unaffected",
-        )
-
-    def announce(self, task_id: str) -> None:
-        from activation.transport import pubsub
-
-        self.link.run(lambda client: pubsub.publish(client, self.channel, task_id))
-
-    def close(self) -> None:
-        self.link.close()
-
-
 class Executor(Program):
     """One task at a time: claim by rename, run the agent, write the result, drop the claim."""
 
@@ -143,9 +118,8 @@ class Executor(Program):
             arg == "--output-format=json" or (arg == "--output-format" and nxt == "json")
             for arg, nxt in zip(probe, [*probe[1:], ""], strict=True)
         )
-        workdir = settings.agent_workdir
-        if workdir is not None and not workdir.is_dir():
-            raise ConfigError(f"ACTIVATION_AGENT_WORKDIR: {workdir} is not a folder")
+        self._program = probe[0]
+        workdir = settings.agent_workdir  # a missing one is a degraded worker (preflight), not a crash loop
         self._cwd = str(workdir) if workdir is not None else None
         # The environment is read once, here at the process boundary; agent.py strips the secrets.
         self._environ = dict(os.environ if environ is None else environ)
@@ -157,12 +131,22 @@ class Executor(Program):
         # Names this executor's agents (their cgroup, their marker) without naming the run folder.
         self._containment_id = containment_id(self.worker, settings.run_dir)
         self._cgroups: TaskCgroups | None = None
+        self._queue_wait = liveness.beat_period(settings.heartbeat_interval)
+        self.pulse = liveness.ExecutorBeat(settings.run_dir, self._queue_wait)
+        self.condition = liveness.Condition(self.pulse, self.log, self.worker)
+        self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
+        self._unsettled: set[str] = set()  # claims that recovery could not settle yet
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def initialize(self) -> None:
+        self.pulse.set_state(liveness.OK)
+        # supervisord must not SIGKILL us before the drain and the kill grace are over.
+        check_drain_fits(self.settings.run_dir, self.name, self.settings.drain_timeout, self.settings.kill_grace)
         become_subreaper()
-        self.spool.init([self.worker])
+        damaged = self.spool.try_init([self.worker])  # health names it; the executor still settles what it can
+        if damaged is not None:
+            self.condition.degrade(SPOOL_ERROR, damaged)
         self._cgroups, how, killed = contain_agents(
             self.settings.containment, self._containment_id, self.settings.run_dir, grace=self.settings.kill_grace
         )
@@ -174,8 +158,10 @@ class Executor(Program):
                 " ".join(map(str, killed)),
                 extra={"worker": self.worker, "event": "strays_killed"},
             )
+        self.pulse.beat()
         self.recover()
         self.connect()
+        self._idle_check()
 
     def connect(self) -> None:
         """Create the queue client; it connects on its first get()."""
@@ -185,11 +171,23 @@ class Executor(Program):
         self._client = QueueClient(socket_path(run_dir), load_authkey(run_dir, self.settings.queue_key))
 
     def loop(self) -> None:
+        self.pulse.beat()
+        if self._held:
+            self._retry_held()
+            return
+        if self._unsettled:
+            if self.condition.trouble is None or self.condition.trouble.retry_at <= time.monotonic():
+                self._settle_claims(sorted(self._unsettled))
+            if self._unsettled:
+                self.stopping.wait(self._queue_wait)
+                return
+        if self.condition.trouble is not None and not self._trouble_over():
+            return
         if self._client is None:
             self.connect()
         assert self._client is not None
         try:
-            item = self._client.get(timeout=QUEUE_WAIT)
+            item = self._client.get(timeout=self._queue_wait)
         except QueueError as exc:
             self._queue_unreachable(exc)
             return
@@ -198,8 +196,11 @@ class Executor(Program):
             self._queue_down, self._backoff = False, 0.0
         if item is not None:
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
+        else:
+            self._idle_check()
 
     def shutdown(self) -> None:
+        self._flush_held()
         if self._cgroups is not None:
             self._cgroups.close()
         if self._client is not None:
@@ -207,6 +208,7 @@ class Executor(Program):
             self._client = None
         if self._done is not None:
             self._done.close()
+        self.pulse.close()
 
     def request_stop(self, signum: int | None = None) -> None:
         """Take no new task; the running one may finish until the drain deadline (first signal only)."""
@@ -239,11 +241,42 @@ class Executor(Program):
         running when it was killed: they go back to the inbox with ``attempts + 1``, or to the
         dead letter once ``ACTIVATION_MAX_ATTEMPTS`` runs have started.
         """
-        # Writes a killed executor cut short: it is the only writer of both folders.
+        # Writes a killed executor cut short: it is the only writer of both folders (and of outcomes).
         remove_temp_files(self.spool.processing(self.worker))
         remove_temp_files(self.spool.results(self.worker))
-        for task_id in self.spool.claimed_ids(self.worker):
-            self._recover_claim(task_id)
+        held = self._settle_outcomes()
+        # A held outcome is written, never run again.
+        self._settle_claims([task_id for task_id in self.spool.claimed_ids(self.worker) if task_id not in held])
+
+    def _settle_claims(self, task_ids: list[str]) -> None:
+        """Recover each claim; one the spool cannot take yet (a full disk) is retried from loop()."""
+        for task_id in task_ids:
+            self.pulse.beat()
+            try:
+                self._recover_claim(task_id)
+            except OSError as exc:
+                self._unsettled.add(task_id)
+                self._spool_trouble("cannot recover the claim of", task_id, exc)
+                continue
+            self._unsettled.discard(task_id)
+
+    def _settle_outcomes(self) -> set[str]:
+        """Finish the result writes a previous executor could not; the ids still waiting for theirs."""
+        for task_id in outcomes.saved_outcomes(self.spool, self.worker):
+            self.pulse.beat()
+            try:
+                result = outcomes.settle_outcome(self.spool, self.worker, task_id)
+            except outcomes.UnwrittenOutcome as exc:
+                self._hold(exc.result, exc.error, saved=True)
+                continue
+            if result is not None:
+                self.log.info(
+                    "recovery: wrote the saved result of %s; its agent did not run again",
+                    task_id,
+                    extra=self._extra(task_id, "recovered"),
+                )
+                self._finished(result)
+        return set(self._held.results)
 
     def _recover_claim(self, task_id: str) -> None:
         claim = self.spool.claim_path(self.worker, task_id)
@@ -282,20 +315,21 @@ class Executor(Program):
     # -- one task ---------------------------------------------------------------------------
 
     def process(self, task_id: str, source: str = "queue", seen_at: float = 0.0) -> dict[str, Any] | None:
-        """Claim, run and finish one task; the result, or None when there was nothing to run.
+        """Claim, run and finish one task; the result, or None when there is none (yet).
 
         None means: someone else had it, it already had a result, it was bad (dead letter), it
-        went back to the inbox (drain, or a spool that cannot take the result).
+        went back to the inbox (drain, or no task can start), or it ran and its result is held
+        until the spool takes it.
         """
         if self.stopping.is_set() or not tasks.is_valid_task_id(task_id):
             return None
         spool, worker = self.spool, self.worker
         try:
             visible_ns = self._visible_ns(task_id, source, seen_at)
-            claim = spool.claim(worker, task_id)
+            claim = self._claim(task_id)
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, ActivationError) as exc:
             self._spool_trouble("cannot claim", task_id, exc)
             return None
         if claim is None:
@@ -308,7 +342,8 @@ class Executor(Program):
         try:
             task = tasks.load_task(claim, max_timeout=self.settings.max_task_timeout)
         except BadTask as exc:
-            self._dead_letter(task_id, exc.reason, exc.detail, task=exc.task)
+            if not self._dead_letter(task_id, exc.reason, exc.detail, task=exc.task):
+                self._put_back(task_id)
             return None
         except NotReady:
             self._put_back(task_id)  # still being written: the listener queues it again when done
@@ -321,6 +356,15 @@ class Executor(Program):
             self._put_back(task_id)
             return None
         return self._run(task, visible_ns, source)
+
+    def _claim(self, task_id: str) -> Path | None:
+        """Claim by rename. A task still in the inbox after a failed rename means .processing/ is gone."""
+        claim = self.spool.claim(self.worker, task_id)
+        if claim is None and os.path.lexists(self.spool.task_path(self.worker, task_id)):
+            self.log.warning("%s is gone; recreating the spool layout", self.spool.processing(self.worker))
+            self.spool.init([self.worker])
+            claim = self.spool.claim(self.worker, task_id)
+        return claim
 
     def _visible_ns(self, task_id: str, source: str, seen_at: float) -> int:
         """When the task became visible, as well as it can be known.
@@ -338,25 +382,31 @@ class Executor(Program):
         task_id: str = task["task_id"]
         attempts = int(task.get("attempts") or 0) + 1
         timeout = float(task.get("timeout") or self.settings.task_timeout)
-        argv = build_argv(self.settings.agent_command, task["description"], task_id=task_id)
         env = agent_environment(self._environ, task_id, self.worker)
         env[STRAY_MARKER] = self._containment_id
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
+            launch = plan_launch(self.settings.agent_command, task["description"], env, task_id=task_id)
             run = run_agent(
-                argv,
+                launch.argv,
                 env=env,
                 timeout=timeout,
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
                 should_abort=self._past_drain,
+                on_tick=self.pulse.beat,
                 cwd=self._cwd,
                 cgroups=self._cgroups,
+                stdin_data=launch.stdin,
             )
-        except OSError as exc:  # this process cannot spawn (no memory, no pids): not the task's fault
-            self._put_back(task_id)
-            self._spool_trouble("cannot start the agent for", task_id, exc)
+        except CannotStart as exc:
+            self._cannot_start(task, exc)
             return None
+        except OSError as exc:  # the run's own plumbing (pipes, pidfd): not the task's fault
+            self._put_back(task_id)
+            self._spool_trouble("cannot run the agent for", task_id, exc)
+            return None
+        self.condition.started()
         if run.aborted:
             # A drain is not the task's fault: back unchanged, same attempt count, no result.
             self._put_back(task_id)
@@ -367,34 +417,37 @@ class Executor(Program):
             )
             return None
         result = self._result(task, run, attempts, visible_ns, source)
+        failed = result["status"] == FAILED
+        self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
         try:
-            self.spool.write_result(self.worker, result)
+            outcomes.finish_write(self.spool, self.worker, result)
         except OSError as exc:
-            # No result on disk means the task must run again: hand the claim back by rename,
-            # which needs no free space, and let the listener queue it again.
-            self._put_back(task_id)
-            self._spool_trouble("cannot write the result of", task_id, exc)
+            # The run is done and paid for: keep its outcome and retry only the write.
+            self._hold(result, exc)
             return None
+        self._finished(result)
+        return result
+
+    def _finished(self, result: dict[str, Any]) -> None:
+        """A result is on disk: announce it, count it, log it."""
+        task_id, status = result["task_id"], result["status"]
         if self._done is not None:
             self._done.announce(task_id)  # after the write: a waiter woken by it finds the result
-        status = result["status"]
         labels = (self.worker, status)
         self.metrics.tasks_completed.labels(*labels).inc()
-        self.metrics.task_processing_seconds.labels(*labels).observe(run.duration_s)
-        if run.pid is not None:
-            latency = max(result["activation_latency_ms"], 0.0) / 1000
-            self.metrics.activation_latency_seconds.labels(self.worker, source).observe(latency)
-        if run.timed_out:
+        self.metrics.task_processing_seconds.labels(*labels).observe(float(result.get("duration_s") or 0.0))
+        latency = max(float(result.get("activation_latency_ms") or 0.0), 0.0) / 1000
+        self.metrics.activation_latency_seconds.labels(self.worker, str(result.get("source"))).observe(latency)
+        if status == TIMEOUT:
             self.metrics.agent_timeouts.inc()
         self.log.info(
             "task %s %s (exit %s, %.3fs)",
             task_id,
             status,
-            run.exit_code,
-            run.duration_s,
+            result.get("exit_code"),
+            float(result.get("duration_s") or 0.0),
             extra=self._extra(task_id, "task_finished"),
         )
-        return result
 
     def _result(
         self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str
@@ -424,6 +477,93 @@ class Executor(Program):
             "metadata": task.get("metadata") or {},
         }
 
+    # -- when the agent cannot start, or the result cannot be written -----------------------
+
+    def _cannot_start(self, task: dict[str, Any], exc: CannotStart) -> None:
+        """This task cannot start: a terminal dead letter. No task can: back in the inbox, degraded."""
+        task_id = task["task_id"]
+        if not exc.whole_worker:
+            if not self._dead_letter(task_id, exc.reason, exc.detail, task=task):
+                self._put_back(task_id)
+            return
+        self._put_back(task_id)  # it never ran: same attempt count
+        static = self._preflight() is not None
+        self.condition.degrade(exc.reason, f"{exc.detail}; tasks wait in the inbox", static=static, task_id=task_id)
+
+    def _preflight(self) -> CannotStart | None:
+        return preflight(self._program, self._environ, self._cwd)
+
+    def _idle_check(self) -> None:
+        """With nothing to do, look whether a task could start (a few stat calls per beat)."""
+        problem = self._preflight()
+        if problem is not None:
+            self.condition.degrade(problem.reason, f"{problem.detail}; tasks wait in the inbox", static=True)
+        elif self.condition.trouble is not None and self.condition.trouble.static:
+            self.condition.recovered()
+
+    def _trouble_over(self) -> bool:
+        """While troubled: wait (beating), re-check; True when it is time to try a task again."""
+        trouble = self.condition.trouble
+        assert trouble is not None
+        if not trouble.static:
+            remaining = trouble.retry_at - time.monotonic()
+            if remaining > 0:
+                self.stopping.wait(min(remaining, self._queue_wait))
+                return False
+        problem = self._preflight()
+        if problem is None:
+            if trouble.static:
+                self.condition.recovered()
+            return True
+        self.condition.degrade(problem.reason, f"{problem.detail}; tasks wait in the inbox", static=True)
+        self.stopping.wait(self._queue_wait)
+        return False
+
+    def _hold(self, result: dict[str, Any], exc: OSError, *, saved: bool = False) -> None:
+        """Keep a finished run's result, saved beside its claim when the disk lets us, and degrade."""
+        task_id = result["task_id"]
+        kept = "saved beside its claim" if self._held.hold(result, saved=saved) else "kept in memory"
+        error = exc.strerror or exc
+        detail = f"cannot write the result of {task_id}: {error}; its outcome is {kept}, only the write is retried"
+        self.condition.degrade(RESULT_WRITE_FAILED, detail, task_id=task_id)
+
+    def _retry_held(self) -> None:
+        trouble = self.condition.trouble
+        if trouble is not None:
+            remaining = trouble.retry_at - time.monotonic()
+            if remaining > 0:
+                self.stopping.wait(min(remaining, self._queue_wait))
+                return
+        if self._write_held():
+            self.condition.recovered()
+
+    def _write_held(self) -> bool:
+        """Try to write every held result once; True when none is left."""
+        written, failure = self._held.flush()
+        for result in written:
+            self.log.info(
+                "wrote the held result of %s", result["task_id"], extra=self._extra(result["task_id"], "held")
+            )
+            self._finished(result)
+        if failure is not None:
+            self._hold(*failure)
+        return failure is None
+
+    def _flush_held(self) -> None:
+        """At shutdown: keep trying until the drain deadline; what is left stays claimed for recovery."""
+        while self._held and not self._write_held():
+            deadline = self._drain_deadline
+            if deadline is None or time.monotonic() + SPOOL_BACKOFF >= deadline:
+                break
+            time.sleep(SPOOL_BACKOFF)
+        for task_id in self._held.results:
+            if task_id in self._held.saved:
+                what = "its saved outcome is written when the executor starts again"
+            else:
+                what = "its outcome could not be saved either, so the task runs again (attempts + 1)"
+            extra = self._extra(task_id, "held")
+            self.log.error("exiting with the result of %s unwritten: %s", task_id, what, extra=extra)
+
     # -- moves that keep the task safe ------------------------------------------------------
 
     def _put_back(self, task_id: str) -> None:
@@ -440,9 +580,14 @@ class Executor(Program):
                 extra=self._extra(task_id, "put_back_failed"),
             )
 
-    def _dead_letter(self, task_id: str, reason: str, detail: str, task: dict[str, Any] | None = None) -> None:
+    def _dead_letter(self, task_id: str, reason: str, detail: str, task: dict[str, Any] | None = None) -> bool:
+        """Move the claim to the dead letter; False (and degraded) when the spool refuses."""
         claim = self.spool.claim_path(self.worker, task_id)
-        self.spool.dead_letter(claim, reason=reason, detail=detail, worker=self.worker, task=task)
+        try:
+            self.spool.dead_letter(claim, reason=reason, detail=detail, worker=self.worker, task=task)
+        except OSError as exc:
+            self._spool_trouble("cannot dead-letter", task_id, exc)
+            return False
         self.metrics.tasks_dead_lettered.labels(self.worker, reason).inc()
         self.log.warning(
             "task %s sent to the dead letter: %s: %s",
@@ -451,10 +596,12 @@ class Executor(Program):
             detail,
             extra=self._extra(task_id, "dead_letter"),
         )
+        return True
 
-    def _spool_trouble(self, what: str, task_id: str, exc: OSError) -> None:
-        self.log.error("%s %s: %s; retrying later", what, task_id, exc, extra=self._extra(task_id, "spool_error"))
-        self.stopping.wait(SPOOL_BACKOFF)
+    def _spool_trouble(self, what: str, task_id: str, exc: Exception) -> None:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.log.error("%s %s: %s; retrying later", what, task_id, text, extra=self._extra(task_id, "spool_error"))
+        self.condition.degrade(SPOOL_ERROR, f"{what} {task_id}: {text}", task_id=task_id)
 
     def _extra(self, task_id: str, event: str) -> dict[str, str]:
         return {"worker": self.worker, "task_id": task_id, "event": event}

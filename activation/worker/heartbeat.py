@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from activation import __version__
@@ -32,14 +31,14 @@ from activation.observability.metrics import (
 )
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
-from activation.worker.supervisor_rpc import process_infos, supervisor_socket
+from activation.worker import liveness
+from activation.worker.supervision import SUPERVISOR_SOCKET, program_infos, program_states, supervisor_socket
+
+# supervisord's RPC lives in supervision.py (the executor reads it too); the old names stay here.
+__all__ = ["SUPERVISOR_SOCKET", "Heartbeat", "program_states", "supervisor_socket"]
 
 SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
-
-
-def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
-    """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
-    return {str(info["name"]): str(info["statename"]) for info in process_infos(sock, timeout)}
+METRICS_RETRY = 5.0  # seconds between attempts to bind a metrics port that was taken
 
 
 class Heartbeat(Program):
@@ -57,27 +56,48 @@ class Heartbeat(Program):
         self._server_thread: threading.Thread | None = None
         self._queue_client: Any = None
         self._redis: Any = None  # a RedisLink, made on the first beat when REDIS_URL is set
+        self._metrics_error: str | None = None
+        self._metrics_retry_at = 0.0
+        self._executor_info = liveness.ExecutorInfo()
 
     def initialize(self) -> None:
-        self.spool.init([self.worker])
+        damaged = self.spool.try_init([self.worker])
+        if damaged is not None:  # `check` names the broken folder; this program still does its job
+            self.log.error("%s", damaged, extra={"worker": self.worker, "event": "spool_error"})
         # A heartbeat SIGKILLed mid-write leaves its temp file; it is the file's only writer.
         remove_temp_files(self.spool.heartbeats_dir, f"{TEMP_PREFIX}{self.path.name}.")
-        if self.settings.metrics_port:
-            from prometheus_client import start_http_server
-
-            self._server, self._server_thread = start_http_server(
-                self.settings.metrics_port, registry=multiprocess_registry()
-            )
-            self.log.info("serving metrics on :%s", self.settings.metrics_port, extra={"event": "metrics_up"})
+        self._serve_metrics()
         self.metrics.worker_up.set(1)
+
+    def _serve_metrics(self) -> None:
+        """Bind the metrics port; a port that is taken is a reported problem, retried, never a crash."""
+        if not self.settings.metrics_port or self._server is not None or time.monotonic() < self._metrics_retry_at:
+            return
+        from prometheus_client import start_http_server
+
+        port = self.settings.metrics_port
+        try:
+            self._server, self._server_thread = start_http_server(port, registry=multiprocess_registry())
+        except OSError as exc:
+            error = f"cannot serve metrics on :{port}: {exc.strerror or exc}"
+            if error != self._metrics_error:
+                self.log.error("%s; retrying every %gs", error, METRICS_RETRY, extra={"event": "metrics_down"})
+            self._metrics_error = error
+            self._metrics_retry_at = time.monotonic() + METRICS_RETRY
+            return
+        self._metrics_error = None
+        self.log.info("serving metrics on :%s", port, extra={"event": "metrics_up"})
 
     def loop(self) -> None:
         interval = self.settings.heartbeat_interval
+        self._serve_metrics()
         try:
             report = self.beat()
             programs = report.get("programs") or {}
-            if set(programs.values()) - {"RUNNING"}:
-                # A sibling is starting or restarting: say when it runs, not an interval later.
+            listener = report.get("listener") or {}
+            if set(programs.values()) - {"RUNNING"} or listener.get("reachable") is False:
+                # A sibling is starting, restarting or not serving yet: say when it runs, not an
+                # interval later.
                 interval = min(interval, SETTLING_INTERVAL)
         except OSError as exc:  # a full or unwritable spool must not kill the heartbeat
             self.log.error("cannot write heartbeat %s: %s", self.path, exc, extra={"event": "heartbeat_failed"})
@@ -124,6 +144,7 @@ class Heartbeat(Program):
         if folder is not None:
             forget_dead_processes(folder)
         claimed = self.spool.claimed_ids(self.worker)
+        interval = self.settings.heartbeat_interval
         # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
         programs = self._programs() if state == "running" else None
         # worker_up says the whole tree works, not only that this program runs.
@@ -135,7 +156,7 @@ class Heartbeat(Program):
             "pid": os.getpid(),
             "timestamp": iso_now(),
             "epoch": time.time(),
-            "interval_s": self.settings.heartbeat_interval,
+            "interval_s": interval,
             "started_at": self.started_at,
             "current_task": claimed[0] if claimed else None,
             "queue_size": queue_size,
@@ -143,20 +164,35 @@ class Heartbeat(Program):
             "programs": programs,
             "listener": self._listener(),
             "wake_sources": list(self.settings.mode),
+            "executor": liveness.judge(self.settings.run_dir, interval=interval, info=self._executor_info)
+            if state == "running"
+            else None,
+            "metrics": {"port": self.settings.metrics_port, "error": self._metrics_error}
+            if self.settings.metrics_port
+            else None,
             "version": __version__,
         }
 
     def _programs(self) -> dict[str, str] | None:
         sock = supervisor_socket(self.settings.run_dir)
+        self._executor_info = liveness.ExecutorInfo()
         if not sock.exists():
             return None  # not under supervisord (a test, or a hand-run program)
         try:
-            return program_states(sock)
+            infos = program_infos(sock)
         except OSError as exc:
             # SHUTDOWN_STATE: supervisord is stopping the tree and we are the last to go.
             level = logging.DEBUG if "SHUTDOWN_STATE" in str(exc) else logging.WARNING
             self.log.log(level, "cannot read program states from %s: %s", sock, exc, extra={"event": "supervisor_down"})
             return None
+        executor = infos.get("executor")
+        if executor is not None:
+            self._executor_info = liveness.ExecutorInfo(
+                state=str(executor.get("statename")),
+                pid=int(executor.get("pid") or 0) or None,
+                started=float(executor.get("start") or 0) or None,
+            )
+        return {name: str(info.get("statename")) for name, info in infos.items()}
 
     def _listener(self) -> dict[str, Any] | None:
         """The listener's own report: its wake sources, whether the observer thread lives."""

@@ -76,7 +76,9 @@ class Listener(Program):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def initialize(self) -> None:
-        self.spool.init([self.worker])
+        damaged = self.spool.try_init([self.worker])
+        if damaged is not None:  # `check` names the broken folder; this program still does its job
+            self.log.error("%s", damaged, extra={"worker": self.worker, "event": "spool_error"})
         run_dir = self.settings.run_dir
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):  # the socket carries pickle: keep its folder private

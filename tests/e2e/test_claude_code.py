@@ -249,3 +249,25 @@ def test_fake_api_stop_releases_a_held_response() -> None:
             assert time.monotonic() - started < 3
     finally:
         fake.stop()
+
+
+@pytest.mark.slow
+def test_a_description_too_long_for_argv_reaches_claude_on_stdin(
+    claude_tree: WorkerTree, fake_api: FakeAnthropic
+) -> None:
+    """Issue 10, class 2: past MAX_ARG_STRLEN (128 KiB) the description is claude's stdin, whole."""
+    from activation.worker.spawn import MAX_ARG_STRLEN
+
+    head, tail = "e2e-long-head --version", "e2e-long-tail"  # a leading option-like word stays prompt text
+    description = f"{head} {'w' * (MAX_ARG_STRLEN + 4096)} {tail}"
+    fake_api.on("e2e-long-head", reply(CANNED_REPLY))
+
+    claude_tree.write_task("long-1", description)
+    result = claude_tree.wait_result("long-1", timeout=60)
+
+    assert result["status"] == "completed", result
+    assert envelope(result)["result"] == CANNED_REPLY
+    prompts = [r.prompt for r in fake_api.requests if r.is_messages and "e2e-long-head" in r.prompt]
+    assert prompts, "claude never sent the description to the API"
+    assert head in prompts[0] and tail in prompts[0], "the whole description, from its first word to its last"
+    assert "w" * (MAX_ARG_STRLEN + 4096) in prompts[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.harness import BIN, WorkerTree, new_tree
+from tests.harness import BIN, WorkerTree, listener_rescans, new_tree
 
 
 @pytest.fixture
@@ -79,5 +79,38 @@ def test_a_full_disk_loses_nothing_and_recovers(small_disk: Path, tmp_path: Path
             text=True,
         )
         assert sent.returncode == 0, sent.stderr
+    finally:
+        tree.kill_everything()
+
+
+def test_a_full_disk_never_runs_a_finished_agent_again(small_disk: Path, tmp_path: Path) -> None:
+    """Class 4: the run's outcome is kept while the write fails; the agent ran once, attempts stays 1."""
+    tree: WorkerTree = new_tree(small_disk, ACTIVATION_HEARTBEAT_INTERVAL="0.5")
+    tree.log = tmp_path / "supervisord.log"
+    record = tmp_path / "runs"  # outside the full disk: it counts the agent's runs
+    try:
+        tree.start()
+        tree.ctl("stop", "executor")
+        tree.write_task("paid-once", f"record={record}")
+        filler = fill(small_disk)
+        tree.ctl("start", "executor")
+
+        def check_names_it() -> bool:
+            done = tree.cli("check", "w1")
+            return done.returncode == 1 and "spool full" in done.stderr
+
+        # The heartbeat cannot write on a full disk either: check looks at the spool itself.
+        wait_for(check_names_it, 30, 0.2, lambda: f"check to name the full spool; log:\n{tree.log_tail()}")
+        wait_for(lambda: "cannot write the result of paid-once" in tree.log_tail(200), 30, 0.2, "the failed write")
+        rescans = listener_rescans(tree)
+        wait_for(lambda: listener_rescans(tree) >= rescans + 3, 30, 0.2, "three rescans while the write fails")
+        assert len(record.read_text().splitlines()) == 1, "the agent ran once, whatever the rescans queued"
+        assert tree.spool.claim_path("w1", "paid-once").exists()
+
+        os.unlink(filler)
+        result = tree.wait_result("paid-once", 60)
+        assert result["status"] == "completed" and result["attempts"] == 1
+        assert len(record.read_text().splitlines()) == 1
+        wait_for(lambda: tree.cli("check", "w1").returncode == 0, 30, 0.2, "healthy once the write went through")
     finally:
         tree.kill_everything()

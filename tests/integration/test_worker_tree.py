@@ -199,8 +199,13 @@ def test_heartbeat_status_check_and_metrics(make_tree):
     assert "activation_latency_seconds_bucket" in body
 
     tree.ctl("stop", "listener")
-    wait_for(lambda: tree.cli("check", "w1").returncode == 1, 15, 0.2, "check to fail with the listener stopped")
-    assert "listener STOPPED" in tree.cli("check", "w1").stderr
+    # STOPPING first, then STOPPED: wait for the one that says it is down.
+    wait_for(
+        lambda: (done := tree.cli("check", "w1")).returncode == 1 and "listener STOPPED" in done.stderr,
+        15,
+        0.2,
+        "check to fail with the listener stopped",
+    )
     tree.ctl("start", "listener")
 
 

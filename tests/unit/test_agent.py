@@ -16,6 +16,7 @@ import pytest
 from activation.errors import ConfigError
 from activation.worker import agent
 from activation.worker.agent import AgentRun, agent_environment, build_argv, run_agent
+from activation.worker.spawn import CannotStart
 from tests.conftest import FAKE_AGENT, wait_for
 
 FAKE = [sys.executable, str(FAKE_AGENT), "-p", "--"]
@@ -147,19 +148,36 @@ def test_flood_on_both_streams_is_capped_without_deadlock() -> None:
     assert result.truncated
 
 
-def test_a_missing_binary_is_exit_127_with_an_explanation(tmp_path: Path) -> None:
-    result = run_agent([str(tmp_path / "no-such-agent"), "x"], env={}, timeout=1, kill_grace=0.1, output_limit=100)
-    assert result.exit_code == 127 and result.pid is None
-    assert "no-such-agent" in result.stderr and "No such file" in result.stderr
+def test_a_missing_binary_cannot_start_and_it_is_the_whole_workers_fault(tmp_path: Path) -> None:
+    with pytest.raises(CannotStart) as caught:
+        run_agent([str(tmp_path / "no-such-agent"), "x"], env={}, timeout=1, kill_grace=0.1, output_limit=100)
+    assert caught.value.reason == "agent_not_found" and caught.value.whole_worker
+    assert "no-such-agent" in caught.value.detail and "No such file" in caught.value.detail
 
 
-def test_a_non_executable_binary_is_exit_126(tmp_path: Path) -> None:
+def test_a_non_executable_binary_cannot_start(tmp_path: Path) -> None:
     script = tmp_path / "agent.sh"
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(0o644)
-    result = run_agent([str(script)], env={}, timeout=1, kill_grace=0.1, output_limit=100)
-    assert result.exit_code == 126
-    assert "cannot start the agent" in result.stderr
+    with pytest.raises(CannotStart) as caught:
+        run_agent([str(script)], env={}, timeout=1, kill_grace=0.1, output_limit=100)
+    assert caught.value.reason == "agent_not_executable" and caught.value.whole_worker
+
+
+def test_a_missing_workdir_is_named_as_the_workdir_not_the_agent(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    with pytest.raises(CannotStart) as caught:
+        run_agent([*FAKE, "x"], env={}, timeout=1, kill_grace=0.1, output_limit=100, cwd=str(gone))
+    assert caught.value.reason == "workdir_missing" and str(gone) in caught.value.detail
+
+
+def test_stdin_data_reaches_the_agent_whole_then_eof() -> None:
+    description = "stdin-proof " + "z" * (300 * 1024)  # past a pipe's 64 KiB and one argv word's 128 KiB
+    result = run_agent(
+        [*FAKE], env={}, timeout=30, kill_grace=0.5, output_limit=1024 * 1024, stdin_data=description.encode()
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"done: {description}\n"
 
 
 # -- the whole tree ends with the task ----------------------------------------------------------

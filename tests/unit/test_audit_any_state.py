@@ -197,7 +197,10 @@ def test_audit_reports_every_state_our_programs_produce_and_never_raises(tmp_pat
     # Every other reader of the same spool answers too.
     for args in (["status"], ["status", "--json"], ["dlq", "list"], ["dlq", "list", "--json"], ["show", "ok"]):
         other = CliRunner().invoke(main, args, env=env)
-        assert other.exit_code == 0, (args, other.output, other.exception)
+        # status exits 1 for the unhealthy workers this spool has; nothing may raise.
+        allowed = (0, 1) if args[0] == "status" else (0,)
+        assert other.exit_code in allowed, (args, other.output, other.exception)
+        assert other.exception is None or isinstance(other.exception, SystemExit), (args, other.exception)
     for letter in recovery.dead_letters(b.spool):
         for args in (["dlq", "show", letter.key], ["dlq", "show", letter.key, "--json"]):
             shown = CliRunner().invoke(main, args, env=env)

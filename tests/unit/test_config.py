@@ -12,7 +12,7 @@ def test_defaults_resolve_under_var_of_the_current_folder(tmp_path, monkeypatch)
     assert settings.spool == tmp_path / "var" / "spool"
     assert settings.run_dir == tmp_path / "var" / "run" / "marie"
     assert settings.mode == ("inotify",)
-    assert settings.task_timeout == 600 and settings.drain_timeout == 50 and settings.max_attempts == 3
+    assert settings.task_timeout == 600 and settings.drain_timeout == 45 and settings.max_attempts == 3
 
 
 def test_every_value_is_parsed_and_typed():

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from activation.config import KNOWN_VARIABLES, SECRET_VARIABLES, load_settings
+from activation.config import KNOWN_VARIABLES, SECRET_VARIABLES, STOP_MARGIN, load_settings
 from activation.orchestrator.http import check_bind, parse_bind
 from tests.harness import ROOT
 
@@ -455,7 +455,8 @@ def test_stop_grace_covers_supervisords_stops_and_the_drain(compose):
         assert grace == 60
         assert sum(waits.values()) < grace, "supervisord stops one program after another"
         settings = load_settings(env=service_environment(compose, worker))
-        assert settings.drain_timeout + settings.kill_grace <= waits["executor"]
+        assert settings.drain_timeout + settings.kill_grace + STOP_MARGIN <= waits["executor"]
+        assert settings.executor_stopwaitsecs == waits["executor"]
     orchestrator_wait = supervisor_conf("orchestrator.conf").getfloat("program:orchestrator", "stopwaitsecs")
     assert orchestrator_wait < seconds(compose["services"]["orchestrator"]["stop_grace_period"])
 

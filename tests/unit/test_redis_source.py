@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from activation.config import Settings
 from activation.spool.layout import Spool
 from activation.transport import pubsub as events
-from activation.worker.executor import DoneEvents
+from activation.worker.done_events import DoneEvents
 from activation.worker.listener import Listener
 from activation.worker.wake import messages as rs
 from activation.worker.wake import redis as redis_wake
