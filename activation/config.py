@@ -63,6 +63,7 @@ class Settings:
     admin_token: str | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_ADMIN_TOKEN
     recovery_interval: float = 30.0  # ACTIVATION_RECOVERY_INTERVAL
     orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
+    stopped_grace: float = 3600.0  # ACTIVATION_STOPPED_GRACE: a cleanly stopped worker is not dead for this long
 
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
@@ -193,6 +194,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_ADMIN_TOKEN": ("admin_token", _text),
     "ACTIVATION_RECOVERY_INTERVAL": ("recovery_interval", _number(float, 0.01)),
     "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
+    "ACTIVATION_STOPPED_GRACE": ("stopped_grace", _number(float, 0)),
 }
 
 KNOWN_VARIABLES = frozenset(_VARIABLES)

@@ -20,7 +20,6 @@ from activation.errors import ActivationError
 log = logging.getLogger("activation.events")
 
 
-
 class EventsError(ActivationError):
     """Redis could not be reached or refused a command."""
 

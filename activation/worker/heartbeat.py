@@ -84,6 +84,25 @@ def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
     return {str(info["name"]): str(info["statename"]) for info in infos}
 
 
+def supervisor_state(sock: Path, timeout: float = 2.0) -> str:
+    """supervisord's own state (``RUNNING``, ``SHUTDOWN``, ...); raises OSError (also for SHUTDOWN_STATE)."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        state: dict[str, Any] = proxy.supervisor.getState()  # type: ignore[assignment]
+    except xmlrpc.client.Fault as exc:
+        raise OSError(f"supervisord refused: {exc.faultString}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+        with contextlib.suppress(Exception):
+            transport.close()
+    return str(state["statename"])
+
+
 class Heartbeat(Program):
     name = "heartbeat"
 
@@ -128,7 +147,7 @@ class Heartbeat(Program):
     def shutdown(self) -> None:
         self.metrics.worker_up.set(0)
         with contextlib.suppress(OSError):
-            self.beat(state="stopped")
+            self.beat(state=self._last_word())
         if self._queue_client is not None:
             self._queue_client.close()
         if self._redis is not None:
@@ -187,6 +206,20 @@ class Heartbeat(Program):
             "wake_sources": list(self.settings.mode),
             "version": __version__,
         }
+
+    def _last_word(self) -> str:
+        """``stopped`` when the whole tree stops; ``restarting`` when only this program does.
+
+        Recovery gives a stopped worker ACTIVATION_STOPPED_GRACE; a heartbeat restarted alone (or
+        crashing, say on a taken metrics port) while its siblings work must not say the tree stopped.
+        """
+        sock = supervisor_socket(self.settings.run_dir)
+        if not sock.exists():
+            return "stopped"  # not under supervisord: this program is all there is
+        try:
+            return "restarting" if supervisor_state(sock) == "RUNNING" else "stopped"
+        except (OSError, xmlrpc.client.Error):  # SHUTDOWN_STATE, or supervisord gone: the tree is stopping
+            return "stopped"
 
     def _programs(self) -> dict[str, str] | None:
         sock = supervisor_socket(self.settings.run_dir)
