@@ -187,6 +187,7 @@ def _run(program: str, factory: Callable[[Settings], Any], *, needs_metrics: boo
     try:
         lock = ownership.acquire(spool, worker, program, settings.run_dir)
     except ownership.WorkerOwned as exc:
+        ownership.record_refusal(spool, worker, program, settings.run_dir, str(exc))
         fail(str(exc), EXIT_OWNED)
     try:
         if needs_metrics:
@@ -254,6 +255,11 @@ def status(obj: Context, as_json: bool) -> None:
             f"queue={h.queue_size if h.queue_size is not None else '?'} dead_letters={h.dead_letters} {programs}"
         )
         click.echo(f"{'':<12} results: {done}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+        if h.refused:
+            click.echo(
+                f"{'':<12} refused a second tree: {h.refused.get('program')} "
+                f"on host {h.refused.get('host')} at {h.refused.get('at')}"
+            )
 
 
 @main.command()

@@ -132,6 +132,8 @@ class Orchestrator(Program):
         self._mode = settings.orchestrator_mode
         self._snapshot = Snapshot()  # replaced whole by the loop; request threads only read it
         self._unhealthy: set[str] = set()
+        self._refusals: dict[str, Any] = {}  # worker -> "at" of the last refusal logged
+        self._refreshed = False
         self._next_refresh = 0.0
         self._next_recovery = 0.0
 
@@ -206,6 +208,8 @@ class Orchestrator(Program):
             if health.age_s is not None:
                 self.metrics.heartbeat_age.labels(worker).set(health.age_s)
             self._note_health(worker, health.healthy, health.problems)
+            self._note_refusal(worker, health.refused)
+        self._refreshed = True
         snapshot = self.window.snapshot(queues)
         self._snapshot = snapshot
         if snapshot.avg_response_time_ms is not None:
@@ -239,6 +243,23 @@ class Orchestrator(Program):
                 )
             )
         return found
+
+    def _note_refusal(self, worker: str, refused: dict[str, Any] | None) -> None:
+        """Log each second tree refused for a worker name once: two trees, one name, is an operator's mistake."""
+        at = refused.get("at") if refused else None
+        if refused is None or at == self._refusals.get(worker):
+            return
+        self._refusals[worker] = at
+        if not self._refreshed:
+            return  # what the spool held when this orchestrator started is history, not news
+        self.log.warning(
+            "a second tree for worker %s was refused (%s on host %s at %s)",
+            worker,
+            refused.get("program"),
+            refused.get("host"),
+            at,
+            extra={"worker": worker, "event": "second_tree_refused"},
+        )
 
     def run_recovery(self) -> list[recovery.Action]:
         actions = recovery.recover(

@@ -16,7 +16,7 @@ from typing import Any
 from activation.clock import parse_iso
 from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
-from activation.spool.ownership import foreign_owner
+from activation.spool.ownership import foreign_owner, last_refusal
 
 EXPECTED_PROGRAMS = ("listener", "executor", "heartbeat")
 
@@ -34,6 +34,7 @@ class WorkerHealth:
     dead_letters: int = 0
     wake_sources: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    refused: dict[str, Any] | None = None  # the last second tree refused for this name (a note, not a problem)
 
     @property
     def healthy(self) -> bool:
@@ -63,6 +64,7 @@ def worker_health(
     health = _from_heartbeat(
         spool, worker, timeout=timeout, dead_letters=dead_letters, now=now, observed_age=observed_age
     )
+    health.refused = last_refusal(spool, worker)
     if run_dir is not None:
         other = foreign_owner(spool, worker, run_dir)
         if other is not None:

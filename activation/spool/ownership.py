@@ -27,6 +27,7 @@ from typing import Any
 
 from activation.clock import iso_now
 from activation.errors import ActivationError
+from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
 
 PROGRAMS = ("listener", "executor", "heartbeat")
@@ -248,6 +249,33 @@ def executor_gone(spool: Spool, worker: str) -> Iterator[bool]:
         yield _try_flock(fd)
     finally:
         os.close(fd)
+
+
+def refusal_path(spool: Spool, worker: str) -> Path:
+    return locks_dir(spool) / f"{worker}.refused.json"
+
+
+def record_refusal(spool: Spool, worker: str, program: str, run_dir: Path, message: str) -> None:
+    """Leave a note in the spool that a second tree was refused, for ``status`` and the orchestrator."""
+    record = {
+        "worker": worker,
+        "program": program,
+        "tree": tree_id(run_dir, create=False),
+        "host": socket.gethostname(),
+        "at": iso_now(),
+        "message": message,
+    }
+    with contextlib.suppress(OSError):
+        atomic_write_json(refusal_path(spool, worker), record, durable=False)
+
+
+def last_refusal(spool: Spool, worker: str) -> dict[str, Any] | None:
+    """The last refusal of a second tree for ``worker``, if any (a note; never cleared on its own)."""
+    try:
+        record = read_json(refusal_path(spool, worker))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def foreign_owner(spool: Spool, worker: str, run_dir: Path) -> Holder | None:
