@@ -55,7 +55,10 @@ class Holder:
     since: str | None
 
     def describe(self) -> str:
-        return f"{self.program} pid {self.pid or '?'} on host {self.host or '?'} since {self.since or '?'}"
+        tree = (self.tree or "?")[:8]
+        return (
+            f"{self.program} pid {self.pid or '?'} on host {self.host or '?'} (tree {tree}) since {self.since or '?'}"
+        )
 
 
 def locks_dir(spool: Spool) -> Path:
