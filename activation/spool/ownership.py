@@ -208,7 +208,8 @@ def _try_acquire(spool: Spool, worker: str, program: str, mine: str, path: Path)
     mutex = _open_lock(mutex_path(spool, worker), create=True)
     assert mutex is not None
     try:
-        fcntl.flock(mutex, fcntl.LOCK_EX)  # held for microseconds by whoever has it
+        if not _try_flock(mutex):  # held for microseconds by whoever has it: look again soon
+            return f"worker {worker}'s lock {mutex_path(spool, worker)} stayed taken"
         for other in PROGRAMS:
             if other == program:
                 continue

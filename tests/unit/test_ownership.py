@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +166,28 @@ def test_a_spool_without_a_locks_folder_has_no_live_program(tmp_path):
     spool = Spool(tmp_path / "fresh")
     spool.init([W])
     assert ownership.holders(spool, W) == {}
+
+
+def _start_racing(
+    spool: Spool, program: str, folder: Path, barrier: threading.Barrier, got: dict[str, ownership.ProgramLock]
+) -> None:
+    barrier.wait()
+    with contextlib.suppress(ownership.WorkerOwned):
+        got[program] = ownership.acquire(spool, W, program, folder, wait=0.1)
+
+
+def test_two_trees_starting_at_once_never_split_the_worker(spool, run_dir, other_run_dir):
+    for _ in range(20):
+        got: dict[str, ownership.ProgramLock] = {}
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=_start_racing, args=(spool, "listener", run_dir, barrier, got)),
+            threading.Thread(target=_start_racing, args=(spool, "executor", other_run_dir, barrier, got)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(got) == 1, sorted(got)  # exactly one tree owns the worker, never half of it each
+        for lock in got.values():
+            lock.release()
