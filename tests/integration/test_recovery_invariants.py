@@ -22,7 +22,6 @@ import pytest
 
 from activation.clock import SYSTEM_CLOCK, Clock
 from activation.orchestrator.service import Orchestrator
-from activation.spool import ownership
 from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
 from tests.conftest import wait_for
@@ -132,13 +131,14 @@ def test_a_taken_metrics_port_kills_the_heartbeat_but_not_the_backlog(make_tree,
             states = tree.states()
             return states.get("listener") == "RUNNING" and states.get("executor") == "RUNNING"
 
+        # The heartbeat cannot bind its port: it crash-loops (or, if it learns to live without its
+        # metrics, runs on unhealthy); either way the listener and executor work, and must keep their tasks.
         wait_for(working, 30, 0.1, lambda: f"listener and executor RUNNING; log:\n{tree.log_tail()}")
         orch = orchestrator()
         ids = backlog(tree, 3)
         past_the_orphan_age(orch, orch.program.clock.monotonic())
         nothing_dead(spool)
         assert spool.count_inbox(W) == 3, "the backlog must still be pending here, or this test proves nothing"
-        assert "heartbeat" not in ownership.holders(spool, W)  # the premise: no heartbeat program runs now
         for task_id in ids:
             assert tree.wait_result(task_id, timeout=60)["attempts"] == 1
         nothing_dead(spool)
