@@ -20,6 +20,7 @@ from activation.errors import ActivationError
 log = logging.getLogger("activation.events")
 
 
+
 class EventsError(ActivationError):
     """Redis could not be reached or refused a command."""
 

@@ -70,36 +70,28 @@ class _UnixTransport(xmlrpc.client.Transport):
         return _UnixConnection(self._path, self._timeout)
 
 
-def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
-    """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
+def _supervisor_call(sock: Path, method: str, timeout: float) -> Any:
+    """One XML-RPC call to supervisord over its Unix socket; raises OSError (a Fault included)."""
     proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=_UnixTransport(str(sock), timeout))
     try:
-        infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+        return getattr(proxy.supervisor, method)()
     except xmlrpc.client.Fault as exc:
         raise OSError(f"supervisord refused: {exc.faultString}") from None
     except (http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
         raise OSError(f"supervisord answered badly: {exc}") from None
     finally:
         proxy("close")()
+
+
+def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
+    """``{program: state}`` from supervisord, e.g. ``{"executor": "RUNNING"}``; raises OSError."""
+    infos: list[dict[str, Any]] = _supervisor_call(sock, "getAllProcessInfo", timeout)
     return {str(info["name"]): str(info["statename"]) for info in infos}
 
 
 def supervisor_state(sock: Path, timeout: float = 2.0) -> str:
-    """supervisord's own state (``RUNNING``, ``SHUTDOWN``, ...); raises OSError (also for SHUTDOWN_STATE)."""
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        state: dict[str, Any] = proxy.supervisor.getState()  # type: ignore[assignment]
-    except xmlrpc.client.Fault as exc:
-        raise OSError(f"supervisord refused: {exc.faultString}") from None
-    finally:
-        socket.setdefaulttimeout(previous)
-        with contextlib.suppress(Exception):
-            transport.close()
+    """supervisord's own state (``RUNNING``, ``SHUTDOWN``, ...); raises OSError, also for SHUTDOWN_STATE."""
+    state: dict[str, Any] = _supervisor_call(sock, "getState", timeout)
     return str(state["statename"])
 
 

@@ -90,6 +90,7 @@ class ThreadedSource(WakeSource):
     def _run(self, notify: Notify, stop: threading.Event) -> None: ...
 
 
+
 class StubSource(WakeSource):
     """A source the tests drive by hand: `fire` notifies synchronously, `die` fakes a crash."""
 

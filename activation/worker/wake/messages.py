@@ -24,6 +24,7 @@ OUTSIDE_INBOX = "outside_inbox"
 INVALID_NAME = "invalid_name"
 
 
+
 def _inbox_name(ref: str, inbox: Path) -> str | None:
     """The inbox file name that a foreign reference (a task id or a path) names, or None.
 

@@ -46,7 +46,6 @@ MAX_PENDING = 1000  # names awaiting a retry; past that a flood of phantom ids i
 REFUSAL_LOG_INTERVAL = 60.0  # seconds: per reason, the first refusal is logged, then one count a minute
 SAMPLE_CHARS = 60  # how much of a refused message a log line shows
 
-
 def _sample(data: bytes) -> str:
     """A short, printable, log-safe excerpt of a refused message."""
     return repr(data[:SAMPLE_CHARS]) + ("..." if len(data) > SAMPLE_CHARS else "")
