@@ -32,6 +32,7 @@ class Seen:
     changed_at: float  # when the watch last saw a sign of life
     heartbeat_at: float  # when the watch last saw the heartbeat file change
     state: str | None = None  # the heartbeat's state as of its last change ("running", "stopped", ...)
+    beating: bool = False  # the watch has seen the heartbeat file change at least once
     running: tuple[str, ...] = ()  # programs whose lock was held at the last look
     pending: dict[str, float] = field(default_factory=dict)  # task file -> when the watch first saw it
 
@@ -76,7 +77,7 @@ class LivenessWatch:
             seen = self._seen[worker] = Seen(signature, now, now, self._state(worker))
         elif signature != seen.signature:
             if signature[0] != seen.signature[0]:
-                seen.heartbeat_at = now
+                seen.heartbeat_at, seen.beating = now, True
                 seen.state = self._state(worker)
             seen.signature, seen.changed_at = signature, now
         if running:
@@ -97,9 +98,14 @@ class LivenessWatch:
         return 0.0 if seen is None else max(0.0, self.clock() - seen.changed_at)
 
     def heartbeat_age(self, worker: str) -> float | None:
-        """Seconds since the watch saw the heartbeat file change (None: never looked, or no file)."""
+        """Seconds since the watch saw the heartbeat file change.
+
+        None until it has seen one change: a heartbeat that has not moved since the watch began
+        may be seconds or days old, and only what the heartbeat itself says can tell (for display;
+        recovery never needs it).
+        """
         seen = self._seen.get(worker)
-        if seen is None or seen.signature[0] is None:
+        if seen is None or seen.signature[0] is None or not seen.beating:
             return None
         return max(0.0, self.clock() - seen.heartbeat_at)
 

@@ -394,10 +394,12 @@ def test_status_flags_stale_heartbeats_and_programs_not_running(start, spool):
 
 
 def test_metrics_expose_heartbeat_ages_and_the_mode(start, spool):
-    beat(spool, W, age=500)  # what the worker wrote is not the age: what the orchestrator saw is
+    beat(spool, W, age=500)
     clock = ManualClock()
     orch = start(clock=clock, orchestrator_mode="events", recovery_interval=0.05)
     passes_after(orch)
+    beat(spool, W, age=500)  # once it has seen the heartbeat change, the age is what it saw, not what it says
+    wait_for(lambda: orch.program.watch.heartbeat_age(W) is not None, 10, 0.02, "the heartbeat seen changing")
     clock.now += 5
 
     def age() -> float | None:

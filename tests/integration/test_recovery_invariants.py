@@ -152,6 +152,8 @@ def test_an_orchestrator_clock_60s_ahead_requeues_no_running_claim(make_tree, or
     before = spool.claim_path(W, "long").read_bytes()
     passes_after(orch, 5)
     assert spool.claim_path(W, "long").read_bytes() == before
+    watch = orch.program.watch
+    wait_for(lambda: watch.heartbeat_age(W) is not None, 20, 0.05, "the heartbeat seen beating")
     status, body = orch.call("GET", "/status")
     health = {w["worker"]: w for w in body["workers"]}[W]
     assert status == 200 and not [p for p in health["problems"] if "stale" in p], health
