@@ -11,6 +11,7 @@ every 0.1 s with an orphan age of 1 s, so that any mistake shows within the test
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -221,9 +222,12 @@ def test_a_second_program_is_refused_with_one_line_and_exit_3(make_tree):
     tree: WorkerTree = make_tree(W)
     run_dir = Path(tempfile.mkdtemp(prefix="actw3-"))
     env = {**tree.env, "ACTIVATION_RUN_DIR": str(run_dir)}
-    done = subprocess.run(
-        [str(BIN / "activation"), "worker", "executor"], env=env, capture_output=True, text=True, timeout=60
-    )
+    try:
+        done = subprocess.run(
+            [str(BIN / "activation"), "worker", "executor"], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     assert done.returncode == 3, done.stderr
     assert done.stderr.strip().count("\n") == 0 and "is run by another tree" in done.stderr, done.stderr
     assert tree.states() == {p: "RUNNING" for p in PROGRAMS}
