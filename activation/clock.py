@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 
 def iso_now() -> str:
@@ -21,3 +22,24 @@ def parse_iso(value: object) -> float | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
+
+
+class Clock:
+    """The clocks a program decides by, passed in so that a test can give it another one.
+
+    ``time`` is wall time (what a record says and what a human reads); ``monotonic`` measures
+    how long something lasted. ``offset`` shifts the wall clock only, as on a host whose clock
+    runs ahead or behind: tests use it; no setting sets it.
+    """
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+SYSTEM_CLOCK = Clock()

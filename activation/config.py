@@ -82,6 +82,7 @@ class Settings:
     redis_cluster: bool = False  # REDIS_CLUSTER: REDIS_URL names a node of a Redis Cluster
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # REDIS_SENTINELS: host:port,host:port
     redis_sentinel_master: str = "mymaster"  # REDIS_SENTINEL_MASTER: the primary's name in Sentinel
+    stopped_grace: float = 3600.0  # ACTIVATION_STOPPED_GRACE: a cleanly stopped worker is not dead for this long
 
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
@@ -248,6 +249,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_CLUSTER": ("redis_cluster", _boolean),
     "REDIS_SENTINELS": ("redis_sentinels", _sentinels),
     "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _text),
+    "ACTIVATION_STOPPED_GRACE": ("stopped_grace", _number(float, 0)),
 }
 
 KNOWN_VARIABLES = frozenset(_VARIABLES) | {name + SECRET_FILE_SUFFIX for name in SECRET_VARIABLES}

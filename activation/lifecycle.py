@@ -16,6 +16,9 @@ from activation.errors import ActivationError, ConfigError
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+# Another tree runs this worker: supervisord's exitcodes list it, so a refused program ends as
+# EXITED (expected) instead of being restarted again and again.
+EXIT_OWNED = 3
 
 
 class Program:

@@ -92,6 +92,12 @@ class WorkerTree:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> WorkerTree:
+        self.launch()
+        self.wait_running()
+        return self
+
+    def launch(self) -> WorkerTree:
+        """Start supervisord without waiting for its programs (some may be meant to fail)."""
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "activation.supervise", "-n", "-c", str(self.conf)],
@@ -100,7 +106,6 @@ class WorkerTree:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.wait_running()
         return self
 
     def wait_running(self, timeout: float = 20) -> None:

@@ -18,6 +18,7 @@ from activation import __version__
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json, setup_logging
 from activation.config import Settings, load_settings
 from activation.procctl import make_undumpable
+from activation.spool.layout import Spool
 
 
 @click.group(cls=Group)
@@ -169,17 +170,34 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
 # -- the programs supervisord runs ------------------------------------------------------------
 
 
-def _run(factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> NoReturn:
-    from activation.lifecycle import run_program
+def _run(program: str, factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> NoReturn:
+    """Run one program of a worker tree, holding its lock on the worker for its whole life.
+
+    The lock (spool/ownership.py) is what recovery trusts as proof that the program is alive, and
+    it refuses a second tree with the same WORKER_NAME on this spool (files mode: the worker's
+    inbox is one folder; replicas of a role come with the streams transport).
+    """
+    from activation.lifecycle import EXIT_OWNED, run_program
     from activation.observability import metrics
+    from activation.spool import ownership
 
     make_undumpable()  # first: the secrets in this process's environment stay its own
     settings = load_settings()
-    settings.require_worker()
+    worker = settings.require_worker()
     setup_logging(settings)
-    if needs_metrics:
-        metrics.enable_multiprocess(settings.run_dir / "metrics")
-    sys.exit(run_program(factory(settings)))
+    spool = Spool(settings.spool)
+    try:
+        lock = ownership.acquire(spool, worker, program, settings.run_dir)
+    except ownership.WorkerOwned as exc:
+        ownership.record_refusal(spool, worker, program, settings.run_dir, str(exc))
+        fail(str(exc), EXIT_OWNED)
+    try:
+        if needs_metrics:
+            metrics.enable_multiprocess(settings.run_dir / "metrics")
+        code = run_program(factory(settings))
+    finally:
+        lock.release()
+    sys.exit(code)
 
 
 @main.group()
@@ -192,7 +210,7 @@ def listener() -> None:
     """Wake on new tasks and serve the work queue."""
     from activation.worker.listener import Listener
 
-    _run(Listener)
+    _run("listener", Listener)
 
 
 @worker.command()
@@ -200,7 +218,7 @@ def executor() -> None:
     """Run the agent for each task, one at a time."""
     from activation.worker.executor import Executor
 
-    _run(Executor)
+    _run("executor", Executor)
 
 
 @worker.command()
@@ -208,7 +226,7 @@ def heartbeat() -> None:
     """Report the worker's health and serve its metrics."""
     from activation.worker.heartbeat import Heartbeat
 
-    _run(Heartbeat)
+    _run("heartbeat", Heartbeat)
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -224,7 +242,8 @@ def status(obj: Context, as_json: bool) -> None:
     """
     from activation.spool.health import all_health
 
-    healths = all_health(obj.spool, timeout=obj.settings.heartbeat_timeout)
+    settings = obj.settings
+    healths = all_health(obj.spool, timeout=settings.heartbeat_timeout, local=(settings.worker_name, settings.run_dir))
     sick = any(not h.healthy for h in healths)
     if as_json:
         print_json([h.as_dict() for h in healths])
@@ -244,6 +263,11 @@ def status(obj: Context, as_json: bool) -> None:
             f"queue={h.queue_size if h.queue_size is not None else '?'} dead_letters={h.dead_letters} {programs}"
         )
         click.echo(f"{'':<12} results: {done}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+        if h.refused:
+            click.echo(
+                f"{'':<12} refused a second tree: {h.refused.get('program')} "
+                f"on host {h.refused.get('host')} at {h.refused.get('at')}"
+            )
     if sick:
         sys.exit(EXIT_FAILED)
 
@@ -255,7 +279,10 @@ def check(obj: Context, worker: str) -> None:
     """Exit 0 when WORKER is alive and all its programs run, 1 otherwise (for HEALTHCHECK)."""
     from activation.spool.health import worker_health
 
-    health = worker_health(obj.spool, worker, timeout=obj.settings.heartbeat_timeout)
+    settings = obj.settings
+    # In the worker's own container, also ask whether *this* tree runs it, or was refused.
+    run_dir = settings.run_dir if settings.worker_name == worker else None
+    health = worker_health(obj.spool, worker, timeout=settings.heartbeat_timeout, run_dir=run_dir)
     if not health.healthy:
         fail(f"{worker} unhealthy: {'; '.join(health.problems)}")
     click.echo(f"{worker} healthy (heartbeat {health.age_s:g}s ago)")

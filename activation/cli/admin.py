@@ -253,7 +253,11 @@ def dlq_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be done.")
 @_json_option
 def recover_command(dry_run: bool, as_json: bool) -> None:
-    """Rescue the tasks of workers without a live heartbeat: orphans to the dead letter, stale claims requeued."""
+    """Settle the claims of workers whose executor is provably gone (requeued, or dead-lettered).
+
+    Orphans need a watch over time (no sign of life for ACTIVATION_ORPHAN_AGE, on one clock): the
+    orchestrator keeps that watch and dead-letters them; one run of this command never does.
+    """
     from activation.orchestrator.recovery import recover
 
     obj = _context()
@@ -262,7 +266,7 @@ def recover_command(dry_run: bool, as_json: bool) -> None:
         actions = recover(
             obj.spool,
             orphan_age=settings.orphan_age,
-            heartbeat_timeout=settings.heartbeat_timeout,
+            stopped_grace=settings.stopped_grace,
             max_attempts=settings.max_attempts,
             dry_run=dry_run,
         )

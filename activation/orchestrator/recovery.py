@@ -1,9 +1,12 @@
-"""Recovery: orphaned tasks, stale claims, and the dead letter's retry and purge.
+"""Recovery: orphaned tasks, claims of a gone executor, and the dead letter's retry and purge.
 
 Functions on a `Spool`, shared by the orchestrator (at start and every
 ACTIVATION_RECOVERY_INTERVAL) and the CLI (``activation recover``, ``activation dlq ...``).
-They only touch the tasks of a worker whose heartbeat is not live, and they look again right
-before every move, so a task that a live worker is running is never touched.
+Nothing here touches a live or restarting worker, and no decision compares two hosts' clocks:
+- a pending task is an orphan only when its worker has shown no sign of life for the orphan age
+  (longer, ACTIVATION_STOPPED_GRACE, after a clean stop), as the `LivenessWatch` saw it on the
+  orchestrator's own clock, and the task has waited that long in the watch's sight;
+- a claim is settled only when its executor is provably gone: its lock is free (ownership.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,22 +24,18 @@ from typing import Any
 from activation.clock import iso_now, parse_iso
 from activation.config import WORKER_NAME_PATTERN
 from activation.errors import ActivationError, BadTask, NotReady
-from activation.spool import codec
+from activation.orchestrator.liveness import STOPPED, LivenessWatch
+from activation.spool import claims, codec
 from activation.spool.atomic import atomic_write_json, read_json
-from activation.spool.health import worker_health
+from activation.spool.claims import DROPPED, GAVE_UP, PUT_BACK, REQUEUED, UNREADABLE, Action
 from activation.spool.layout import RAW_SUFFIX, Spool
-from activation.spool.task import MAX_ATTEMPTS, ORPHANED, is_valid_task_id, read_task_bytes, task_id_of
+from activation.spool.ownership import executor_gone
+from activation.spool.task import ORPHANED, is_valid_task_id, read_task_bytes, task_id_of
 
 log = logging.getLogger("activation.orchestrator")
 
-# Action names, as logged and as printed by `activation recover`.
-ORPHAN_DEAD = "orphaned"  # pending too long for a worker without a live heartbeat: dead letter
-REQUEUED = "requeued"  # a stale claim back in the inbox with attempts + 1
-GAVE_UP = "max_attempts"  # a stale claim whose attempts reached ACTIVATION_MAX_ATTEMPTS: dead letter
-DROPPED = "dropped_claim"  # a stale claim whose result exists: the result wins
-PUT_BACK = "put_back"  # a stale claim that does not parse: back unchanged, for the listener to judge
-
-Liveness = Callable[[str], bool]
+ORPHAN_DEAD = "orphaned"  # pending too long for a worker that shows no sign of life: dead letter
+__all__ = ["DROPPED", "GAVE_UP", "ORPHAN_DEAD", "PUT_BACK", "REQUEUED", "UNREADABLE", "Action", "recover"]
 
 
 class DeadLetterError(ActivationError):
@@ -52,174 +50,113 @@ class NotRetryable(DeadLetterError):
     """The dead letter exists but cannot go back to an inbox."""
 
 
-@dataclass(frozen=True)
-class Action:
-    """One thing recovery did (or, in a dry run, would do)."""
-
-    action: str
-    worker: str
-    task_id: str
-    detail: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"action": self.action, "worker": self.worker, "task_id": self.task_id, "detail": self.detail}
-
-
-def heartbeat_liveness(spool: Spool, heartbeat_timeout: float) -> Liveness:
-    """Whether a worker's heartbeat is live right now; reads the heartbeat file on every call."""
-
-    def alive(worker: str) -> bool:
-        return worker_health(spool, worker, timeout=heartbeat_timeout).alive
-
-    return alive
-
-
 def recover(
     spool: Spool,
     *,
     orphan_age: float,
-    heartbeat_timeout: float,
+    stopped_grace: float,
     max_attempts: int,
+    watch: LivenessWatch | None = None,
     dry_run: bool = False,
-    now: float | None = None,
 ) -> list[Action]:
-    """One full pass: orphans first, then stale claims.
+    """One full pass over every worker: orphans first, then claims of gone executors.
 
-    Orphans go first so that a claim requeued by this pass waits one recovery interval in the
-    inbox, giving its worker that long to come back, before it can count as an orphan.
+    Orphans go first so that a claim requeued by this pass waits at least one orphan age in the
+    inbox before it can count as one. ``watch`` carries what earlier passes saw; a fresh one (the
+    CLI's) has seen nobody fall silent yet, so it orphans nothing and only settles claims.
     """
-    alive = heartbeat_liveness(spool, heartbeat_timeout)
-    actions = recover_orphans(spool, orphan_age=orphan_age, alive=alive, dry_run=dry_run, now=now)
-    actions += recover_claims(spool, max_attempts=max_attempts, alive=alive, dry_run=dry_run)
+    watch = watch if watch is not None else LivenessWatch(spool)
+    actions: list[Action] = []
+    for worker in spool.workers():
+        watch.observe(worker)
+        actions += recover_orphans(
+            spool, worker, orphan_age=orphan_age, stopped_grace=stopped_grace, watch=watch, dry_run=dry_run
+        )
+        actions += recover_claims(spool, worker, max_attempts=max_attempts, dry_run=dry_run)
+        if not dry_run and actions:
+            watch.rebaseline(worker)  # our own renames are no sign of the worker's life
     return actions
+
+
+def orphan_threshold(state: str | None, *, orphan_age: float, stopped_grace: float) -> float:
+    """How long a worker must be silent before its pending tasks are orphans.
+
+    A worker whose heartbeat said ``stopped`` (its tree stopped cleanly) is stopped, not dead, for
+    ACTIVATION_STOPPED_GRACE: a restart or a deploy must not cost it its backlog.
+    """
+    return max(orphan_age, stopped_grace) if state == STOPPED else orphan_age
 
 
 def recover_orphans(
     spool: Spool,
+    worker: str,
     *,
     orphan_age: float,
-    alive: Liveness,
+    stopped_grace: float,
+    watch: LivenessWatch,
     dry_run: bool = False,
-    now: float | None = None,
-    workers: Iterable[str] | None = None,
 ) -> list[Action]:
-    """Dead-letter (reason ``orphaned``) tasks pending longer than ``orphan_age`` for a dead worker.
+    """Dead-letter (reason ``orphaned``) the tasks of a silent worker that waited the orphan age.
 
-    The age runs from the task's ``created_at`` (or its last retry from the dead letter), else
-    from the file's mtime. The task is first
-    claimed by rename, the same exclusive step an executor takes, so if the worker comes back
-    at that moment exactly one of the two gets it.
+    The task is first claimed by rename, the same exclusive step an executor takes, so if the
+    worker comes back at that moment exactly one of the two gets it.
     """
-    now = time.time() if now is None else now
+    seen = watch.observe(worker)
+    if seen.running:
+        return []
+    names = spool.inbox_names(worker)
+    ages = watch.pending_ages(worker, names)
+    silent = watch.silent_for(worker)
+    threshold = orphan_threshold(seen.state, orphan_age=orphan_age, stopped_grace=stopped_grace)
+    if silent < threshold:
+        return []
     actions: list[Action] = []
-    for worker in spool.workers() if workers is None else workers:
-        if alive(worker):
+    for name in names:
+        age = ages[name]
+        if age < orphan_age:
             continue
-        for name in spool.inbox_names(worker):
-            path = spool.inbox(worker) / name
-            task = _peek(path)
-            born = _pending_since(task)
-            if born is None:
-                try:
-                    born = os.lstat(path).st_mtime
-                except FileNotFoundError:
-                    continue
-            age = now - born
-            if age <= orphan_age:
-                continue
-            task_id = task_id_of(name)
-            detail = (
-                f"pending {age:.0f}s in {worker}'s inbox (ACTIVATION_ORPHAN_AGE {orphan_age:g}s) "
-                f"and {worker} has no live heartbeat"
-            )
-            if dry_run:
-                actions.append(Action(ORPHAN_DEAD, worker, task_id, detail))
-                continue
-            if alive(worker):  # it came back while we looked: the rest is its own
-                break
-            spool.processing(worker).mkdir(exist_ok=True)  # an inbox made by hand may lack it
-            claim = spool.claim(worker, task_id)
-            if claim is None:
-                continue
-            spool.dead_letter(claim, reason=ORPHANED, detail=detail, worker=worker, task=task)
-            actions.append(_logged(Action(ORPHAN_DEAD, worker, task_id, detail)))
+        task_id = task_id_of(name)
+        detail = (
+            f"{worker} showed no sign of life for {silent:.0f}s (last state {seen.state or 'unknown'}; "
+            f"ACTIVATION_ORPHAN_AGE {orphan_age:g}s) and the task waited {age:.0f}s"
+        )
+        if dry_run:
+            actions.append(Action(ORPHAN_DEAD, worker, task_id, detail))
+            continue
+        before = seen.changed_at
+        if watch.observe(worker).changed_at != before:  # it came back while we looked: the rest is its own
+            break
+        path = spool.inbox(worker) / name
+        task = _peek(path)
+        spool.processing(worker).mkdir(exist_ok=True)  # an inbox made by hand may lack it
+        claim = spool.claim(worker, task_id)
+        if claim is None:
+            continue
+        spool.dead_letter(claim, reason=ORPHANED, detail=detail, worker=worker, task=task)
+        actions.append(_logged(Action(ORPHAN_DEAD, worker, task_id, detail)))
+        watch.rebaseline(worker)
     return actions
 
 
-def recover_claims(
-    spool: Spool,
-    *,
-    max_attempts: int,
-    alive: Liveness,
-    dry_run: bool = False,
-    workers: Iterable[str] | None = None,
-) -> list[Action]:
-    """Settle the claims of workers whose heartbeat is stale, as their executor would at start.
+def recover_claims(spool: Spool, worker: str, *, max_attempts: int, dry_run: bool = False) -> list[Action]:
+    """Settle the claims of ``worker`` when its executor is provably gone, as its next start would.
 
-    A claim with a result is dropped (the result wins). The others go back to the inbox with
-    ``attempts + 1``, or to the dead letter (reason ``max_attempts``) once that reaches
-    ACTIVATION_MAX_ATTEMPTS: the same count the executor's own recovery keeps. If the worker's
-    executor recovers the same claim at the same moment, the task may run twice but still gets
-    exactly one result, because an executor drops any copy whose result already exists.
+    Holding the executor's lock while settling keeps a starting executor from recovering the same
+    claims at the same moment. A live (or stopped-by-signal, or wedged) executor holds its lock:
+    its claims are never touched, whatever any clock says.
     """
+    if not spool.claimed_ids(worker):
+        return []
     actions: list[Action] = []
-    for worker in spool.workers() if workers is None else workers:
-        if alive(worker):
-            continue
+    with executor_gone(spool, worker) as gone:
+        if not gone:
+            return []
+        why = f"{worker}'s executor is gone (its lock is free)"
         for task_id in spool.claimed_ids(worker):
-            if not dry_run and alive(worker):
-                break
-            action = _settle_claim(spool, worker, task_id, max_attempts, dry_run)
+            action = claims.settle_claim(spool, worker, task_id, max_attempts=max_attempts, why=why, dry_run=dry_run)
             if action is not None:
                 actions.append(action if dry_run else _logged(action))
     return actions
-
-
-def _settle_claim(spool: Spool, worker: str, task_id: str, max_attempts: int, dry_run: bool) -> Action | None:
-    claim = spool.claim_path(worker, task_id)
-    if spool.has_result(worker, task_id):
-        if not dry_run:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(claim)
-        return Action(DROPPED, worker, task_id, "its result already exists; the claim was a leftover")
-    task = _peek(claim)
-    if task is None:
-        if not dry_run:
-            with contextlib.suppress(FileNotFoundError):
-                spool.requeue(worker, task_id)
-        return Action(PUT_BACK, worker, task_id, "the claim does not parse; back in the inbox for the listener")
-    previous = task.get("attempts")
-    started = (previous if isinstance(previous, int) and not isinstance(previous, bool) and previous >= 0 else 0) + 1
-    task["attempts"] = started
-    stale = f"{worker} has no live heartbeat"
-    if started >= max_attempts:
-        detail = f"{stale}; {started} runs interrupted (ACTIVATION_MAX_ATTEMPTS {max_attempts})"
-        if not dry_run:
-            spool.dead_letter(claim, reason=MAX_ATTEMPTS, detail=detail, worker=worker, task=task)
-        return Action(GAVE_UP, worker, task_id, detail)
-    if not dry_run:
-        try:
-            spool.requeue(worker, task_id, task)
-        except FileNotFoundError:
-            return None  # its executor recovered it first
-    return Action(REQUEUED, worker, task_id, f"{stale}; back in the inbox with attempts {started}")
-
-
-def _pending_since(task: dict[str, Any] | None) -> float | None:
-    """When a task started waiting: its ``created_at``, or its last retry from the dead letter.
-
-    A retried task has only been pending since the retry; counting from ``created_at`` would
-    send it straight back to the dead letter whenever its worker is briefly away.
-    """
-    if task is None:
-        return None
-    born = parse_iso(task.get("created_at"))
-    history = task.get("history")
-    if isinstance(history, list) and history and isinstance(history[-1], dict):
-        retried = parse_iso(history[-1].get("retried_at"))
-        if retried is not None and (born is None or retried > born):
-            born = retried
-    return born
 
 
 def _peek(path: Path) -> dict[str, Any] | None:

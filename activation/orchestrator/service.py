@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from activation.clock import iso_now
+from activation.clock import SYSTEM_CLOCK, Clock, iso_now
 from activation.config import ORCHESTRATOR_MODES, WORKER_NAME_PATTERN, Settings
 from activation.errors import ActivationError, DispatchError
 from activation.lifecycle import Program
@@ -26,8 +26,9 @@ from activation.orchestrator import recovery
 from activation.orchestrator.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
 from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
 from activation.orchestrator.http import AdminApi, ApiError, check_bind, parse_bind
+from activation.orchestrator.liveness import LivenessWatch
 from activation.spool.atomic import atomic_write_json, read_json
-from activation.spool.health import all_health, worker_health
+from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
@@ -96,7 +97,11 @@ class OrchestratorMetrics:
 
 
 class Orchestrator(Program):
-    """One per deployment. ``bind`` overrides ACTIVATION_ADMIN_BIND (tests bind port 0)."""
+    """One per deployment. ``bind`` overrides ACTIVATION_ADMIN_BIND (tests bind port 0).
+
+    ``clock`` is what it decides by: every age it acts on is measured on its own monotonic
+    clock from what it saw change (see liveness.py), never against a time a worker wrote.
+    """
 
     name = "orchestrator"
 
@@ -106,10 +111,14 @@ class Orchestrator(Program):
         *,
         bind: tuple[str, int] | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.spool = Spool(settings.spool)
+        self.clock = clock
+        self.watch = LivenessWatch(self.spool, clock=clock.monotonic)
+        self.recovery_passes = 0  # finished passes: tests wait on it, never on a sleep
         self.thresholds = Thresholds.from_settings(settings)
         self.window = ResultWindow(self.spool)
         self.metrics = OrchestratorMetrics()
@@ -123,6 +132,8 @@ class Orchestrator(Program):
         self._mode = settings.orchestrator_mode
         self._snapshot = Snapshot()  # replaced whole by the loop; request threads only read it
         self._unhealthy: set[str] = set()
+        self._refusals: dict[str, Any] = {}  # worker -> "at" of the last refusal logged
+        self._refreshed = False
         self._next_refresh = 0.0
         self._next_recovery = 0.0
 
@@ -197,13 +208,15 @@ class Orchestrator(Program):
         """
         self.window.refresh()
         queues: dict[str, int] = {}
-        for worker in self.spool.workers():
-            health = worker_health(self.spool, worker, timeout=self.settings.heartbeat_timeout)
+        for health in self.healths():
+            worker = health.worker
             if isinstance(health.queue_size, int) and not isinstance(health.queue_size, bool):
                 queues[worker] = health.queue_size
             if health.age_s is not None:
                 self.metrics.heartbeat_age.labels(worker).set(health.age_s)
             self._note_health(worker, health.healthy, health.problems)
+            self._note_refusal(worker, health.refused)
+        self._refreshed = True
         snapshot = self.window.snapshot(queues)
         self._snapshot = snapshot
         if snapshot.avg_response_time_ms is not None:
@@ -221,15 +234,51 @@ class Orchestrator(Program):
             self._unhealthy.discard(worker)
             self.log.info("worker %s healthy again", worker, extra=extra)
 
+    def healths(self, dead_letters: dict[str | None, int] | None = None) -> list[WorkerHealth]:
+        """Every worker's health, its heartbeat's age as this orchestrator saw it change."""
+        found = []
+        for worker in self.spool.workers():
+            self.watch.observe(worker)
+            found.append(
+                worker_health(
+                    self.spool,
+                    worker,
+                    timeout=self.settings.heartbeat_timeout,
+                    dead_letters=(dead_letters or {}).get(worker, 0),
+                    now=self.clock.time(),
+                    observed_age=self.watch.heartbeat_age(worker),
+                )
+            )
+        return found
+
+    def _note_refusal(self, worker: str, refused: dict[str, Any] | None) -> None:
+        """Log each second tree refused for a worker name once: two trees, one name, is an operator's mistake."""
+        at = refused.get("at") if refused else None
+        if refused is None or at == self._refusals.get(worker):
+            return
+        self._refusals[worker] = at
+        if not self._refreshed:
+            return  # what the spool held when this orchestrator started is history, not news
+        self.log.warning(
+            "a second tree for worker %s was refused (%s on host %s at %s)",
+            worker,
+            refused.get("program"),
+            refused.get("host"),
+            at,
+            extra={"worker": worker, "event": "second_tree_refused"},
+        )
+
     def run_recovery(self) -> list[recovery.Action]:
         actions = recovery.recover(
             self.spool,
             orphan_age=self.settings.orphan_age,
-            heartbeat_timeout=self.settings.heartbeat_timeout,
+            stopped_grace=self.settings.stopped_grace,
             max_attempts=self.settings.max_attempts,
+            watch=self.watch,
         )
         for action in actions:
             self.metrics.recovered.labels(action.action).inc()
+        self.recovery_passes += 1
         return actions
 
     # -- what the API serves ----------------------------------------------------------------
@@ -271,7 +320,7 @@ class Orchestrator(Program):
         return self.get_config()
 
     def get_status(self) -> dict[str, Any]:
-        healths = all_health(self.spool, timeout=self.settings.heartbeat_timeout)
+        healths = self.healths(dead_letter_counts(self.spool))
         return {
             "workers": [h.as_dict() for h in healths],
             "unhealthy": [h.worker for h in healths if not h.healthy],

@@ -20,6 +20,7 @@ from typing import Any
 from activation.clock import parse_iso
 from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.ownership import foreign_owner, last_refusal
 
 EXPECTED_PROGRAMS = ("listener", "executor", "heartbeat")
 
@@ -37,6 +38,7 @@ class WorkerHealth:
     dead_letters: int = 0
     wake_sources: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    refused: dict[str, Any] | None = None  # the last second tree refused for this name (a note, not a problem)
 
     @property
     def healthy(self) -> bool:
@@ -49,7 +51,33 @@ class WorkerHealth:
 
 
 def worker_health(
-    spool: Spool, worker: str, *, timeout: float, dead_letters: int = 0, now: float | None = None
+    spool: Spool,
+    worker: str,
+    *,
+    timeout: float,
+    dead_letters: int = 0,
+    now: float | None = None,
+    observed_age: float | None = None,
+    run_dir: Path | None = None,
+) -> WorkerHealth:
+    """``observed_age``: the heartbeat's age as the caller saw the file change on its own clock
+    (the orchestrator's); without it the age is ``now`` minus the time the heartbeat wrote, which
+    is only honest on the worker's own host. ``run_dir``: the asking tree's run folder, when the
+    question is "is *this* tree running the worker?" (``activation check`` in the worker's container).
+    """
+    health = _from_heartbeat(
+        spool, worker, timeout=timeout, dead_letters=dead_letters, now=now, observed_age=observed_age
+    )
+    health.refused = last_refusal(spool, worker)
+    if run_dir is not None:
+        other = foreign_owner(spool, worker, run_dir)
+        if other is not None:
+            health.problems.insert(0, f"another tree owns this worker ({other.describe()}); this one was refused")
+    return health
+
+
+def _from_heartbeat(
+    spool: Spool, worker: str, *, timeout: float, dead_letters: int, now: float | None, observed_age: float | None
 ) -> WorkerHealth:
     now = time.time() if now is None else now
     path = spool.heartbeat_path(worker)
@@ -65,6 +93,8 @@ def worker_health(
         return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=problems)
     stamp = _epoch(beat.get("epoch")) or parse_iso(beat.get("timestamp"))
     age = max(0.0, now - stamp) if stamp is not None else None
+    if observed_age is not None:
+        age = observed_age
     programs = beat.get("programs")
     health = WorkerHealth(
         worker=worker,
@@ -80,8 +110,11 @@ def worker_health(
     )
     if beat.get("state") == "stopped":
         health.problems.append("stopped")
-    elif age is None or age > timeout:
-        health.problems.append(f"heartbeat stale ({'?' if age is None else f'{age:.0f}'}s old)")
+    else:
+        if beat.get("state") == "restarting":
+            health.problems.append("heartbeat restarting (the tree runs on)")
+        if age is None or age > timeout:
+            health.problems.append(f"heartbeat stale ({'?' if age is None else f'{age:.0f}'}s old)")
     if health.programs is not None:
         for program in EXPECTED_PROGRAMS:
             state = health.programs.get(program, "MISSING")
@@ -191,9 +224,19 @@ def dead_letter_counts(spool: Spool) -> dict[str | None, int]:
     return counts
 
 
-def all_health(spool: Spool, *, timeout: float, now: float | None = None) -> list[WorkerHealth]:
+def all_health(
+    spool: Spool, *, timeout: float, now: float | None = None, local: tuple[str | None, Path] | None = None
+) -> list[WorkerHealth]:
+    """Every worker's health; ``local`` (worker, run folder) names the tree this process belongs to."""
     dead = dead_letter_counts(spool)
     return [
-        worker_health(spool, worker, timeout=timeout, dead_letters=dead.get(worker, 0), now=now)
+        worker_health(
+            spool,
+            worker,
+            timeout=timeout,
+            dead_letters=dead.get(worker, 0),
+            now=now,
+            run_dir=local[1] if local is not None and local[0] == worker else None,
+        )
         for worker in spool.workers()
     ]

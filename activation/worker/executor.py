@@ -27,6 +27,7 @@ from activation.spool import codec
 from activation.spool import outcome as outcomes
 from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
+from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
 from activation.worker import liveness
 from activation.worker.agent import (
@@ -279,38 +280,20 @@ class Executor(Program):
         return set(self._held.results)
 
     def _recover_claim(self, task_id: str) -> None:
-        claim = self.spool.claim_path(self.worker, task_id)
-        extra = {"worker": self.worker, "task_id": task_id, "event": "recovered"}
-        if self.spool.has_result(self.worker, task_id):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(claim)
-            self.log.info("recovery: %s already has a result; dropped its claim", task_id, extra=extra)
-            return
-        try:
-            task = tasks.load_task(claim, max_timeout=self.settings.max_task_timeout)
-        except BadTask as exc:
-            self._dead_letter(task_id, exc.reason, exc.detail, task=exc.task)
-            return
-        except NotReady:
-            self._put_back(task_id)  # an empty file is the listener's to judge, after settle_time
-            return
-        except OSError as exc:
-            self.log.error("recovery: cannot read the claim of %s: %s", task_id, exc, extra=extra)
-            return
-        started = int(task.get("attempts") or 0) + 1
-        task["attempts"] = started
-        if started >= self.settings.max_attempts:
-            detail = f"its executor stopped during each of {started} runs (ACTIVATION_MAX_ATTEMPTS)"
-            self._dead_letter(task_id, tasks.MAX_ATTEMPTS, detail, task=task)
-            return
-        self.spool.requeue(self.worker, task_id, task)
-        self.log.warning(
-            "recovery: %s was interrupted; back in the inbox (attempt %d of %d next)",
+        action = settle_claim(
+            self.spool,
+            self.worker,
             task_id,
-            started + 1,
-            self.settings.max_attempts,
-            extra=extra,
+            max_attempts=self.settings.max_attempts,
+            why="its executor stopped during the run",
         )
+        if action is None:
+            return
+        extra = {"worker": self.worker, "task_id": task_id, "event": "recovered"}
+        if action.action == GAVE_UP:
+            self.metrics.tasks_dead_lettered.labels(self.worker, tasks.MAX_ATTEMPTS).inc()
+        level = logging.INFO if action.action == DROPPED else logging.WARNING
+        self.log.log(level, "recovery: %s %s: %s", action.action, task_id, action.detail, extra=extra)
 
     # -- one task ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import xmlrpc.client
 from typing import Any
 
 from activation import __version__
@@ -32,7 +33,13 @@ from activation.observability.metrics import (
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
 from activation.worker import liveness
-from activation.worker.supervision import SUPERVISOR_SOCKET, program_infos, program_states, supervisor_socket
+from activation.worker.supervision import (
+    SUPERVISOR_SOCKET,
+    program_infos,
+    program_states,
+    supervisor_socket,
+    supervisor_state,
+)
 
 # supervisord's RPC lives in supervision.py (the executor reads it too); the old names stay here.
 __all__ = ["SUPERVISOR_SOCKET", "Heartbeat", "program_states", "supervisor_socket"]
@@ -106,7 +113,7 @@ class Heartbeat(Program):
     def shutdown(self) -> None:
         self.metrics.worker_up.set(0)
         with contextlib.suppress(OSError):
-            self.beat(state="stopped")
+            self.beat(state=self._last_word())
         if self._queue_client is not None:
             self._queue_client.close()
         if self._redis is not None:
@@ -172,6 +179,20 @@ class Heartbeat(Program):
             else None,
             "version": __version__,
         }
+
+    def _last_word(self) -> str:
+        """``stopped`` when the whole tree stops; ``restarting`` when only this program does.
+
+        Recovery gives a stopped worker ACTIVATION_STOPPED_GRACE; a heartbeat restarted alone (or
+        crashing, say on a taken metrics port) while its siblings work must not say the tree stopped.
+        """
+        sock = supervisor_socket(self.settings.run_dir)
+        if not sock.exists():
+            return "stopped"  # not under supervisord: this program is all there is
+        try:
+            return "restarting" if supervisor_state(sock) == "RUNNING" else "stopped"
+        except (OSError, xmlrpc.client.Error):  # SHUTDOWN_STATE, or supervisord gone: the tree is stopping
+            return "stopped"
 
     def _programs(self) -> dict[str, str] | None:
         sock = supervisor_socket(self.settings.run_dir)

@@ -35,6 +35,12 @@ def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
     return {name: str(info["statename"]) for name, info in program_infos(sock, timeout).items()}
 
 
+def supervisor_state(sock: Path, timeout: float = 2.0) -> str:
+    """supervisord's own state (``RUNNING``, ``SHUTDOWN``, ...); raises OSError, also for SHUTDOWN_STATE."""
+    state: dict[str, Any] = _call(sock, timeout, lambda proxy: proxy.supervisor.getState())
+    return str(state["statename"])
+
+
 def supervisord_pid(sock: Path, timeout: float = 2.0) -> int:
     """The pid of the supervisord behind ``sock``; raises OSError."""
     return int(_call(sock, timeout, lambda proxy: proxy.supervisor.getPID()))

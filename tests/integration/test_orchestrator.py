@@ -27,9 +27,10 @@ import pytest
 from click.testing import CliRunner
 
 from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command
-from activation.clock import iso_now
+from activation.clock import SYSTEM_CLOCK, Clock, iso_now
 from activation.errors import ConfigError
 from activation.orchestrator.service import Orchestrator, state_path
+from activation.spool import ownership
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
 from tests.conftest import wait_for
@@ -124,9 +125,10 @@ def start(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Orchestra
     """Start orchestrators (settings overrides as keywords); every one is stopped and joined."""
     started: list[OrchestratorThread] = []
 
-    def run(**overrides: Any) -> OrchestratorThread:
+    def run(clock: Clock = SYSTEM_CLOCK, **overrides: Any) -> OrchestratorThread:
         settings = make_settings(worker_name=None, **overrides)
-        running = OrchestratorThread(Orchestrator(settings, bind=("127.0.0.1", 0), refresh_interval=0.05))
+        program = Orchestrator(settings, bind=("127.0.0.1", 0), refresh_interval=0.05, clock=clock)
+        running = OrchestratorThread(program)
         started.append(running)
         return running.start()
 
@@ -312,16 +314,38 @@ def test_events_dispatch_publishes_on_redis(start, spool, redis_server):
 # -- recovery and health ------------------------------------------------------------------------------
 
 
-def test_a_1970_task_without_heartbeat_is_orphaned_when_the_orchestrator_starts(start, spool):
+class ManualClock(Clock):
+    """The orchestrator's monotonic clock, moved by the test (its wall clock stays the system's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def passes_after(orch: OrchestratorThread, count: int = 2) -> None:
+    """Wait until the orchestrator has run ``count`` more recovery passes than it has now."""
+    target = orch.program.recovery_passes + count
+    wait_for(lambda: orch.program.recovery_passes >= target, 20, 0.02, f"{count} recovery passes")
+
+
+def test_a_task_of_a_silent_worker_is_orphaned_once_the_orchestrator_saw_it_silent_that_long(start, spool):
     task_file(spool, "ancient", created_at="1970-01-01T00:00:00+00:00")
-    orch = start()
+    clock = ManualClock()
+    orch = start(clock=clock, recovery_interval=0.05)
+    passes_after(orch)
+    assert spool.task_path(W, "ancient").exists()  # a first look knows of no silence, whatever created_at says
+    clock.now += 601
+    wait_for(lambda: spool.dead_letter_path("ancient").exists(), 20, 0.05, "the orphan dead-lettered")
     record = read_json(spool.dead_letter_path("ancient"))
     assert record["reason"] == "orphaned" and record["worker"] == W
     status, body = orch.call("GET", "/tasks/ancient")
     assert status == 200 and body["state"] == "dead" and body["dead_letter"]["reason"] == "orphaned"
 
 
-def test_a_stale_claim_is_requeued_and_a_live_one_is_untouched(start, spool):
+def test_a_gone_executors_claim_is_requeued_and_a_live_ones_is_untouched(start, spool, run_dir):
     spool.init(["w2"])
     beat(spool, W, age=600, programs=RUNNING)
     beat(spool, "w2", programs=RUNNING)
@@ -331,7 +355,11 @@ def test_a_stale_claim_is_requeued_and_a_live_one_is_untouched(start, spool):
     live_claim = spool.claim("w2", "live")
     assert live_claim is not None
     before = live_claim.read_bytes()
-    start()
+    lock = ownership.acquire(spool, "w2", "executor", run_dir)  # w2's executor runs
+    try:
+        passes_after(start(recovery_interval=0.05))
+    finally:
+        lock.release()
     assert read_json(spool.task_path(W, "stale"))["attempts"] == 2
     assert spool.claimed_ids(W) == []
     assert live_claim.read_bytes() == before
@@ -347,9 +375,16 @@ def test_recovery_runs_again_every_interval(start, spool):
 def test_status_flags_stale_heartbeats_and_programs_not_running(start, spool):
     spool.init(["w2", "w3"])
     beat(spool, W, programs=RUNNING, queue_size=0)
-    beat(spool, "w2", age=600, programs=RUNNING)
+    beat(spool, "w2", age=600, programs=RUNNING)  # the age it claims is not what makes it stale
     beat(spool, "w3", programs={**RUNNING, "executor": "FATAL"})
-    status, body = start().call("GET", "/status")
+    clock = ManualClock()
+    orch = start(clock=clock, recovery_interval=0.05)
+    passes_after(orch)
+    clock.now += 31  # past ACTIVATION_HEARTBEAT_TIMEOUT on the orchestrator's clock
+    beat(spool, W, programs=RUNNING, queue_size=0)  # w1 and w3 beat again, w2 does not
+    beat(spool, "w3", programs={**RUNNING, "executor": "FATAL"})
+    passes_after(orch)
+    status, body = orch.call("GET", "/status")
     assert status == 200
     health = {w["worker"]: w for w in body["workers"]}
     assert health[W]["healthy"] and health[W]["problems"] == []
@@ -359,13 +394,21 @@ def test_status_flags_stale_heartbeats_and_programs_not_running(start, spool):
 
 
 def test_metrics_expose_heartbeat_ages_and_the_mode(start, spool):
-    beat(spool, W, age=5)
-    orch = start(orchestrator_mode="events")
-    status, text = orch.call("GET", "/metrics")
-    assert status == 200
-    assert "orchestrator_mode 1.0" in text
-    age = [line for line in text.splitlines() if line.startswith('worker_heartbeat_age_seconds{worker="w1"}')]
-    assert age and 4 <= float(age[0].split()[-1]) < 60
+    beat(spool, W, age=500)
+    clock = ManualClock()
+    orch = start(clock=clock, orchestrator_mode="events", recovery_interval=0.05)
+    passes_after(orch)
+    beat(spool, W, age=500)  # once it has seen the heartbeat change, the age is what it saw, not what it says
+    wait_for(lambda: orch.program.watch.heartbeat_age(W) is not None, 10, 0.02, "the heartbeat seen changing")
+    clock.now += 5
+
+    def age() -> float | None:
+        _, text = orch.call("GET", "/metrics")
+        lines = [line for line in text.splitlines() if line.startswith('worker_heartbeat_age_seconds{worker="w1"}')]
+        return float(lines[0].split()[-1]) if lines else None
+
+    assert wait_for(lambda: age() == 5.0, 10, 0.05, "the heartbeat age of 5 s")
+    assert "orchestrator_mode 1.0" in orch.call("GET", "/metrics")[1]
 
 
 # -- tasks and the dead letter ---------------------------------------------------------------------------
@@ -389,7 +432,8 @@ def test_a_task_through_every_state(start, spool):
 
 
 def test_dead_letter_retry_round_trip_over_the_api(start, spool):
-    task_file(spool, "again", created_at="1970-01-01T00:00:00Z", attempts=2)
+    claim = task_file(spool, "again", claim=True, created_at="1970-01-01T00:00:00Z", attempts=2)
+    spool.dead_letter(claim, reason="orphaned", detail="for the test", worker=W, task=read_json(claim))
     orch = start()
     status, listing = orch.call("GET", "/dlq")
     assert status == 200 and [d["id"] for d in listing["dead_letters"]] == ["again"]
@@ -524,7 +568,7 @@ def program_env(spool: Spool, run_dir: Path, **extra: str) -> dict[str, str]:
 
 def test_activation_orchestrator_runs_as_a_process(spool, run_dir, tmp_path):
     port = free_port()
-    task_file(spool, "ancient", created_at="1970-01-01T00:00:00+00:00")
+    task_file(spool, "stale", claim=True, attempts=1)
     env = program_env(spool, run_dir, ACTIVATION_ADMIN_BIND=f"127.0.0.1:{port}", ORCHESTRATOR_MODE="auto")
     log = tmp_path / "orchestrator.log"
     with open(log, "wb") as out:
@@ -533,7 +577,7 @@ def test_activation_orchestrator_runs_as_a_process(spool, run_dir, tmp_path):
     try:
         config = wait_for(lambda: _get_config(url), 30, 0.1, lambda: f"the API; log:\n{log.read_text()}")
         assert config["mode"] == "auto"
-        assert read_json(spool.dead_letter_path("ancient"))["reason"] == "orphaned"
+        assert read_json(spool.task_path(W, "stale"))["attempts"] == 2  # recovered at start
         status, sent = call(url, "POST", "/tasks", {"worker": W, "description": "from a process"})
         assert status == 202 and spool.task_path(W, sent["task_id"]).exists()
         process.send_signal(signal.SIGTERM)

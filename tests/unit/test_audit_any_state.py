@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from activation.cli import main
 from activation.config import Settings, load_settings
 from activation.orchestrator import recovery
+from activation.orchestrator.liveness import LivenessWatch
 from activation.spool import task as tasks
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
@@ -147,7 +148,7 @@ def build_every_state(root: Path) -> Builder:
     shutil.copy(spool.result_path(W, "ok"), spool.claim_path(W, "ok"))
     # The orchestrator's: an orphan of a worker with no heartbeat.
     atomic_write_json(spool.task_path(GONE, "orphan"), {"task_id": "orphan", "description": "x"})
-    recovery.recover_orphans(spool, orphan_age=-1, alive=lambda worker: worker != GONE, workers=[GONE])
+    recovery.recover_orphans(spool, GONE, orphan_age=-1, stopped_grace=0, watch=LivenessWatch(spool))
     # A dead letter cut short: the record is written, the file not yet moved (allowed).
     b.inbox("cut.json", '{"task_id": "cut", "description": 7}')
     b.examine("cut.json")

@@ -187,7 +187,8 @@ def test_recover_settles_every_claim(spool: Spool, make_executor) -> None:
     assert read_json(spool.task_path(WORKER, "second-crash"))["attempts"] == 2
     last = read_json(spool.dead_letter_path("last-crash"))
     assert last["reason"] == "max_attempts" and last["task"]["attempts"] == 3
-    assert read_json(spool.dead_letter_path("garbled"))["reason"] == "invalid_json"
+    # A claim that is not a task goes back unchanged: the listener judges it (and dead-letters it).
+    assert spool.task_path(WORKER, "garbled").read_text() == '{"task_id": "garbled", "descr'
 
 
 def test_attempts_count_runs_across_crashes(spool: Spool, make_executor) -> None:

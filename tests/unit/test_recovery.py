@@ -13,13 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command
-from activation.clock import iso_now
 from activation.orchestrator import recovery
+from activation.orchestrator.liveness import LivenessWatch
+from activation.spool import ownership
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
 
 W = "w1"
-SETTINGS = {"orphan_age": 600.0, "heartbeat_timeout": 30.0, "max_attempts": 3}
+SETTINGS: dict[str, Any] = {"orphan_age": 600.0, "stopped_grace": 0.0, "max_attempts": 3}
 
 
 def beat(spool: Spool, worker: str = W, *, age: float = 0.0, **fields: Any) -> None:
@@ -50,110 +51,202 @@ def dead(spool: Spool, task_id: str, *, reason: str = "orphaned", **fields: Any)
     return spool.dead_letter(claim, reason=reason, detail="for the test", worker=W, task=read_json(claim))
 
 
-# -- orphans ------------------------------------------------------------------------------------
+# -- orphans: silence on the watch's own clock --------------------------------------------------
 
 
-def test_a_1970_task_for_a_worker_without_heartbeat_is_orphaned(spool):
+class Ticks:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ticks() -> Ticks:
+    return Ticks()
+
+
+@pytest.fixture
+def watch(spool, ticks) -> LivenessWatch:
+    return LivenessWatch(spool, clock=ticks)
+
+
+def sweep(spool: Spool, watch: LivenessWatch, **overrides: Any) -> list[tuple[str, str]]:
+    actions = recovery.recover(spool, **{**SETTINGS, **overrides}, watch=watch)
+    return [(a.action, a.task_id) for a in actions]
+
+
+def test_a_silent_workers_task_is_orphaned_once_the_orphan_age_passed_on_the_watchs_clock(spool, watch, ticks):
     pending(spool, "ancient", created_at="1970-01-01T00:00:00+00:00")
-    actions = recovery.recover(spool, **SETTINGS)
-    assert [(a.action, a.task_id) for a in actions] == [("orphaned", "ancient")]
+    assert sweep(spool, watch) == []  # the first look: nobody is known to be silent yet
+    ticks.now += 599
+    assert sweep(spool, watch) == []
+    ticks.now += 2
+    assert sweep(spool, watch) == [("orphaned", "ancient")]
     record = read_json(spool.dead_letter_path("ancient"))
     assert record["reason"] == "orphaned" and record["worker"] == W
-    assert record["task"]["description"] == "do it"
+    assert record["task"]["description"] == "do it" and "no sign of life for 601s" in record["detail"]
     assert spool.count_inbox(W) == 0 and spool.claimed_ids(W) == []
 
 
-def test_live_workers_and_young_tasks_keep_their_pending_tasks(spool):
-    spool.init(["w2"])
-    beat(spool, W)
-    pending(spool, "ancient-live", created_at="1970-01-01T00:00:00+00:00")
-    pending(spool, "young", "w2", created_at=iso_now())
-    assert recovery.recover(spool, **SETTINGS) == []
-    assert spool.count_inbox(W) == 1 and spool.count_inbox("w2") == 1
+def test_a_heartbeat_that_keeps_changing_keeps_the_backlog_whatever_its_timestamps_say(spool, watch, ticks):
+    pending(spool, "ancient", created_at="1970-01-01T00:00:00+00:00")
+    for stamp in (0.0, 1e10, -5.0, 42.0):  # a worker clock far behind, far ahead, nonsense
+        atomic_write_json(spool.heartbeat_path(W), {"worker": W, "state": "running", "epoch": stamp})
+        assert sweep(spool, watch) == []
+        ticks.now += 500
+    assert spool.count_inbox(W) == 1
 
 
-def test_without_created_at_the_age_comes_from_the_mtime(spool):
-    path = pending(spool, "no-stamp")
-    os.utime(path, (time.time() - 700, time.time() - 700))
-    pending(spool, "no-stamp-young")
-    actions = recovery.recover(spool, **SETTINGS)
-    assert [a.task_id for a in actions] == ["no-stamp"]
+def test_claims_and_results_changing_are_signs_of_life_too(spool, watch, ticks):
+    pending(spool, "waiting")
+    sweep(spool, watch)
+    for i in range(3):
+        ticks.now += 500
+        claimed(spool, f"r{i}")  # the executor claims a task and finishes it, between two looks
+        spool.write_result(W, {"task_id": f"r{i}", "status": "completed"})
+        assert sweep(spool, watch) == []
+    ticks.now += 500
+    os.unlink(claimed(spool, "vanishing"))  # only the claims folder changed
+    assert sweep(spool, watch) == []
+    assert spool.count_inbox(W) == 1
 
 
-def test_an_unparseable_orphan_is_kept_raw(spool):
+def test_a_worker_whose_program_holds_its_lock_is_alive_however_long_it_is_silent(spool, watch, ticks, run_dir):
+    pending(spool, "queued")
+    lock = ownership.acquire(spool, W, "listener", run_dir)  # a listener: its heartbeat may be dead
+    try:
+        sweep(spool, watch)
+        ticks.now += 10_000
+        assert sweep(spool, watch) == []
+    finally:
+        lock.release()
+    assert sweep(spool, watch) == []  # the silence counts from the moment it was last seen alive
+    ticks.now += 601
+    assert sweep(spool, watch) == [("orphaned", "queued")]
+
+
+def test_a_cleanly_stopped_worker_keeps_its_backlog_for_the_stopped_grace(spool, watch, ticks):
+    beat(spool, W, state="stopped")
+    pending(spool, "later")
+    sweep(spool, watch, stopped_grace=3600)
+    ticks.now += 3599
+    assert sweep(spool, watch, stopped_grace=3600) == []
+    ticks.now += 2
+    assert sweep(spool, watch, stopped_grace=3600) == [("orphaned", "later")]
+
+
+def test_a_heartbeat_that_restarted_alone_is_not_a_stop(spool, watch, ticks):
+    beat(spool, W, state="restarting")
+    pending(spool, "later")
+    sweep(spool, watch, stopped_grace=3600)
+    ticks.now += 601
+    assert sweep(spool, watch, stopped_grace=3600) == [("orphaned", "later")]
+
+
+def test_a_task_that_arrives_for_a_long_silent_worker_waits_its_own_orphan_age(spool, watch, ticks):
+    sweep(spool, watch)
+    ticks.now += 5000
+    pending(spool, "new")
+    assert sweep(spool, watch) == []
+    ticks.now += 601
+    assert sweep(spool, watch) == [("orphaned", "new")]
+
+
+def test_recoverys_own_moves_are_no_sign_of_life(spool, watch, ticks):
+    pending(spool, "a")
+    pending(spool, "b")
+    sweep(spool, watch)
+    ticks.now += 601
+    assert sorted(sweep(spool, watch)) == [("orphaned", "a"), ("orphaned", "b")]
+    pending(spool, "c")
+    sweep(spool, watch)
+    ticks.now += 601
+    assert sweep(spool, watch) == [("orphaned", "c")]  # silence went on through our own renames
+
+
+def test_an_unparseable_orphan_is_kept_raw(spool, watch, ticks):
     path = spool.task_path(W, "garbage")
     path.write_bytes(b"\xff\xfe not json")
-    os.utime(path, (1, 1))
-    recovery.recover(spool, **SETTINGS)
+    sweep(spool, watch)
+    ticks.now += 601
+    sweep(spool, watch)
     record = read_json(spool.dead_letter_path("garbage"))
     assert record["reason"] == "orphaned" and "task" not in record
     assert Path(record["raw"]).read_bytes() == b"\xff\xfe not json"
 
 
-def test_a_stale_heartbeat_counts_as_no_heartbeat(spool):
-    beat(spool, W, age=100)
-    pending(spool, "old", created_at="2000-01-01T00:00:00Z")
-    assert [a.action for a in recovery.recover(spool, **SETTINGS)] == ["orphaned"]
+class ComesBack(LivenessWatch):
+    """A watch that sees the worker write a heartbeat on its ``after``-th look."""
+
+    def __init__(self, spool: Spool, clock: Ticks, after: int) -> None:
+        super().__init__(spool, clock=clock)
+        self.looks, self.after = 0, after
+
+    def observe(self, worker: str) -> Any:
+        self.looks += 1
+        if self.looks == self.after:
+            beat(self.spool, worker)
+        return super().observe(worker)
 
 
-# -- stale claims -------------------------------------------------------------------------------
+def test_a_worker_that_comes_back_mid_pass_keeps_the_rest(spool, ticks):
+    pending(spool, "a")
+    pending(spool, "b")
+    watch = ComesBack(spool, ticks, after=5)
+    sweep(spool, watch)  # looks 1 and 2
+    ticks.now += 601
+    # look 3 (recover), 4 (recover_orphans), 5 before moving "a": it is back, so both stay
+    assert sweep(spool, watch) == []
+    assert spool.count_inbox(W) == 2
 
 
-def test_a_stale_claim_is_requeued_with_attempts_plus_one(spool):
-    beat(spool, W, age=100)
-    claimed(spool, "stuck", attempts=1, created_at=iso_now())
-    actions = recovery.recover(spool, **SETTINGS)
-    assert [(a.action, a.task_id) for a in actions] == [("requeued", "stuck")]
-    assert read_json(spool.task_path(W, "stuck"))["attempts"] == 2
-    assert spool.claimed_ids(W) == []
-
-
-def test_a_stale_claim_at_max_attempts_goes_to_the_dead_letter(spool):
-    claimed(spool, "doomed", attempts=2, created_at=iso_now())
-    actions = recovery.recover(spool, **SETTINGS)
-    assert [a.action for a in actions] == ["max_attempts"]
-    record = read_json(spool.dead_letter_path("doomed"))
-    assert record["reason"] == "max_attempts" and record["task"]["attempts"] == 3
-    assert spool.count_inbox(W) == 0
-
-
-def test_a_stale_claim_with_a_result_is_dropped(spool):
-    claimed(spool, "finished", created_at=iso_now())
-    atomic_write_json(spool.result_path(W, "finished"), {"task_id": "finished", "status": "completed"})
-    assert [a.action for a in recovery.recover(spool, **SETTINGS)] == ["dropped_claim"]
-    assert spool.claimed_ids(W) == [] and spool.count_inbox(W) == 0
-    assert spool.has_result(W, "finished")
-
-
-def test_a_live_workers_claim_is_never_touched(spool):
-    beat(spool, W)
-    claim = claimed(spool, "running", created_at="1970-01-01T00:00:00Z")
-    before = claim.read_bytes()
-    assert recovery.recover(spool, **SETTINGS) == []
-    assert claim.read_bytes() == before
-
-
-def test_an_unparseable_stale_claim_goes_back_unchanged_for_the_listener(spool):
-    spool.claim_path(W, "half").write_text("{")
-    assert [a.action for a in recovery.recover(spool, **SETTINGS)] == ["put_back"]
-    assert spool.task_path(W, "half").read_text() == "{"
-
-
-def test_a_dry_run_moves_nothing(spool):
-    pending(spool, "ancient", created_at="1970-01-01T00:00:00Z")
-    claimed(spool, "stuck", created_at=iso_now())
-    actions = recovery.recover(spool, **SETTINGS, dry_run=True)
+def test_a_dry_run_moves_nothing(spool, watch, ticks):
+    pending(spool, "ancient")
+    claimed(spool, "stuck")
+    recovery.recover(spool, **SETTINGS, watch=watch, dry_run=True)
+    ticks.now += 601
+    actions = recovery.recover(spool, **SETTINGS, watch=watch, dry_run=True)
     assert sorted(a.action for a in actions) == ["orphaned", "requeued"]
     assert spool.count_inbox(W) == 1 and spool.claimed_ids(W) == ["stuck"]
     assert list(spool.dead_letters()) == []
 
 
-def test_a_worker_that_comes_back_mid_pass_keeps_the_rest(spool):
-    pending(spool, "a", created_at="1970-01-01T00:00:00Z")
-    pending(spool, "b", created_at="1970-01-01T00:00:00Z")
-    answers = iter([False, False, True])  # dead when listed, dead for "a", alive again for "b"
-    actions = recovery.recover_orphans(spool, orphan_age=600, alive=lambda w: next(answers, True))
-    assert len(actions) == 1 and spool.count_inbox(W) == 1
+# -- claims: settled only when the executor is provably gone -----------------------------------
+
+
+def test_a_claim_is_left_alone_while_its_executor_holds_its_lock(spool, watch, ticks, run_dir):
+    beat(spool, W, age=10_000)  # a heartbeat as stale as any clock can make it
+    claim = claimed(spool, "running", attempts=1, created_at="1970-01-01T00:00:00Z")
+    before = claim.read_bytes()
+    lock = ownership.acquire(spool, W, "executor", run_dir)
+    try:
+        ticks.now += 10_000
+        assert sweep(spool, watch) == []
+        assert claim.read_bytes() == before
+    finally:
+        lock.release()
+    assert sweep(spool, watch) == [("requeued", "running")]
+    assert read_json(spool.task_path(W, "running"))["attempts"] == 2
+
+
+def test_a_gone_executors_claims_are_settled_on_the_first_look(spool, watch):
+    claimed(spool, "stuck", attempts=1)
+    claimed(spool, "doomed", attempts=2)
+    claimed(spool, "finished")
+    atomic_write_json(spool.result_path(W, "finished"), {"task_id": "finished", "status": "completed"})
+    spool.claim_path(W, "half").write_text("{")
+    assert sorted(sweep(spool, watch)) == [
+        ("dropped_claim", "finished"),
+        ("max_attempts", "doomed"),
+        ("put_back", "half"),
+        ("requeued", "stuck"),
+    ]
+    assert spool.claimed_ids(W) == [] and spool.task_path(W, "half").read_text() == "{"
+    assert read_json(spool.dead_letter_path("doomed"))["detail"].startswith("w1's executor is gone")
 
 
 # -- the dead letter ------------------------------------------------------------------------------
@@ -174,13 +267,15 @@ def test_retry_round_trip_keeps_the_history(spool):
     assert [h["reason"] for h in task["history"]] == ["orphaned", "max_attempts"]
 
 
-def test_a_retried_task_waits_an_orphan_age_from_its_retry_not_its_birth(spool):
+def test_a_retried_task_waits_a_whole_orphan_age_from_its_retry(spool, watch, ticks):
     dead(spool, "back", created_at="1970-01-01T00:00:00Z")
+    sweep(spool, watch)
+    ticks.now += 5000  # the worker has been silent a long time when the operator retries
     recovery.retry_dead_letter(spool, "back")
-    assert recovery.recover(spool, **SETTINGS) == []
+    assert sweep(spool, watch) == []
     assert spool.count_inbox(W) == 1
-    later = time.time() + 601
-    assert [a.task_id for a in recovery.recover(spool, **SETTINGS, now=later)] == ["back"]
+    ticks.now += 601
+    assert sweep(spool, watch) == [("orphaned", "back")]
 
 
 def test_a_retry_cut_short_by_a_crash_finishes_on_the_next_try(spool):
@@ -312,12 +407,14 @@ def test_dlq_errors_are_one_line_and_non_zero(cli, spool):
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_recover_command_with_and_without_dry_run(cli, spool):
+def test_recover_command_settles_gone_executors_claims_and_never_orphans(cli, spool):
     pending(spool, "ancient", created_at="1970-01-01T00:00:00Z")
+    claimed(spool, "stuck", attempts=1)
     dry = cli("recover", "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
-    assert [a["action"] for a in json.loads(dry.output)["actions"]] == ["orphaned"]
-    assert spool.count_inbox(W) == 1
+    assert [(a["action"], a["task_id"]) for a in json.loads(dry.output)["actions"]] == [("requeued", "stuck")]
+    assert spool.claimed_ids(W) == ["stuck"]
     real = cli("recover")
     assert real.exit_code == 0 and "1 task recovered" in real.output
-    assert read_json(spool.dead_letter_path("ancient"))["reason"] == "orphaned"
+    assert read_json(spool.task_path(W, "stuck"))["attempts"] == 2
+    assert spool.count_inbox(W) == 2 and list(spool.dead_letters()) == []  # one look cannot see silence
