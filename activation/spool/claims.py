@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from activation.errors import BadTask, NotReady
-from activation.spool import codec
+from activation.spool import codec, outcome
 from activation.spool.layout import Spool
 from activation.spool.task import MAX_ATTEMPTS, read_task_bytes
 
@@ -24,6 +24,7 @@ GAVE_UP = "max_attempts"  # attempts reached ACTIVATION_MAX_ATTEMPTS: dead lette
 DROPPED = "dropped_claim"  # its result exists: the result wins, the claim was a leftover
 PUT_BACK = "put_back"  # it does not parse as a task: back unchanged, for the listener to judge
 UNREADABLE = "unreadable"  # it cannot be read right now (an I/O error): left where it is
+FINISHED = "finished"  # its run's outcome was saved beside it: the result is written, no rerun
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def settle_claim(
     | the claim                        | becomes                                                |
     |----------------------------------|--------------------------------------------------------|
     | has a result                     | dropped (`DROPPED`): the result wins                   |
+    | has a saved outcome (.outcome)   | its result is written (`FINISHED`): the agent ran once |
     | is not a JSON object, or its     | back in the inbox unchanged (`PUT_BACK`): the listener |
     | attempts are not a count         | validates it and dead-letters it with the reason       |
     | attempts + 1 < max_attempts      | back in the inbox with attempts + 1 (`REQUEUED`)       |
@@ -77,6 +79,15 @@ def settle_claim(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(claim)
         return Action(DROPPED, worker, task_id, "its result already exists; the claim was a leftover")
+    if os.path.lexists(outcome.outcome_path(spool, worker, task_id)):
+        # The run finished and only its result write failed: write it, never run the agent again.
+        if dry_run:
+            return Action(FINISHED, worker, task_id, "its run's saved outcome would be written as the result")
+        try:
+            if outcome.settle_outcome(spool, worker, task_id) is not None:
+                return Action(FINISHED, worker, task_id, "its run's saved outcome was written as the result")
+        except outcome.UnwrittenOutcome as exc:
+            return Action(UNREADABLE, worker, task_id, f"{exc}; its saved outcome stays for the next settlement")
     try:
         task = _parse(read_task_bytes(claim))
     except FileNotFoundError:

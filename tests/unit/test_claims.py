@@ -12,9 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activation.spool import claims
+from activation.spool import claims, outcome
 from activation.spool.atomic import atomic_write_json, read_json
-from activation.spool.claims import DROPPED, GAVE_UP, PUT_BACK, REQUEUED, UNREADABLE, attempts_of, settle_claim
+from activation.spool.claims import (
+    DROPPED,
+    FINISHED,
+    GAVE_UP,
+    PUT_BACK,
+    REQUEUED,
+    UNREADABLE,
+    attempts_of,
+    settle_claim,
+)
 from activation.spool.layout import Spool
 
 W = "w1"
@@ -55,6 +64,32 @@ def test_a_claim_with_a_result_is_dropped_and_the_result_kept(spool):
     assert action is not None and action.action == DROPPED
     assert places(spool, "done-1") == ["done"]
     assert read_json(spool.result_path(W, "done-1"))["status"] == "completed"
+
+
+def test_a_claim_with_a_saved_outcome_gets_that_result_and_never_runs_again(spool):
+    """Class 4 of issue 10, for every settler: the run finished, only its result write had failed."""
+    claim_task(spool, "ran-1", attempts=0)
+    outcome.save_outcome(spool, W, {"task_id": "ran-1", "worker": W, "status": "completed", "attempts": 1})
+    dry = settle_claim(spool, W, "ran-1", max_attempts=3, why=WHY, dry_run=True)
+    assert dry is not None and dry.action == FINISHED and places(spool, "ran-1") == ["processing"]
+    action = settle_claim(spool, W, "ran-1", max_attempts=3, why=WHY)
+    assert action is not None and action.action == FINISHED
+    assert places(spool, "ran-1") == ["done"]
+    assert read_json(spool.result_path(W, "ran-1"))["attempts"] == 1  # not requeued: no second run
+    assert not os.path.lexists(outcome.outcome_path(spool, W, "ran-1"))
+
+
+def test_a_saved_outcome_that_still_cannot_be_written_stays_with_its_claim(spool):
+    claim_task(spool, "ran-2")
+    outcome.save_outcome(spool, W, {"task_id": "ran-2", "worker": W, "status": "completed", "attempts": 1})
+    results = spool.results(W)
+    for entry in results.iterdir():
+        entry.unlink()
+    results.rmdir()
+    results.write_text("not a folder")  # the write keeps failing
+    action = settle_claim(spool, W, "ran-2", max_attempts=3, why=WHY)
+    assert action is not None and action.action == UNREADABLE
+    assert places(spool, "ran-2") == ["processing"] and os.path.lexists(outcome.outcome_path(spool, W, "ran-2"))
 
 
 @pytest.mark.parametrize(
