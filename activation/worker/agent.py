@@ -543,14 +543,19 @@ class _Tree:
                     os.waitpid(pid, os.WNOHANG)
         if not _subreaper:
             return
-        # A subreaper owns every child it has; only now, with the agent reaped, sweep the rest.
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        # Descendants that exited on their own after being re-parented to us are zombies among
+        # our children. Reap those by pid, never with waitpid(-1): that could take the exit
+        # status of a child some other part of this process started and is still waiting for.
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid == self.pid:
+                continue
+            with contextlib.suppress(psutil.Error, ChildProcessError):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
 
     def _sample_rss(self) -> None:
         if self.agent is None or self.exit_code is not None:
