@@ -15,8 +15,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from activation.spool import ownership
 from activation.spool.atomic import TEMP_PREFIX, read_json
-from activation.spool.health import worker_health
 from activation.spool.layout import Spool
 from activation.spool.task import DUPLICATE, TASK_SUFFIX, is_task_name, task_id_of
 
@@ -71,18 +71,19 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
             for name in scan.json_names(folder):
                 places[task_id_of(name)].append(f"{state}@{worker}")
                 paths[f"{task_id_of(name)} {state}@{worker}"] = str(folder / name)
-        claims = [task_id_of(name) for name in scan.json_names(processing)]
-        if claims:
-            health = worker_health(spool, worker, timeout=heartbeat_timeout, now=now)
-            if not health.alive:
-                for task_id in claims:
-                    violations.append(
-                        Violation(
-                            "dead_worker_claim",
-                            task_id,
-                            f"claimed in {processing} but worker {worker} is not alive ({'; '.join(health.problems)})",
-                        )
+        # A claim beside its result is a leftover the result wins over (allowed below).
+        claims = [task_id_of(n) for n in scan.json_names(processing) if not spool.has_result(worker, task_id_of(n))]
+        # A claim is a dead worker's when its executor is provably gone (its lock is free), as
+        # recovery judges it: no heartbeat timestamp is compared with this host's clock.
+        if claims and ownership.holder(spool, worker, "executor") is None:
+            for task_id in claims:
+                violations.append(
+                    Violation(
+                        "dead_worker_claim",
+                        task_id,
+                        f"claimed in {processing} but the executor of worker {worker} is gone (its lock is free)",
                     )
+                )
     dead_sources: dict[str, set[tuple[str, str]]] = defaultdict(set)  # task id -> {(source, dead_at)}
     for entry in scan.entries(spool.dead_letter_dir):
         if not is_task_name(entry.name):

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from activation.cli import main
 from activation.clock import iso_now
+from activation.spool import ownership
 from activation.spool.atomic import atomic_write_json
 from activation.spool.audit import audit
 
@@ -21,16 +22,24 @@ def beat(spool, age=0.0):
     atomic_write_json(spool.heartbeat_path(W), {"worker": W, "epoch": time.time() - age, "timestamp": iso_now()})
 
 
+def live_executor(spool, run_dir):
+    """The worker's executor, as far as the audit can tell: its lock is held."""
+    return ownership.acquire(spool, W, "executor", run_dir, wait=0)
+
+
 def kinds(violations):
     return sorted((v.kind, v.task_id or "") for v in violations)
 
 
-def test_a_clean_spool_has_no_violations(spool):
-    beat(spool)
+def test_a_clean_spool_has_no_violations(spool, run_dir):
+    lock = live_executor(spool, run_dir)
     task(spool, "a")
     task(spool, "b", "claim")
     task(spool, "c", "result")
-    assert audit(spool, heartbeat_timeout=30, temp_age=600) == []
+    try:
+        assert audit(spool, heartbeat_timeout=30, temp_age=600) == []
+    finally:
+        lock.release()
 
 
 def test_a_task_in_two_places_is_a_violation(spool):
@@ -47,7 +56,7 @@ def test_a_result_with_a_leftover_claim_is_allowed(spool):
 
 
 def test_a_claim_of_a_dead_worker(spool):
-    beat(spool, age=120)
+    beat(spool)  # a fresh heartbeat is no proof: the executor's lock is free, so it is gone
     task(spool, "a", "claim")
     assert kinds(audit(spool, heartbeat_timeout=30, temp_age=600)) == [("dead_worker_claim", "a")]
 
