@@ -99,6 +99,45 @@ class QueuedTask:
     seen_at: float = field(default=0.0, compare=False)  # time.time() of the wake-up (0: unknown)
 
 
+# -- the wire: one typed message per request and reply, pickled over the private socket ---------
+
+
+@dataclass(frozen=True)
+class Get:
+    """Ack my previous item and give me the next one, waiting up to ``timeout`` seconds."""
+
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the listener reports (the heartbeat asks)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    item: QueuedTask
+
+
+@dataclass(frozen=True)
+class Empty:
+    """Nothing came within the timeout."""
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+Request = Get | Stats
+Reply = Task | Empty | StatsReply | Refused
+
+
 class WorkQueue:
     """A thread-safe FIFO of task ids that never holds an id twice, queued or in flight.
 
@@ -334,7 +373,7 @@ class QueueServer:
                 except (EOFError, OSError):
                     return
                 except Exception as exc:  # an unpicklable request: answer and keep the connection
-                    conn.send(("error", f"bad request: {exc}"))
+                    conn.send(Refused(f"bad request: {exc}"))
                     continue
                 conn.send(self._answer(request, consumer))
         except (EOFError, OSError):
@@ -352,22 +391,19 @@ class QueueServer:
             with self._lock:
                 self._connections.pop(threading.current_thread(), None)
 
-    def _answer(self, request: object, consumer: object) -> tuple[Any, ...]:
-        if not isinstance(request, tuple) or not request or not isinstance(request[0], str):
-            return ("error", "bad request")
-        kind = request[0]
-        if kind == "get":
-            timeout = request[1] if len(request) > 1 and isinstance(request[1], (int, float)) else 0.0
+    def _answer(self, request: object, consumer: object) -> Reply:
+        if isinstance(request, Get):
+            timeout = request.timeout if isinstance(request.timeout, (int, float)) else 0.0
             item = self._work.take(consumer, min(max(float(timeout), 0.0), MAX_GET_TIMEOUT), self._stopping.is_set)
-            return ("task", item.task_id, item.source, item.seen_at) if item is not None else ("empty",)
-        if kind == "stats":
+            return Task(item) if item is not None else Empty()
+        if isinstance(request, Stats):
             info: dict[str, Any] = {"queue_size": len(self._work), "in_flight": self._work.in_flight}
             try:
                 info.update(self._stats())
             except Exception as exc:
-                return ("error", f"stats failed: {exc}")
-            return ("stats", info)
-        return ("error", f"unknown request {kind[:40]!r}")
+                return Refused(f"stats failed: {exc}")
+            return StatsReply(info)
+        return Refused(f"unknown request {type(request).__name__[:40]}")
 
 
 class QueueClient:
@@ -381,24 +417,24 @@ class QueueClient:
 
     def get(self, timeout: float) -> QueuedTask | None:
         """The next task id, or None after ``timeout``. Acknowledges the item from the previous call."""
-        reply = self._request(("get", float(timeout)), float(timeout) + REPLY_GRACE)
-        if reply[0] == "task" and len(reply) == 4:
-            return QueuedTask(str(reply[1]), str(reply[2]), float(reply[3]))
-        if reply[0] == "empty":
+        reply = self._request(Get(float(timeout)), float(timeout) + REPLY_GRACE)
+        if isinstance(reply, Task):
+            return reply.item
+        if isinstance(reply, Empty):
             return None
         raise QueueError(f"unexpected reply from the work queue at {self.path}: {str(reply)[:100]}")
 
     def stats(self) -> dict[str, Any]:
-        reply = self._request(("stats",), REPLY_GRACE)
-        if reply[0] == "stats" and len(reply) == 2 and isinstance(reply[1], dict):
-            return reply[1]
+        reply = self._request(Stats(), REPLY_GRACE)
+        if isinstance(reply, StatsReply) and isinstance(reply.info, dict):
+            return reply.info
         raise QueueError(f"unexpected reply from the work queue at {self.path}: {str(reply)[:100]}")
 
     def close(self) -> None:
         with self._lock:
             self._drop()
 
-    def _request(self, request: tuple[Any, ...], wait: float) -> tuple[Any, ...]:
+    def _request(self, request: Request, wait: float) -> Reply:
         with self._lock:
             # A reused connection may have died with a listener restart since the last call:
             # retry once on a fresh one. That is safe: a dead server handed nothing out, and a
@@ -417,10 +453,10 @@ class QueueClient:
                     if fresh or attempt:
                         raise QueueError(f"lost the work queue at {self.path}: {_describe(exc)}") from None
                     continue
-                if not isinstance(reply, tuple) or not reply:
+                if not isinstance(reply, (Task, Empty, StatsReply, Refused)):
                     raise QueueError(f"malformed reply from the work queue at {self.path}")
-                if reply[0] == "error":
-                    raise QueueError(f"the work queue at {self.path} refused the request: {reply[1:]}")
+                if isinstance(reply, Refused):
+                    raise QueueError(f"the work queue at {self.path} refused the request: {reply.reason}")
                 return reply
         raise AssertionError("unreachable")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from activation.worker.queue import Get
 from tests.conftest import wait_for
 from tests.harness import BIN, RedisServer, free_port, new_orchestrator, new_tree
 
@@ -88,7 +89,7 @@ def test_the_queue_socket_is_private_and_wants_the_key(tmp_path: Path) -> None:
         assert not (tree.run_dir / "queue.key").exists()
         listener = tree.pid("listener")
         with pytest.raises(AuthenticationError):
-            Client(str(sock), family="AF_UNIX", authkey=b"not the key").send(("get", 0.1))
+            Client(str(sock), family="AF_UNIX", authkey=b"not the key").send(Get(0.1))
         tree.write_task("after-intruder", "x")
         assert tree.wait_result("after-intruder")["status"] == "completed"
         assert tree.pid("listener") == listener

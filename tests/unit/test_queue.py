@@ -317,3 +317,23 @@ def test_a_server_that_never_answers_is_a_queue_error_not_a_hang(
         assert time.monotonic() - started < 3
     finally:
         wedged.close()
+
+
+def test_the_wire_answers_a_request_it_does_not_know_with_a_refusal(serve: Callable[..., Any], run_dir: Path) -> None:
+    """Only the typed messages are understood; anything else (an old client's tuple) is refused, not fatal."""
+    from multiprocessing.connection import Client
+
+    from activation.worker.queue import Empty, Get, Refused
+
+    work, _ = serve()
+    conn = Client(str(socket_path(run_dir)), family="AF_UNIX", authkey=load_authkey(run_dir))
+    try:
+        for request in (("get", 0.1), "stats", 42, None):
+            conn.send(request)
+            reply = conn.recv()
+            assert isinstance(reply, Refused) and reply.reason.startswith("unknown request"), reply
+        conn.send(Get(0.0))  # the connection survived every refusal
+        assert isinstance(conn.recv(), Empty)
+    finally:
+        conn.close()
+    assert len(work) == 0
