@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from activation.clock import iso_now
 from activation.errors import SpoolError
 from activation.spool.atomic import atomic_write_bytes, atomic_write_json, json_bytes, read_json
+from activation.spool.records import DeadLetterRecord
 from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
 DEAD_LETTER = ".dead_letter"
@@ -186,7 +187,7 @@ class Spool:
         os.rename(claim, target)
         return target
 
-    def write_result(self, worker: str, result: dict[str, Any]) -> Path:
+    def write_result(self, worker: str, result: Mapping[str, Any]) -> Path:
         """Write the result, then drop the claim. A crash in between leaves both: the result wins."""
         task_id = result["task_id"]
         path = self.result_path(worker, task_id)
@@ -221,7 +222,7 @@ class Spool:
         if _is_other_entry(record_path, task):
             key = f"{key}.{secrets.token_hex(3)}"
             record_path = self.dead_letter_path(key)
-        record: dict[str, Any] = {
+        record: DeadLetterRecord = {
             "task_id": stem if is_valid_task_id(stem) else None,
             "worker": worker,
             "reason": reason,

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
+from activation.spool.records import ResultRecord
 from activation.spool.task import is_valid_task_id
 
 OUTCOME_SUFFIX = ".outcome"
@@ -26,7 +27,7 @@ def outcome_path(spool: Spool, worker: str, task_id: str) -> Path:
     return spool.processing(worker) / f"{task_id}{OUTCOME_SUFFIX}"
 
 
-def save_outcome(spool: Spool, worker: str, result: dict[str, Any]) -> Path:
+def save_outcome(spool: Spool, worker: str, result: ResultRecord) -> Path:
     """Keep ``result`` beside its claim, durably; raises OSError (the disk may be as full as the results')."""
     path = outcome_path(spool, worker, result["task_id"])
     atomic_write_json(path, result)
@@ -41,7 +42,7 @@ def saved_outcomes(spool: Spool, worker: str) -> list[str]:
     return []
 
 
-def load_outcome(spool: Spool, worker: str, task_id: str) -> dict[str, Any] | None:
+def load_outcome(spool: Spool, worker: str, task_id: str) -> ResultRecord | None:
     """The saved result, or None when it is absent or unreadable (then it is no outcome at all)."""
     try:
         result = read_json(outcome_path(spool, worker, task_id))
@@ -49,7 +50,7 @@ def load_outcome(spool: Spool, worker: str, task_id: str) -> dict[str, Any] | No
         return None
     if not isinstance(result, dict) or result.get("task_id") != task_id:
         return None
-    return result
+    return cast(ResultRecord, result)  # our own executor wrote it, from a ResultRecord
 
 
 def drop_outcome(spool: Spool, worker: str, task_id: str) -> None:
@@ -57,7 +58,7 @@ def drop_outcome(spool: Spool, worker: str, task_id: str) -> None:
         os.unlink(outcome_path(spool, worker, task_id))
 
 
-def finish_write(spool: Spool, worker: str, result: dict[str, Any]) -> Path:
+def finish_write(spool: Spool, worker: str, result: ResultRecord) -> Path:
     """Write the result, drop the claim, then the saved outcome; raises OSError when the write fails."""
     path = spool.write_result(worker, result)
     drop_outcome(spool, worker, result["task_id"])
@@ -67,13 +68,13 @@ def finish_write(spool: Spool, worker: str, result: dict[str, Any]) -> Path:
 class UnwrittenOutcome(Exception):
     """The saved outcome's result still cannot be written; ``result`` is what to keep trying."""
 
-    def __init__(self, result: dict[str, Any], error: OSError) -> None:
+    def __init__(self, result: ResultRecord, error: OSError) -> None:
         super().__init__(f"cannot write the result of {result.get('task_id')}: {error}")
         self.result = result
         self.error = error
 
 
-def settle_outcome(spool: Spool, worker: str, task_id: str) -> dict[str, Any] | None:
+def settle_outcome(spool: Spool, worker: str, task_id: str) -> ResultRecord | None:
     """Settle a saved outcome, as any recovery of the claim must do before it requeues anything.
 
     Returns the result when it wrote it (the claim is gone), None when there was nothing to write:
@@ -100,13 +101,13 @@ class HeldResults:
     def __init__(self, spool: Spool, worker: str) -> None:
         self.spool = spool
         self.worker = worker
-        self.results: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, ResultRecord] = {}
         self.saved: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.results)
 
-    def hold(self, result: dict[str, Any], *, saved: bool = False) -> bool:
+    def hold(self, result: ResultRecord, *, saved: bool = False) -> bool:
         """Keep ``result``; save it beside its claim unless that was done. True when it is saved."""
         task_id = result["task_id"]
         self.results[task_id] = result
@@ -118,9 +119,9 @@ class HeldResults:
                 self.saved.add(task_id)
         return task_id in self.saved
 
-    def flush(self) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], OSError] | None]:
+    def flush(self) -> tuple[list[ResultRecord], tuple[ResultRecord, OSError] | None]:
         """Write what is held: the results written, and the first that failed with its error."""
-        written: list[dict[str, Any]] = []
+        written: list[ResultRecord] = []
         for task_id, result in list(self.results.items()):
             try:
                 finish_write(self.spool, self.worker, result)

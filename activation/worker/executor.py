@@ -30,6 +30,7 @@ from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
+from activation.spool.records import ResultRecord, ResultStatus
 from activation.worker import liveness
 from activation.worker.agent import (
     AgentRun,
@@ -49,7 +50,9 @@ SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held re
 RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
 
-COMPLETED, FAILED, TIMEOUT = "completed", "failed", "timeout"
+COMPLETED: ResultStatus = "completed"
+FAILED: ResultStatus = "failed"
+TIMEOUT: ResultStatus = "timeout"
 EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
 
 
@@ -92,7 +95,9 @@ def parse_envelope(stdout: str) -> dict[str, Any] | None:
     return None
 
 
-def result_status(run: AgentRun, envelope: dict[str, Any] | None, *, expects_envelope: bool = False) -> str:
+def result_status(
+    run: AgentRun, envelope: dict[str, Any] | None, *, expects_envelope: bool = False
+) -> ResultStatus:
     if run.timed_out:
         return TIMEOUT
     if run.exit_code != 0 or (envelope is not None and envelope.get("is_error") is True):
@@ -298,7 +303,7 @@ class Executor(Program):
 
     # -- one task ---------------------------------------------------------------------------
 
-    def process(self, task_id: str, source: str = "queue", seen_at: float = 0.0) -> dict[str, Any] | None:
+    def process(self, task_id: str, source: str = "queue", seen_at: float = 0.0) -> ResultRecord | None:
         """Claim, run and finish one task; the result, or None when there is none (yet).
 
         None means: someone else had it, it already had a result, it was bad (dead letter), it
@@ -362,7 +367,7 @@ class Executor(Program):
             return int(seen_at * 1e9)
         return ctime_ns
 
-    def _run(self, task: dict[str, Any], visible_ns: int, source: str) -> dict[str, Any] | None:
+    def _run(self, task: dict[str, Any], visible_ns: int, source: str) -> ResultRecord | None:
         task_id: str = task["task_id"]
         attempts = int(task.get("attempts") or 0) + 1
         timeout = float(task.get("timeout") or self.settings.task_timeout)
@@ -412,7 +417,7 @@ class Executor(Program):
         self._finished(result)
         return result
 
-    def _finished(self, result: dict[str, Any]) -> None:
+    def _finished(self, result: ResultRecord) -> None:
         """A result is on disk: announce it, count it, log it."""
         task_id, status = result["task_id"], result["status"]
         if self._done is not None:
@@ -435,7 +440,7 @@ class Executor(Program):
 
     def _result(
         self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str
-    ) -> dict[str, Any]:
+    ) -> ResultRecord:
         envelope = None if run.truncated else parse_envelope(run.stdout)
         return {
             "task_id": task["task_id"],
@@ -503,7 +508,7 @@ class Executor(Program):
         self.stopping.wait(self._queue_wait)
         return False
 
-    def _hold(self, result: dict[str, Any], exc: OSError, *, saved: bool = False) -> None:
+    def _hold(self, result: ResultRecord, exc: OSError, *, saved: bool = False) -> None:
         """Keep a finished run's result, saved beside its claim when the disk lets us, and degrade."""
         task_id = result["task_id"]
         kept = "saved beside its claim" if self._held.hold(result, saved=saved) else "kept in memory"

@@ -32,6 +32,7 @@ from activation.observability.metrics import (
 )
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
+from activation.spool.records import HeartbeatRecord
 from activation.worker import liveness
 from activation.worker.supervision import (
     SUPERVISOR_SOCKET,
@@ -124,13 +125,13 @@ class Heartbeat(Program):
             if self._server_thread is not None:
                 self._server_thread.join(timeout=2)
 
-    def beat(self, state: str = "running") -> dict[str, Any]:
+    def beat(self, state: str = "running") -> HeartbeatRecord:
         report = self.report(state)
         report["redis"] = self._publish(report) if self.settings.redis_url else None
         atomic_write_json(self.path, report)
         return report
 
-    def _publish(self, report: dict[str, Any]) -> str:
+    def _publish(self, report: HeartbeatRecord) -> str:
         """SET heartbeat:<worker> with a TTL of three intervals; "up" or "down" (an outage is logged once)."""
         from activation.transport import pubsub as events
         from activation.transport.redis_link import RedisLink
@@ -143,7 +144,7 @@ class Heartbeat(Program):
         done = self._redis.run(lambda client: client.set(key, value, ex=ttl))
         return "down" if done is None else "up"
 
-    def report(self, state: str = "running") -> dict[str, Any]:
+    def report(self, state: str = "running") -> HeartbeatRecord:
         """Everything the heartbeat file says about this worker right now."""
         queue_size = self.spool.count_inbox(self.worker)
         self.metrics.task_queue_size.labels(self.worker).set(queue_size)
@@ -176,7 +177,7 @@ class Heartbeat(Program):
             else None,
             "metrics": {"port": self.settings.metrics_port, "error": self._metrics_error}
             if self.settings.metrics_port
-            else None,
+            else {},
             "version": __version__,
         }
 
