@@ -41,3 +41,26 @@ class BadTask(ActivationError):
 
 class NotReady(ActivationError):
     """A task file that may still be being written: look again later, it is not bad input yet."""
+
+
+# What the orchestrator's domain refuses, by kind; only orchestrator/http.py maps them to statuses.
+
+
+class Invalid(ActivationError):
+    """The request itself is wrong: a missing or ill-typed field, a bad mode."""
+
+
+class NotFound(ActivationError):
+    """What the request names does not exist: a worker, a task, a dead letter."""
+
+
+class Conflict(ActivationError):
+    """The request collides with what exists: a task id in use, a dead letter that cannot go back."""
+
+
+class Unavailable(ActivationError):
+    """The request is fine but cannot be served now: the spool refuses a write, Redis is required and down."""
+
+
+class Broken(ActivationError):
+    """A record the domain must read is damaged: the operator has to look."""

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from activation.errors import ActivationError, ConfigError
+from activation.errors import ActivationError, Broken, ConfigError, Conflict, Invalid, NotFound, Unavailable
 from activation.spool import codec
 
 log = logging.getLogger("activation.orchestrator")
@@ -52,6 +52,17 @@ class ApiError(ActivationError):
         self.status = status
         self.message = message
         self.allow = allow  # for 405: the methods the path does take
+
+
+# The orchestrator's domain errors (activation.errors), as HTTP statuses.
+DOMAIN_STATUS: dict[type[ActivationError], int] = {
+    Invalid: HTTPStatus.BAD_REQUEST,
+    NotFound: HTTPStatus.NOT_FOUND,
+    Conflict: HTTPStatus.CONFLICT,
+    Unavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+    Broken: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+DOMAIN_ERRORS = tuple(DOMAIN_STATUS)
 
 
 class AdminService(Protocol):
@@ -177,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = route.call(self.server.service, body, args)
         except ApiError as exc:
             self._refuse(exc.status, exc.message, exc.allow)
+            return
+        except DOMAIN_ERRORS as exc:  # the domain says what is wrong; only here does it become a status
+            self._refuse(DOMAIN_STATUS[type(exc)], str(exc))
             return
         except Exception:
             log.exception("admin API: %s %s failed", method, self.path[:200], extra={"event": "api_error"})

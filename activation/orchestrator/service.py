@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from activation.clock import SYSTEM_CLOCK, Clock, iso_now
 from activation.config import ORCHESTRATOR_MODES, WORKER_NAME_PATTERN, Settings
-from activation.errors import ActivationError, DispatchError
+from activation.errors import ActivationError, Broken, Conflict, DispatchError, Invalid, NotFound, Unavailable
 from activation.lifecycle import Program
 from activation.orchestrator import recovery
 from activation.orchestrator.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
 from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
-from activation.orchestrator.http import AdminApi, ApiError, check_bind, parse_bind
+from activation.orchestrator.http import AdminApi, check_bind, parse_bind
 from activation.orchestrator.liveness import LivenessWatch
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
@@ -305,15 +304,14 @@ class Orchestrator(Program):
 
     def set_mode(self, mode: Any) -> dict[str, Any]:
         if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {ascii(mode)[:80]}"
+            raise Invalid(f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {ascii(mode)[:80]}"
             )
         mode = mode.strip().lower()
         with self._mode_lock:
             try:
                 save_mode(self.spool, mode)  # persisted first: an answer of 200 means it survives a restart
             except OSError as exc:
-                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot persist the mode: {exc}") from None
+                raise Unavailable(f"cannot persist the mode: {exc}") from None
             previous, self._mode = self._mode, mode
         self.metrics.mode.set(MODE_CODES[mode])
         self.log.info("mode %s -> %s", previous, mode, extra={"event": "mode_changed"})
@@ -330,14 +328,14 @@ class Orchestrator(Program):
     def submit_task(self, body: dict[str, Any]) -> dict[str, Any]:
         for name in ("worker", "description"):
             if name not in body:
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {name!r}")
+                raise Invalid(f"missing field {name!r}")
         worker, description = body["worker"], body["description"]
         if not isinstance(worker, str) or not WORKER_NAME_PATTERN.match(worker):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'worker' must be a worker name")
+            raise Invalid("field 'worker' must be a worker name")
         if not isinstance(description, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'description' must be a string")
+            raise Invalid("field 'description' must be a string")
         if not self.spool.inbox(worker).is_dir():
-            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown worker {worker!r}: it has no inbox")
+            raise NotFound(f"unknown worker {worker!r}: it has no inbox")
         try:
             task = build_task(
                 description,
@@ -348,11 +346,11 @@ class Orchestrator(Program):
                 extra={k: v for k, v in body.items() if k not in TASK_FIELDS},
             )
         except DispatchError as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            raise Invalid(str(exc)) from None
         task_id = task["task_id"]
         found = self.spool.locate(task_id)
         if found is not None:
-            raise ApiError(HTTPStatus.CONFLICT, f"task id {task_id!r} already exists ({found.state})")
+            raise Conflict(f"task id {task_id!r} already exists ({found.state})")
         chosen = self.decision(worker)
         try:
             with self._publish_lock if chosen.transport == "events" else contextlib.nullcontext():
@@ -366,7 +364,7 @@ class Orchestrator(Program):
                     check_unique=False,
                 )
         except DispatchError as exc:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+            raise Unavailable(str(exc)) from None
         self.metrics.dispatch.labels(worker, sent.transport).inc()
         self.log.info(
             "task %s for %s by %s (rule %s)",
@@ -394,13 +392,13 @@ class Orchestrator(Program):
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as exc:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read {found.state} record: {exc}") from None
+                raise Broken(f"cannot read {found.state} record: {exc}") from None
             if found.state == "done":
                 answer["result"] = record
             else:
                 answer["dead_letter"] = {k: record.get(k) for k in ("reason", "detail", "dead_at")}
             return answer
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no task {task_id[:140]!r}")
+        raise NotFound(f"no task {task_id[:140]!r}")
 
     def list_dead_letters(self) -> dict[str, Any]:
         letters = [d.summary() for d in recovery.dead_letters(self.spool)]
@@ -410,11 +408,11 @@ class Orchestrator(Program):
         try:
             retried = recovery.retry_dead_letter(self.spool, key)
         except recovery.UnknownDeadLetter as exc:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(exc)) from None
+            raise NotFound(str(exc)) from None
         except recovery.NotRetryable as exc:
-            raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
+            raise Conflict(str(exc)) from None
         except recovery.DeadLetterError as exc:
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
+            raise Broken(str(exc)) from None
         return retried.as_dict()
 
     def render_metrics(self) -> tuple[bytes, str]:
