@@ -84,6 +84,10 @@ class Settings:
     redis_sentinel_master: str = "mymaster"  # REDIS_SENTINEL_MASTER: the primary's name in Sentinel
     stopped_grace: float = 3600.0  # ACTIVATION_STOPPED_GRACE: a cleanly stopped worker is not dead for this long
 
+    # The environment these settings were read from: the base of the environment the agent and the
+    # local stack's programs get (secrets stripped there). Nothing else reads os.environ.
+    environ: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False, hash=False)
+
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
         if not self.worker_name:
@@ -299,8 +303,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
 
     Empty variables count as unset. Overrides are already-typed values, e.g. from click options.
     """
-    env = read_secret_files(os.environ if env is None else env)
-    values: dict[str, Any] = {}
+    given = dict(os.environ if env is None else env)
+    env = read_secret_files(given)
+    values: dict[str, Any] = {"environ": given}
     for variable, (field, parse) in _VARIABLES.items():
         raw = env.get(variable)
         if raw is not None and raw.strip() != "":

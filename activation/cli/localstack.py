@@ -50,7 +50,7 @@ def _run_base(settings: Settings) -> Path:
 
 
 def _environment(settings: Settings, run_dir: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(settings.environ)
     env.update(
         ACTIVATION_SPOOL=str(settings.spool),
         ACTIVATION_RUN_DIR=str(run_dir),

@@ -128,8 +128,8 @@ class Executor(Program):
         self._program = probe[0]
         workdir = settings.agent_workdir  # a missing one is a degraded worker (preflight), not a crash loop
         self._cwd = str(workdir) if workdir is not None else None
-        # The environment is read once, here at the process boundary; agent.py strips the secrets.
-        self._environ = dict(os.environ if environ is None else environ)
+        # The environment the settings were read from; agent.py strips the secrets.
+        self._environ = dict(settings.environ if environ is None else environ)
         self._client: WorkQueueClient | None = None
         self._drain_deadline: float | None = None
         self._queue_down = False
