@@ -166,19 +166,34 @@ class Stack:
         """Remove every container, network and volume of the project, whatever state it is in."""
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
             self("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=300, check=False)
-        label = f"label=com.docker.compose.project={self.project}"
-        for kind, listing in (
-            ("container", ["ps", "-a", "-q", "--filter", label]),
-            ("network", ["network", "ls", "-q", "--filter", label]),
-            ("volume", ["volume", "ls", "-q", "--filter", label]),
-        ):
-            left = self.podman.run(*listing, check=False).stdout.split()
-            if left:
-                self.podman.run(kind, "rm", "-f", *left, check=False, timeout=120)
+        remove_project(self.podman, self.project)
+
+
+def remove_project(podman: Podman, project: str) -> None:
+    """Every container, network and volume that compose labelled with ``project``."""
+    label = f"label=com.docker.compose.project={project}"
+    for kind, listing in (
+        ("container", ["ps", "-a", "-q", "--filter", label]),
+        ("network", ["network", "ls", "-q", "--filter", label]),
+        ("volume", ["volume", "ls", "-q", "--filter", label]),
+    ):
+        left = podman.run(*listing, check=False).stdout.split()
+        if left:
+            podman.run(kind, "rm", "-f", *left, check=False, timeout=120)
+
+
+def remove_stale_projects(podman: Podman) -> None:
+    """The stacks of earlier sessions that died before their teardown (acttest<pid>, pid gone)."""
+    listed = podman.run("ps", "-a", "--format", '{{index .Labels "com.docker.compose.project"}}', check=False)
+    for project in set(listed.stdout.split()):
+        match = re.fullmatch(r"acttest(\d+)", project)
+        if match and not psutil.pid_exists(int(match[1])):
+            remove_project(podman, project)
 
 
 @pytest.fixture(scope="session")
 def stack(images: Builds, api: ApiService, podman: Podman, workdir: Path) -> Iterator[Stack]:
+    remove_stale_projects(podman)
     compose = Stack(podman, api, workdir)
     try:
         compose("up", "-d", "--no-build", timeout=300)
