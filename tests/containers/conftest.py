@@ -1,8 +1,8 @@
 """Fixtures of the container tests: podman, the images, its Docker API socket, the compose stack.
 
-The session builds the images (cached by podman between runs), starts `podman system service` on
-a private socket for Debian's docker-compose (1.29), and brings the stack up from
-docker-compose.yml plus tests/containers/docker-compose.test.yml. At the end of the session,
+The session builds the images (cached by podman between runs); a module starts `podman system
+service` on a private socket for Debian's docker-compose (1.29), and brings the stack up from
+docker-compose.yml plus tests/containers/docker-compose.test.yml. At the end of the module,
 failed or not, every container, network and volume of the stack goes, and the service stops; the
 images stay, as the cache of the next run.
 """
@@ -17,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,9 @@ def images(podman: Podman) -> Builds:
     return builds
 
 
-@pytest.fixture(scope="session")
+# The service and the stack live for one module: the rest of the suite runs with neither (its
+# no_leaks check would take the service for a leak), and no CPU goes to an idle stack.
+@pytest.fixture(scope="module")
 def api(podman: Podman, workdir: Path) -> Iterator[ApiService]:
     service = ApiService(podman, workdir).start()
     yield service
@@ -191,7 +194,7 @@ def remove_stale_projects(podman: Podman) -> None:
             remove_project(podman, project)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(images: Builds, api: ApiService, podman: Podman, workdir: Path) -> Iterator[Stack]:
     remove_stale_projects(podman)
     compose = Stack(podman, api, workdir)
@@ -208,6 +211,7 @@ def stack(images: Builds, api: ApiService, podman: Podman, workdir: Path) -> Ite
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """As tests/conftest.py's, except for the podman API service, which lives for the whole session."""
+    threads_before = set(threading.enumerate())
     yield
     me = psutil.Process()
 
@@ -225,5 +229,6 @@ def no_leaks() -> Iterator[None]:
 
     with contextlib.suppress(TimeoutError):
         wait_until(lambda: not strays(), 10, 0.1)
-    left = strays()
-    assert not left, "test leaked " + ", ".join(f"process {p.pid} {p.name()}" for p in left)
+    left = [f"process {p.pid} {p.name()}" for p in strays()]
+    left += [f"thread {t.name}" for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not left, "test leaked " + ", ".join(left)
