@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test check lint unit integration bench chaos redis-server prometheus claude-cli docker-compose restart-workers clean
+.PHONY: up test check lint unit integration bench chaos redis-server prometheus claude-cli docker-compose podman images stack stack-down restart-workers clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,31 @@ docker-compose:
 	    echo "docker-compose not found and apt-get is unavailable: the compose test will be skipped" >&2; \
 	  fi; }
 
+# Debian's podman and what the container tests need with it (tests/containers/: the images built
+# from a debootstrap base, the compose stack run through podman's Docker API). netavark needs
+# iptables. Without apt-get, or where podman cannot run, those tests skip and say why.
+PODMAN_PACKAGES := podman buildah netavark aardvark-dns uidmap runc debootstrap iptables
+podman:
+	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "podman not found: installing Debian's $(PODMAN_PACKAGES)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PODMAN_PACKAGES) >/dev/null; \
+	  else \
+	    echo "podman not found and apt-get is unavailable: the container tests will be skipped" >&2; \
+	  fi; }
+
+# The images for a user, with Docker or podman (whichever is here): BASE_IMAGE=..., IMAGE_TAG=...
+images:
+	scripts/containers images
+
+# The compose stack (docker-compose.yml), built and up: ENV_FILE=.env.production make stack.
+# The secrets come from the shell (README, "Running the stack"). `make stack-down` stops it.
+stack:
+	scripts/containers stack
+
+stack-down:
+	scripts/containers down
+
 # Restart every worker's programs gracefully, one worker at a time: the local stack of `make up`
 # when it runs, else the compose stack (COMPOSE="docker compose --env-file .env.production").
 restart-workers: $(STAMP)
@@ -62,7 +87,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server prometheus claude-cli docker-compose lint
+test: $(STAMP) redis-server prometheus claude-cli docker-compose podman lint
 	$(BIN)/pytest
 
 unit: $(STAMP)

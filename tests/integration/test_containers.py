@@ -139,6 +139,7 @@ def test_the_build_context_builds_the_package(tmp_path):
     """The files the Dockerfiles COPY, as .dockerignore lets them through, make the package."""
     sent = build_context(ROOT)
     assert "setup.cfg" in sent and "activation/cli/__init__.py" in sent and "supervisor_conf/worker.conf" in sent
+    assert "containers/ca/README.md" in sent  # the extra-CA folder, which must exist for the COPY
     assert not [path for path in sent if path.startswith(("tests/", ".env", ".git/", ".venv/", "var/"))]
     context = tmp_path / "context"
     for relative in sent:

@@ -15,6 +15,7 @@ import fnmatch
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ DUMMY_SECRETS = {
 THIRD_PARTY_VARIABLES = {
     "PATH": "the image's search path, with the package's venv first",
     "PYTHONUNBUFFERED": "Python: log lines reach `docker logs` at once",
+    "NODE_EXTRA_CA_CERTS": "claude (Node): trust the system store, extra CAs of containers/ca/ included",
     "ANTHROPIC_API_KEY": "Claude Code's API key, passed through from the shell",
     "IS_SANDBOX": "Claude Code: allows --dangerously-skip-permissions when running as root",
     "REDIS_PASSWORD": "the redis service: its --requirepass",
@@ -268,14 +270,40 @@ def test_the_image_runs_supervisord_as_pid_1_on_the_repos_conf(image, conf):
     assert env["ACTIVATION_SPOOL"] == "/spool" and env["ACTIVATION_RUN_DIR"] == "/run/activation"
 
 
-def test_the_worker_image_is_the_seeds_with_a_documented_python_alternative():
-    dockerfile = parse_dockerfile(WORKER_DOCKERFILE)
-    text = WORKER_DOCKERFILE.read_text()
-    assert dockerfile.args["BASE_IMAGE"] == "docker/sandbox-templates:claude-code"
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_both_images_build_on_a_public_debian_base_given_as_a_build_arg(image):
+    """The tests build the same file on a local debootstrap bookworm (tests/containers/)."""
+    dockerfile = parse_dockerfile(DOCKERFILES[image])
+    assert dockerfile.args["BASE_IMAGE"] == "debian:bookworm-slim"
     assert dockerfile.instructions[1] == ("FROM", "${BASE_IMAGE}")
-    assert "--build-arg BASE_IMAGE=python:3.11-slim" in text
-    assert '"@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}"' in text
+    # Whatever the base lacks comes from its distribution, so a bare Debian base is enough.
+    assert "python3-venv" in DOCKERFILES[image].read_text()
+
+
+def test_the_worker_image_installs_the_pinned_claude_unless_its_base_has_one():
+    text = WORKER_DOCKERFILE.read_text()
+    assert "--build-arg BASE_IMAGE=docker/sandbox-templates:claude-code" in text
+    assert '"@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}"' in text and "command -v claude" in text
     assert "IS_SANDBOX=1" in text and "--dangerously-skip-permissions" in text
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_an_extra_ca_joins_the_trust_store_before_anything_is_downloaded(image):
+    """containers/ca/*.crt (never committed) for a TLS-intercepting proxy; pip and npm use the store."""
+    dockerfile = parse_dockerfile(DOCKERFILES[image])
+    copies = [dest for sources, dest in dockerfile.copies if sources == ["containers/ca/"]]
+    assert copies == ["/usr/local/share/ca-certificates/activation/"]
+    runs = [i for i, (name, _) in enumerate(dockerfile.instructions) if name == "RUN"]
+    copy_at = next(i for i, (name, args) in enumerate(dockerfile.instructions) if "containers/ca/" in args)
+    assert copy_at < runs[0]
+    assert "update-ca-certificates" in dockerfile.instructions[runs[0]][1]
+    pip = next(args for name, args in dockerfile.instructions if name == "RUN" and "pip install" in args)
+    assert "PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in pip
+    assert not dockerignore_excludes("containers/ca/corporate.crt")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "containers/ca/corporate.crt"], cwd=ROOT, capture_output=True, timeout=30
+    )
+    assert ignored.returncode == 0, "git must ignore containers/ca/*.crt"
 
 
 def test_the_worker_image_pins_the_claude_code_of_the_e2e_tests():
