@@ -7,8 +7,8 @@ ends in a one-line message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +16,7 @@ import click
 
 from activation import __version__
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json, setup_logging
-from activation.config import Settings, load_settings
+from activation.config import load_settings
 from activation.procctl import make_undumpable
 from activation.spool.layout import Spool
 
@@ -170,15 +170,16 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
 # -- the programs supervisord runs ------------------------------------------------------------
 
 
-def _run(program: str, factory: Callable[[Settings], Any], *, needs_metrics: bool = True) -> NoReturn:
+def _run(program: str, factory: str, *, needs_metrics: bool = True) -> NoReturn:
     """Run one program of a worker tree, holding its lock on the worker for its whole life.
 
+    ``factory`` is "module:Class", imported only once the metrics folder is set (multiprocess.py).
     The lock (spool/ownership.py) is what recovery trusts as proof that the program is alive, and
     it refuses a second tree with the same WORKER_NAME on this spool (files mode: the worker's
     inbox is one folder; replicas of a role come with the streams transport).
     """
     from activation.lifecycle import EXIT_OWNED, run_program
-    from activation.observability import metrics
+    from activation.observability.multiprocess import enable_multiprocess
     from activation.spool import ownership
 
     make_undumpable()  # first: the secrets in this process's environment stay its own
@@ -192,9 +193,10 @@ def _run(program: str, factory: Callable[[Settings], Any], *, needs_metrics: boo
         ownership.record_refusal(spool, worker, program, settings.run_dir, str(exc))
         fail(str(exc), EXIT_OWNED)
     try:
-        if needs_metrics:
-            metrics.enable_multiprocess(settings.run_dir / "metrics")
-        code = run_program(factory(settings))
+        if needs_metrics:  # before the program's module is imported: it defines the metrics
+            enable_multiprocess(settings.run_dir / "metrics")
+        module, _, name = factory.partition(":")
+        code = run_program(getattr(importlib.import_module(module), name)(settings))
     finally:
         lock.release()
     sys.exit(code)
@@ -208,25 +210,19 @@ def worker() -> None:
 @worker.command()
 def listener() -> None:
     """Wake on new tasks and serve the work queue."""
-    from activation.worker.listener import Listener
-
-    _run("listener", Listener)
+    _run("listener", "activation.worker.listener:Listener")
 
 
 @worker.command()
 def executor() -> None:
     """Run the agent for each task, one at a time."""
-    from activation.worker.executor import Executor
-
-    _run("executor", Executor)
+    _run("executor", "activation.worker.executor:Executor")
 
 
 @worker.command()
 def heartbeat() -> None:
     """Report the worker's health and serve its metrics."""
-    from activation.worker.heartbeat import Heartbeat
-
-    _run("heartbeat", Heartbeat)
+    _run("heartbeat", "activation.worker.heartbeat:Heartbeat")
 
 
 # -- health ---------------------------------------------------------------------------------

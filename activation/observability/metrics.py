@@ -15,11 +15,14 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import psutil
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.metrics_core import Metric
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from activation.observability.multiprocess import MULTIPROC_ENV, adopt_folder, enable_multiprocess, multiprocess_folder
+
+__all__ = ["MULTIPROC_ENV", "WorkerMetrics", "adopt_folder", "enable_multiprocess", "multiprocess_folder"]
+
 LIVE_GAUGES = "gauge_live*_*.db"  # one file per process and live mode: gauge_livemax_<pid>.db
 # A program creates its file a moment before it maps it: a file this young is never judged orphaned
 # by a live pid that does not map it yet.
@@ -47,26 +50,6 @@ LATENCY_BUCKETS = (
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 _folder_lock = threading.Lock()  # the heartbeat cleans on its loop and in its scrape thread
-
-
-def enable_multiprocess(folder: Path) -> None:
-    """Point prometheus_client at ``folder``, whatever was imported before.
-
-    Live gauge files already named after this pid were left by an earlier owner of the pid (a
-    restarted container counts pids from 1 again). prometheus_client would adopt their values
-    as its own, so they go before the first metric is created. Counter and histogram files stay:
-    adopting those keeps every sum, and so every counter, monotonic.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_live_gauges(folder, os.getpid())
-    os.environ[MULTIPROC_ENV] = str(folder)
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-
-
-def multiprocess_folder() -> Path | None:
-    """The folder `enable_multiprocess` set for this process, or None outside multiprocess mode."""
-    folder = os.environ.get(MULTIPROC_ENV)
-    return Path(folder) if folder else None
 
 
 class WorkerCollector:

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from activation.observability import metrics
+from activation.observability import metrics, multiprocess
 from activation.observability.metrics import (
     WorkerMetrics,
-    enable_multiprocess,
+    adopt_folder,
     forget_dead_processes,
     multiprocess_registry,
 )
@@ -192,9 +192,9 @@ def test_enable_multiprocess_drops_live_gauges_an_earlier_owner_of_its_pid_left(
     earlier.task_queue_size.labels("w1").set(50)
     earlier.worker_up.set(1)
     earlier.tasks_completed.labels("w1", "completed").inc(5)
-    enable_multiprocess(folder)
+    adopt_folder(folder)  # what enable_multiprocess does besides setting PROMETHEUS_MULTIPROC_DIR
     assert not list(folder.glob(f"gauge_live*_{os.getpid()}.db"))
-    now = WorkerMetrics(registry=None)  # the new program: a listener that never sets the queue size
+    now = program(os.getpid())  # the new program (fresh files): a listener that never sets the queue size
     samples = served(folder)
     assert value(samples, "task_queue_size", worker="w1") is None
     assert value(samples, "worker_up") == 0
@@ -203,7 +203,7 @@ def test_enable_multiprocess_drops_live_gauges_an_earlier_owner_of_its_pid_left(
 
 
 def test_multiprocess_registry_needs_a_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(multiprocess, "_folder", None)
     with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR"):
         multiprocess_registry()
     with pytest.raises(ValueError):
@@ -217,3 +217,31 @@ def test_mapped_files_of_this_process_include_an_open_metrics_file(folder: Path)
     assert files is not None
     assert str(next(folder.glob("gauge_livemax_*.db")).resolve()) in files
     assert mapped(NEVER_A_PID) == set()
+
+
+def test_enable_multiprocess_refuses_once_prometheus_client_chose_its_value_class(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """prometheus_client is imported in this process already: enabling another folder now would
+    silently keep samples in memory, so it refuses instead of patching the library."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.enable_multiprocess(tmp_path / "metrics")
+
+
+def test_a_program_started_by_the_cli_writes_its_samples_to_the_run_folder(tmp_path: Path) -> None:
+    """The public way, end to end: a fresh interpreter sets the folder before importing the library."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "metrics"
+    code = (
+        "from pathlib import Path; import sys\n"
+        "from activation.observability.multiprocess import enable_multiprocess\n"
+        f"enable_multiprocess(Path({str(folder)!r}))\n"
+        "from activation.observability.metrics import worker_metrics\n"
+        "worker_metrics().tasks_completed.labels('w1', 'completed').inc()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert list(folder.glob("counter_*.db"))
+    assert value(served(folder), "tasks_completed_total", worker="w1", status="completed") == 1
