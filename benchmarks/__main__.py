@@ -8,11 +8,14 @@ Timings on a shared 2-core machine drift between runs: compare the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,63 +83,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
     }
     only = args.only
+
+    def probe(key: str, what: str, measure: Callable[[], Any], into: dict[str, Any] = r) -> None:
+        """Run one probe; a failure is printed and recorded, and the others still run."""
+        step(what)
+        try:
+            into[key] = measure()
+        except Exception as exc:  # a bench that dies on one probe prints nothing at all
+            traceback.print_exc()
+            r.setdefault("errors", {})[f"{key} ({what})"] = f"{type(exc).__name__}: {exc}"
+
     with tempfile.TemporaryDirectory(prefix="actbench-") as tmp:
         root = Path(tmp)
-        step("floors")
         r["floor"] = floor.measure(root / "floor", AGENT_ARGV, args.samples)
-        r["handoff_ms"] = {
-            "in_process": summary(handoff.in_process(min(args.samples, 100))),
-            "socket": summary(handoff.over_socket(min(args.samples, 100))),
-        }
+        n = min(args.samples, 100)
+        probe(
+            "handoff_ms",
+            "work queue hand-off",
+            lambda: {"in_process": summary(handoff.in_process(n)), "socket": summary(handoff.over_socket(n))},
+        )
         if only & {"latency", "idle", "burst", "peers"}:
             tree = bench_tree(root / "inotify")
             try:
-                step("our tree, inotify: latency")
-                tree.start()
-                r["inotify"] = latency.inotify(tree, args.samples)
+                probe("inotify", "our tree, inotify: latency", lambda: latency.inotify(tree.start(), args.samples))
                 if "idle" in only:
-                    step(f"our tree: idle for {args.idle:g} s")
-                    r["idle"] = idle.idle(tree, args.idle, args.settle)
-                    step("our tree: SIGTERM to an idle executor")
-                    r["sigterm"] = idle.sigterm_exit(tree, 3)
+                    probe(
+                        "idle", f"our tree: idle for {args.idle:g} s", lambda: idle.idle(tree, args.idle, args.settle)
+                    )
+                    probe("sigterm", "our tree: SIGTERM to an idle executor", lambda: idle.sigterm_exit(tree, 3))
                 if only & {"burst", "peers"}:
-                    step(f"our tree: burst of {args.burst}")
                     tree.wait_running()
-                    r["burst"] = burst.burst(OurTree(tree), args.burst)
+                    probe("burst", f"our tree: burst of {args.burst}", lambda: burst.burst(OurTree(tree), args.burst))
             finally:
                 tree.kill_everything()
         if "latency" in only:
-            step("our tree, Redis events: latency")
-            r["redis_event"] = latency.redis_event(root, args.samples)
-            step("our tree, poll: latency")
-            r["poll"] = latency.poll(root, max(20, args.samples // 10), args.poll_interval)
+            probe("redis_event", "our tree, Redis events: latency", lambda: latency.redis_event(root, args.samples))
+            probe(
+                "poll",
+                "our tree, poll: latency",
+                lambda: latency.poll(root, max(20, args.samples // 10), args.poll_interval),
+            )
         if "first" in only:
-            step("first task after a start and a restart")
-            r["first_task"] = first_task.first_task(root, args.starts, args.restarts)
+            probe(
+                "first_task",
+                "first task after a start and a restart",
+                lambda: first_task.first_task(root, args.starts, args.restarts),
+            )
         if "peers" in only:
             r["peers"] = {}
-            for make in (lambda: peer_rq.RqSimpleWorker(root / "rq"), lambda: peer_naive.NaiveWrapper(root / "naive")):
-                peer = make()
-                step(f"peer {peer.name}: latency and burst")
+            peers: list[Any] = [peer_rq.RqSimpleWorker(root / "rq"), peer_naive.NaiveWrapper(root / "naive")]
+            for peer in peers:
                 try:
-                    peer.start()
-                    r["peers"][peer.name] = {
-                        "latency": summary(latency.one_at_a_time(peer, args.samples, "lat")),
-                        "burst": burst.burst(peer, args.burst),
-                    }
+                    probe(
+                        peer.name,
+                        f"peer {peer.name}: latency and burst",
+                        functools.partial(_peer, peer, args.samples, args.burst),
+                        r["peers"],
+                    )
                 finally:
                     peer.stop()
         if "api" in only:
-            step(f"POST /tasks from {args.clients} clients")
-            r["api"] = api.post_tasks(root, args.clients, args.api_requests)
+            probe(
+                "api",
+                f"POST /tasks from {args.clients} clients",
+                lambda: api.post_tasks(root, args.clients, args.api_requests),
+            )
         if "history" in only:
             sizes = history.parse_sizes(args.history)
-            step(f"history: {', '.join(history.label(s) for s in sizes)} results")
-            r["history"] = history.history(root, sizes, args.history_window, args.settle)
+            probe(
+                "history",
+                f"history: {', '.join(history.label(s) for s in sizes)} results",
+                lambda: history.history(root, sizes, args.history_window, args.settle),
+            )
         r["streams"] = streams_probe.streams()
         step("cleaning up")
     r["load"]["end"] = os.getloadavg()[0]
     return r
+
+
+def _peer(peer: Any, samples: int, count: int) -> dict[str, Any]:
+    peer.start()
+    return {"latency": summary(latency.one_at_a_time(peer, samples, "lat")), "burst": burst.burst(peer, count)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,7 +210,7 @@ def history(r: dict[str, Any]) -> list[str]:
     note = "" if any(row["results"] >= 1_000_000 for row in rows) else "; 1M is opt-in: --history 1k,10k,100k,1m"
     lines = [
         f"4   history: results {', '.join(sizes)} (idle window {h['window_s']:g} s{note}); "
-        f"target <= {HISTORY_FLAT:g}x the {sizes[0]} figure, or O(output)"
+        f"target <= {HISTORY_FLAT:g}x the {sizes[0]} figure, or O(output); commands: best of 3, process start included"
     ]
     lines.append("    " + f"{'measure':<22}" + "".join(f"{s:>22}" for s in sizes) + "   verdict")
 
@@ -321,4 +321,6 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"7   streams: XADD -> agent across network namespaces, replicas 1/2/4: {r['streams']['status']}",
     ]
+    for probe, error in (r.get("errors") or {}).items():
+        lines.append(f"ERROR in {probe}: {error}")
     return "\n".join(lines)
