@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def step(name: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] load {os.getloadavg()[0]:.1f}: {name}", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

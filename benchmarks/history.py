@@ -19,8 +19,9 @@ from tests.harness import WorkerTree, new_orchestrator, wait_until
 
 WORKER = "w1"
 DEAD_LETTERS = 10  # constant across sizes: the dead letter is not what grows
-CLI_RUNS = 3  # each command's figure is the best of this many runs: the least disturbed by the load
+CLI_RUNS = 5  # each command's figure is the best of this many runs: the least disturbed by the load
 COMMANDS: dict[str, tuple[str, ...] | None] = {
+    "--version": ("--version",),  # the floor of every command: the interpreter and click starting
     "status": ("status",),
     "tasks": None,  # not built yet
     "show": ("show", "hist-0000500"),
