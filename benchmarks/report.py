@@ -210,7 +210,7 @@ def history(r: dict[str, Any]) -> list[str]:
     note = "" if any(row["results"] >= 1_000_000 for row in rows) else "; 1M is opt-in: --history 1k,10k,100k,1m"
     lines = [
         f"4   history: results {', '.join(sizes)} (idle window {h['window_s']:g} s{note}); "
-        f"target <= {HISTORY_FLAT:g}x the {sizes[0]} figure, or O(output); commands: best of 5, process start included"
+        f"target <= {HISTORY_FLAT:g}x the {sizes[0]} figure, or O(output)"
     ]
     lines.append("    " + f"{'measure':<22}" + "".join(f"{s:>22}" for s in sizes) + "   verdict")
 
@@ -220,40 +220,56 @@ def history(r: dict[str, Any]) -> list[str]:
         unit: str,
         outputs: list[float] | None = None,
         least: float = 0.0,
-        judged: bool = True,
+        floors: list[float] | None = None,
     ) -> str:
-        """One measure across sizes, each beside the first; ``least`` is the resolution below which 0 means "under"."""
+        """One measure across sizes, each beside the first size's.
+
+        ``least`` is the resolution below which a figure counts as that resolution. With
+        ``floors`` the ratio is of value/floor: how much more than its floor, measured in the
+        same moment, the figure grew. With ``outputs`` it may grow as its output does, O(output).
+        """
         cells, ok = [], True
-        first = None if values[0] is None else max(values[0], least)
+
+        def scaled(n: int) -> float | None:
+            value = values[n]
+            if value is None:
+                return None
+            value = max(value, least)
+            return value / floors[n] if floors else value
+
         for n, value in enumerate(values):
             if value is None:
                 cells.append("n/a")
                 continue
             text = f"{value:.3f}{unit}" if unit == " %" else (ms(value) if unit == "ms" else f"{value:.1f}{unit}")
             if n:
-                ratio_ = ratio(max(value, least), first)
+                ratio_ = ratio(scaled(n), scaled(0))
                 grew = ratio(outputs[n], outputs[0]) if outputs else None
-                bound = HISTORY_FLAT * max(1.0, grew or 1.0)  # O(output): it may grow as its output does
-                flat = ratio_ is not None and ratio_ <= bound
-                ok = ok and flat
-                text += f" ({times(max(value, least), first)})"
+                bound = HISTORY_FLAT * max(1.0, grew or 1.0)
+                ok = ok and ratio_ is not None and ratio_ <= bound
+                text += f" ({times(scaled(n), scaled(0))})"
             cells.append(text)
-        mark = verdict(ok) if judged else "(floor)"
-        return "    " + f"{name:<22}" + "".join(f"{c:>22}" for c in cells) + f"   {mark}"
+        return "    " + f"{name:<22}" + "".join(f"{c:>22}" for c in cells) + f"   {verdict(ok)}"
 
     tick = max(row["resolution_percent"] for row in rows)  # one clock tick over the window
     lines.append(series("orchestrator idle CPU", [row["idle_cpu_percent"] for row in rows], " %", least=tick))
     lines.append(series("orchestrator idle RSS", [row["idle_rss_mb"] for row in rows], " MB"))
     lines.append(series("orchestrator start", [row["ready_s"] * 1000 for row in rows], "ms"))
     lines.append(series("GET /config", [row["get_config_ms"] for row in rows], "ms"))
+    floor = [min(c["floor_ms"] for c in row["commands"].values() if c) for row in rows]
+    lines.append("    " + f"{'activation --version':<22}" + "".join(f"{ms(f):>22}" for f in floor) + "   (floor)")
     for name in COMMANDS:
         if base["commands"][name] is None:
             lines.append("    " + f"{'activation ' + name:<22}" + "  n/a: command not built yet")
             continue
         values = [row["commands"][name]["ms"] for row in rows]
+        floors_ = [row["commands"][name]["floor_ms"] for row in rows]
         outputs = [float(row["commands"][name]["output_bytes"] or 1) for row in rows]
-        lines.append(series(f"activation {name}", values, "ms", outputs, judged=name != "--version"))
-    lines.append("    (activation --version is the commands' floor: the interpreter and click starting, nothing read)")
+        lines.append(series(f"activation {name}", values, "ms", outputs, floors=floors_))
+    lines.append(
+        "    (commands: best of 5, each run beside one of activation --version, their floor: the ratio is of"
+        " command/floor, so the load moves both)"
+    )
     return lines
 
 
