@@ -212,7 +212,7 @@ def history(r: dict[str, Any]) -> list[str]:
         f"4   history: results {', '.join(sizes)} (idle window {h['window_s']:g} s{note}); "
         f"target <= {HISTORY_FLAT:g}x the {sizes[0]} figure, or O(output)"
     ]
-    lines.append("    " + f"{'measure':<22}" + "".join(f"{s:>22}" for s in sizes) + "   verdict")
+    lines.append("    " + f"{'measure':<28}" + "".join(f"{s:>22}" for s in sizes) + "   verdict")
 
     def series(
         name: str,
@@ -220,13 +220,11 @@ def history(r: dict[str, Any]) -> list[str]:
         unit: str,
         outputs: list[float] | None = None,
         least: float = 0.0,
-        floors: list[float] | None = None,
     ) -> str:
         """One measure across sizes, each beside the first size's.
 
         ``least`` is the resolution below which a figure counts as that resolution. With
-        ``floors`` the ratio is of value/floor: how much more than its floor, measured in the
-        same moment, the figure grew. With ``outputs`` it may grow as its output does, O(output).
+        ``outputs`` it may grow as its output does, O(output).
         """
         cells, ok = [], True
 
@@ -234,8 +232,7 @@ def history(r: dict[str, Any]) -> list[str]:
             value = values[n]
             if value is None:
                 return None
-            value = max(value, least)
-            return value / floors[n] if floors else value
+            return max(value, least)
 
         for n, value in enumerate(values):
             if value is None:
@@ -249,26 +246,30 @@ def history(r: dict[str, Any]) -> list[str]:
                 ok = ok and ratio_ is not None and ratio_ <= bound
                 text += f" ({times(scaled(n), scaled(0))})"
             cells.append(text)
-        return "    " + f"{name:<22}" + "".join(f"{c:>22}" for c in cells) + f"   {verdict(ok)}"
+        return "    " + f"{name:<28}" + "".join(f"{c:>22}" for c in cells) + f"   {verdict(ok)}"
 
     tick = max(row["resolution_percent"] for row in rows)  # one clock tick over the window
     lines.append(series("orchestrator idle CPU", [row["idle_cpu_percent"] for row in rows], " %", least=tick))
     lines.append(series("orchestrator idle RSS", [row["idle_rss_mb"] for row in rows], " MB"))
     lines.append(series("orchestrator start", [row["ready_s"] * 1000 for row in rows], "ms"))
     lines.append(series("GET /config", [row["get_config_ms"] for row in rows], "ms"))
-    floor = [min(c["floor_ms"] for c in row["commands"].values() if c) for row in rows]
-    lines.append("    " + f"{'activation --version':<22}" + "".join(f"{ms(f):>22}" for f in floor) + "   (floor)")
     for name in COMMANDS:
         if base["commands"][name] is None:
-            lines.append("    " + f"{'activation ' + name:<22}" + "  n/a: command not built yet")
+            lines.append("    " + f"{'activation ' + name:<28}" + "  n/a: command not built yet")
             continue
-        values = [row["commands"][name]["ms"] for row in rows]
-        floors_ = [row["commands"][name]["floor_ms"] for row in rows]
         outputs = [float(row["commands"][name]["output_bytes"] or 1) for row in rows]
-        lines.append(series(f"activation {name}", values, "ms", outputs, floors=floors_))
+        judged = name != "--version"
+        for kind, key in (("CPU", "cpu_ms"), ("wall", "ms")):
+            values = [row["commands"][name][key] for row in rows]
+            line = series(f"activation {name} ({kind})", values, "ms", outputs)
+            if not judged:
+                line = line.rsplit("   ", 1)[0] + "   (floor)"
+            elif kind == "wall":
+                line = line.rsplit("   ", 1)[0] + "   (load)"
+            lines.append(line)
     lines.append(
-        "    (commands: best of 5, each run beside one of activation --version, their floor: the ratio is of"
-        " command/floor, so the load moves both)"
+        "    (activation commands, best of 5 each: judged on CPU time, which the machine's load barely moves;"
+        " wall time beside it; --version is their floor)"
     )
     return lines
 
