@@ -127,8 +127,8 @@ def _run(tree: WorkerTree, argv: tuple[str, ...]) -> tuple[float, float, int, in
 
 
 def _cli(tree: WorkerTree, argv: tuple[str, ...]) -> dict[str, Any]:
-    """Best of CLI_RUNS, in wall time and in CPU time. The CPU time is what the command did and
-    barely moves with the machine's load; the wall time is what its user waits."""
+    """Best of CLI_RUNS, in wall time and in CPU time. The CPU time is what the command did, and
+    the load moves it less than the wall time; the wall time is what its user waits."""
     runs = [_run(tree, argv) for _ in range(CLI_RUNS)]
     return {
         "ms": min(r[0] for r in runs),

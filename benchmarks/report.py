@@ -268,8 +268,8 @@ def history(r: dict[str, Any]) -> list[str]:
                 line = line.rsplit("   ", 1)[0] + "   (load)"
             lines.append(line)
     lines.append(
-        "    (activation commands, best of 5 each: judged on CPU time, which the machine's load barely moves;"
-        " wall time beside it; --version is their floor)"
+        "    (activation commands, best of 5 each: judged on CPU time, which the load moves less than the wall"
+        " time beside it; --version is their floor)"
     )
     return lines
 
