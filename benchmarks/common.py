@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from activation.clock import iso_now, parse_iso
 from tests.harness import WorkerTree, new_tree, wait_until
 
-AGENT = "true {description}"  # an agent that exits at once: what is left is the wrapper's own cost
-AGENT_ARGV = ["true", "x"]
+AGENT = "true -- {description}"  # exits at once: what is left is the wrapper's own cost; "--" as the config requires
+AGENT_ARGV = ["true", "--", "x"]
 # The production intervals (README's configuration table), not the harness's quick test ones.
 PRODUCTION = {"ACTIVATION_HEARTBEAT_INTERVAL": "10", "ACTIVATION_RESCAN_INTERVAL": "5", "ACTIVATION_KILL_GRACE": "5"}
 
