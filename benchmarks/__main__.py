@@ -1,259 +1,179 @@
-"""Measure a real worker tree, side by side in one run, and print the figures as a table.
+"""``make bench``: every figure of issue 15 beside its target, each as a ratio to a floor measured in
+the same run, with RQ and a naive wrapper side by side. One module per probe; this one runs them
+in order and prints the table (raw figures in benchmarks/results/latest.json).
 
-Timings on a shared 2-core machine drift from run to run, so every latency is also given as a
-ratio to the bare cost of spawning the same agent, measured in the same run.
+Timings on a shared 2-core machine drift between runs: compare the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import shlex
-import statistics
-import subprocess
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
+from benchmarks import api, burst, first_task, floor, handoff, history, idle, latency, peer_naive, peer_rq, report
+from benchmarks import streams as streams_probe
+from benchmarks.common import AGENT_ARGV, OurTree, bench_tree
+from benchmarks.stats import summary
+from tests.harness import ROOT
 
-from activation.clock import iso_now, parse_iso
-from benchmarks import handoff
-from tests.harness import ROOT, RedisServer, WorkerTree, new_tree, wait_until
-
-AGENT = "true -- {description}"  # an agent that exits at once: what is left is activation's own cost
 RESULTS = ROOT / "benchmarks" / "results"
+PROBES = ("latency", "first", "idle", "burst", "api", "history", "peers", "streams")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "mean": statistics.fmean(values),
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run: fewer samples, a 300-task burst, 10 s idle, history 1k,10k"
+    )
+    parser.add_argument("--only", default=",".join(PROBES), help=f"probes to run, comma-separated: {','.join(PROBES)}")
+    parser.add_argument("--samples", type=int, help="latency samples per subject (default 300; quick 50)")
+    parser.add_argument("--burst", type=int, help="tasks in each burst (default 2000; quick 300)")
+    parser.add_argument("--idle", type=float, help="seconds of the idle window (default 60; quick 10)")
+    parser.add_argument("--poll-interval", type=float, default=0.25, help="ACTIVATION_POLL_INTERVAL for poll mode")
+    parser.add_argument("--starts", type=int, help="fresh starts for the first-task probe (default 3; quick 1)")
+    parser.add_argument("--restarts", type=int, help="restarts for the first-task probe (default 3; quick 1)")
+    parser.add_argument("--history", help="history sizes (default 1k,10k,100k; quick 1k,10k; add 1m for 1M results)")
+    parser.add_argument("--history-window", type=float, help="seconds of the orchestrator's idle window (default 30)")
+    parser.add_argument("--api-requests", type=int, help="POST /tasks in all (default 2000; quick 400)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent API clients")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults: dict[str, Any] = {
+        "samples": 50 if quick else 300,
+        "burst": 300 if quick else 2000,
+        "idle": 10.0 if quick else 60.0,
+        "starts": 1 if quick else 3,
+        "restarts": 1 if quick else 3,
+        "history": "1k,10k" if quick else "1k,10k,100k",
+        "history_window": 10.0 if quick else 30.0,
+        "api_requests": 400 if quick else 2000,
     }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.only = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = args.only - set(PROBES)
+    if unknown:
+        parser.error(f"unknown probe(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROBES)}")
+    args.settle = 3.0 if quick else 10.0
+    return args
 
 
-def spawn_cost(samples: int) -> dict[str, float]:
-    """The bare cost of starting the agent: Popen returning, as the executor measures it."""
-    argv = shlex.split(AGENT.replace("{description}", "x"))
-    times = []
-    for _ in range(samples):
-        began = time.perf_counter()
-        child = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        )
-        times.append((time.perf_counter() - began) * 1000)
-        child.communicate()
-    return summary(times)
-
-
-def atomic_write(folder: Path, task_id: str) -> float:
-    """Write a task the way a dispatcher does; return the wall time just before the rename."""
-    tmp = folder / f".tmp_{task_id}.json"
-    payload = json.dumps({"task_id": task_id, "description": "x", "created_at": iso_now()}).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, payload)
-    os.fsync(fd)
-    os.close(fd)
-    before = time.time()
-    os.rename(tmp, folder / f"{task_id}.json")
-    return before
-
-
-def latency(tree: WorkerTree, samples: int, prefix: str) -> dict[str, dict[str, float]]:
-    """One task at a time, the executor idle: from the atomic rename to the agent starting.
-
-    ``writer`` is measured from the writer's clock just before the rename to the result's
-    ``started_at``; ``executor`` is the result's own ``activation_latency_ms``.
-    """
-    writer, executor = [], []
-    inbox = tree.spool.inbox(tree.worker)
-    for i in range(samples):
-        task_id = f"{prefix}-{i:04d}"
-        time.sleep(0.02 + (i % 7) * 0.003)  # do not beat in step with any timer
-        renamed = atomic_write(inbox, task_id)
-        result = wait_until(lambda task_id=task_id: tree.result(task_id), 60, 0.005, f"result of {task_id}")
-        started = parse_iso(result["started_at"])
-        assert started is not None
-        writer.append((started - renamed) * 1000)
-        executor.append(float(result["activation_latency_ms"]))
-    return {"writer": summary(writer), "executor": summary(executor)}
-
-
-def event_latency(tree: WorkerTree, redis_url: str, samples: int) -> dict[str, dict[str, float]]:
-    """Polling at 30 s, so only the Redis event can explain a fast wake: PUBLISH to agent start."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    writer, executor = [], []
-    inbox = tree.spool.inbox(tree.worker)
-    try:
-        for i in range(samples):
-            task_id = f"evt-{i:04d}"
-            time.sleep(0.02 + (i % 7) * 0.003)
-            atomic_write(inbox, task_id)
-            published = time.time()
-            client.publish(f"activate:{tree.worker}", task_id)
-            result = wait_until(lambda task_id=task_id: tree.result(task_id), 60, 0.005, f"result of {task_id}")
-            assert result["source"] == "redis", result["source"]
-            started = parse_iso(result["started_at"])
-            assert started is not None
-            writer.append((started - published) * 1000)
-            executor.append(float(result["activation_latency_ms"]))
-    finally:
-        client.close()
-    return {"writer": summary(writer), "executor": summary(executor)}
-
-
-def burst(tree: WorkerTree, count: int) -> dict[str, Any]:
-    ids = [f"burst-{i:05d}" for i in range(count)]
-    results = tree.spool.results(tree.worker)
-    already = len(os.listdir(results))
-    began = time.perf_counter()
-    for task_id in ids:
-        tree.write_task(task_id, "x")
-    written = time.perf_counter() - began
-    wait_until(lambda: len(os.listdir(results)) - already >= count, 300, 0.01, f"{count} results")
-    elapsed = time.perf_counter() - began
-    got = sorted(p.stem for p in results.glob("burst-*.json"))
-    return {
-        "tasks": count,
-        "write_s": round(written, 3),
-        "elapsed_s": round(elapsed, 3),
-        "tasks_per_s": round(count / elapsed, 1),
-        "lost": len(set(ids) - set(got)),
-        "extra": len(got) - len(set(got)) + len(set(got) - set(ids)),
-    }
-
-
-def idle(tree: WorkerTree, seconds: float) -> dict[str, Any]:
-    """CPU and memory of supervisord and all its programs while nothing happens."""
-    assert tree.process is not None
-    time.sleep(10)  # let the burst's last heartbeat and rescan pass: this measures idling
-    root = psutil.Process(tree.process.pid)
-    procs = [root, *root.children(recursive=True)]
-    before = {p.pid: sum(p.cpu_times()[:4]) for p in procs}
-    time.sleep(seconds)
-    cpu = sum(sum(p.cpu_times()[:4]) - before[p.pid] for p in procs)
-    memory = [p.memory_full_info() for p in procs]
-    return {
-        "seconds": seconds,
-        "processes": len(procs),
-        "cpu_percent_of_one_core": round(cpu / seconds * 100, 4),
-        "rss_mb": round(sum(m.rss for m in memory) / 2**20, 1),
-        "pss_mb": round(sum(m.pss for m in memory) / 2**20, 1),
-        "uss_mb": round(sum(m.uss for m in memory) / 2**20, 1),
-    }
+def step(name: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] load {os.getloadavg()[0]:.1f}: {name}", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    r: dict[str, Any] = {
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "cores": os.cpu_count(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load": {"start": os.getloadavg()[0]},
+        "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
     }
+    only = args.only
+
+    def probe(key: str, what: str, measure: Callable[[], Any], into: dict[str, Any] = r) -> None:
+        """Run one probe; a failure is printed and recorded, and the others still run."""
+        step(what)
+        try:
+            into[key] = measure()
+        except Exception as exc:  # a bench that dies on one probe prints nothing at all
+            traceback.print_exc()
+            r.setdefault("errors", {})[f"{key} ({what})"] = f"{type(exc).__name__}: {exc}"
+
     with tempfile.TemporaryDirectory(prefix="actbench-") as tmp:
         root = Path(tmp)
-        report["spawn_ms"] = spawn_cost(args.samples)
-        report["handoff_ms"] = {
-            "in_process": summary(handoff.in_process(min(args.samples, 100))),
-            "socket": summary(handoff.over_socket(min(args.samples, 100))),
-        }
-
-        tree = new_tree(
-            root / "inotify", agent=AGENT, ACTIVATION_HEARTBEAT_INTERVAL="10", ACTIVATION_RESCAN_INTERVAL="5"
+        r["floor"] = floor.measure(root / "floor", AGENT_ARGV, args.samples)
+        n = min(args.samples, 100)
+        probe(
+            "handoff_ms",
+            "work queue hand-off",
+            lambda: {"in_process": summary(handoff.in_process(n)), "socket": summary(handoff.over_socket(n))},
         )
-        try:
-            tree.start()
-            report["inotify_ms"] = latency(tree, args.samples, "ino")
-            report["burst"] = burst(tree, args.burst)
-            report["idle"] = idle(tree, args.idle)
-        finally:
-            tree.kill_everything()
-
-        redis_server = RedisServer(root / "redis").start()
-        tree = new_tree(
-            root / "events",
-            agent=AGENT,
-            REDIS_URL=redis_server.url,
-            ACTIVATION_MODE="poll,redis",
-            ACTIVATION_POLL_INTERVAL="30",
-            ACTIVATION_RESCAN_INTERVAL="30",
-        )
-        try:
-            tree.start()
-            report["redis_ms"] = event_latency(tree, redis_server.url, args.samples)
-        finally:
-            tree.kill_everything()
-            redis_server.stop()
-
-        tree = new_tree(
-            root / "poll", agent=AGENT, ACTIVATION_MODE="poll", ACTIVATION_POLL_INTERVAL=str(args.poll_interval)
-        )
-        try:
-            tree.start()
-            report["poll_ms"] = latency(tree, max(20, args.samples // 10), "poll")
-            report["poll_interval_ms"] = args.poll_interval * 1000
-        finally:
-            tree.kill_everything()
-    spawn = report["spawn_ms"]
-    report["inotify_ratio_p50"] = round(report["inotify_ms"]["writer"]["p50"] / spawn["p50"], 2)
-    report["inotify_ratio_p99"] = round(report["inotify_ms"]["writer"]["p99"] / spawn["p99"], 2)
-    report["redis_ratio_p50"] = round(report["redis_ms"]["writer"]["p50"] / spawn["p50"], 2)
-    return report
-
-
-def table(report: dict[str, Any]) -> str:
-    def row(name: str, s: dict[str, float], ratio_to: dict[str, float] | None = None) -> str:
-        line = f"{name:<28} {s['p50']:>9.3f} {s['p95']:>9.3f} {s['p99']:>9.3f}  n={s['n']}"
-        if ratio_to:
-            line += f"   p50 = {s['p50'] / ratio_to['p50']:.2f} x spawn"
-        return line
-
-    spawn = report["spawn_ms"]
-    burst_ = report["burst"]
-    idle_ = report["idle"]
-    lines = [
-        f"machine: {report['machine']}  ({report['when']})",
-        f"{'activation latency (ms)':<28} {'p50':>9} {'p95':>9} {'p99':>9}",
-        row("bare agent spawn", spawn),
-        row("queue hand-off, in process", report["handoff_ms"]["in_process"]),
-        row("queue hand-off, socket", report["handoff_ms"]["socket"]),
-        row("inotify (writer's clock)", report["inotify_ms"]["writer"], spawn),
-        row("inotify (result field)", report["inotify_ms"]["executor"], spawn),
-        row("redis event, poll at 30 s", report["redis_ms"]["writer"], spawn),
-        row(f"poll {report['poll_interval_ms']:g} ms (writer)", report["poll_ms"]["writer"]),
-        f"burst: {burst_['tasks']} tasks in {burst_['elapsed_s']} s = {burst_['tasks_per_s']} tasks/s, "
-        f"lost {burst_['lost']}, extra {burst_['extra']}",
-        f"idle over {idle_['seconds']:g} s: {idle_['cpu_percent_of_one_core']}% of one core, "
-        f"{idle_['processes']} processes, RSS {idle_['rss_mb']} MB "
-        f"(PSS {idle_['pss_mb']} MB, USS {idle_['uss_mb']} MB)",
-    ]
-    return "\n".join(lines)
+        if only & {"latency", "idle", "burst", "peers"}:
+            tree = bench_tree(root / "inotify")
+            try:
+                probe("inotify", "our tree, inotify: latency", lambda: latency.inotify(tree.start(), args.samples))
+                if "idle" in only:
+                    probe(
+                        "idle", f"our tree: idle for {args.idle:g} s", lambda: idle.idle(tree, args.idle, args.settle)
+                    )
+                    probe("sigterm", "our tree: SIGTERM to an idle executor", lambda: idle.sigterm_exit(tree, 3))
+                if only & {"burst", "peers"}:
+                    tree.wait_running()
+                    probe("burst", f"our tree: burst of {args.burst}", lambda: burst.burst(OurTree(tree), args.burst))
+            finally:
+                tree.kill_everything()
+        if "latency" in only:
+            probe("redis_event", "our tree, Redis events: latency", lambda: latency.redis_event(root, args.samples))
+            probe(
+                "poll",
+                "our tree, poll: latency",
+                lambda: latency.poll(root, max(20, args.samples // 10), args.poll_interval),
+            )
+        if "first" in only:
+            probe(
+                "first_task",
+                "first task after a start and a restart",
+                lambda: first_task.first_task(root, args.starts, args.restarts),
+            )
+        if "peers" in only:
+            r["peers"] = {}
+            peers: list[Any] = [peer_rq.RqSimpleWorker(root / "rq"), peer_naive.NaiveWrapper(root / "naive")]
+            for peer in peers:
+                try:
+                    probe(
+                        peer.name,
+                        f"peer {peer.name}: latency and burst",
+                        functools.partial(_peer, peer, args.samples, args.burst),
+                        r["peers"],
+                    )
+                finally:
+                    peer.stop()
+        if "api" in only:
+            probe(
+                "api",
+                f"POST /tasks from {args.clients} clients",
+                lambda: api.post_tasks(root, args.clients, args.api_requests),
+            )
+        if "history" in only:
+            sizes = history.parse_sizes(args.history)
+            probe(
+                "history",
+                f"history: {', '.join(history.label(s) for s in sizes)} results",
+                lambda: history.history(root, sizes, args.history_window, args.settle),
+            )
+        r["streams"] = streams_probe.streams()
+        step("cleaning up")
+    r["load"]["end"] = os.getloadavg()[0]
+    return r
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
-    parser.add_argument("--samples", type=int, default=300, help="latency samples per mode")
-    parser.add_argument("--burst", type=int, default=2000, help="tasks in the burst")
-    parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
-    parser.add_argument("--poll-interval", type=float, default=0.25, help="ACTIVATION_POLL_INTERVAL for poll mode")
-    args = parser.parse_args()
-    report = run(args)
-    print(table(report))
+def _peer(peer: Any, samples: int, count: int) -> dict[str, Any]:
+    peer.start()
+    return {"latency": summary(latency.one_at_a_time(peer, samples, "lat")), "burst": burst.burst(peer, count)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    r = run(args)
+    print()
+    print(report.render(r))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"(raw figures in {RESULTS / 'latest.json'})")
+    (RESULTS / "latest.json").write_text(json.dumps(r, indent=2) + "\n")
+    print(f"\n(raw figures in {(RESULTS / 'latest.json').relative_to(ROOT)})")
 
 
 if __name__ == "__main__":

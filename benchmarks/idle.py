@@ -1,0 +1,100 @@
+"""Probe 2: an idle worker tree's CPU and memory (supervisord and its three programs, each and in
+all), and how long an idle executor takes to exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import psutil
+
+from benchmarks.common import Supervisor
+from benchmarks.stats import summary
+from tests.harness import WorkerTree, wait_until
+
+CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of the kernel's CPU accounting
+
+
+def _role(proc: psutil.Process) -> str:
+    cmdline = proc.cmdline()
+    if any("supervisord" in part for part in cmdline):
+        return "supervisord"
+    if "worker" in cmdline and cmdline.index("worker") + 1 < len(cmdline):
+        return cmdline[cmdline.index("worker") + 1]
+    return os.path.basename(cmdline[0]) if cmdline else str(proc.pid)
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system + times.children_user + times.children_system)
+
+
+def process_usage(root_pid: int, seconds: float) -> dict[str, Any]:
+    """CPU (% of one core) over ``seconds`` and memory at the end, of ``root_pid`` and every descendant."""
+    root = psutil.Process(root_pid)
+    procs = [root, *root.children(recursive=True)]
+    before = {p.pid: _cpu(p) for p in procs}
+    time.sleep(seconds)
+    rows = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            memory = proc.memory_full_info()
+            rows.append(
+                {
+                    "process": _role(proc),
+                    "pid": proc.pid,
+                    "cpu_percent": (_cpu(proc) - before[proc.pid]) / seconds * 100,
+                    "rss_mb": memory.rss / 2**20,
+                    "pss_mb": memory.pss / 2**20,
+                    "uss_mb": memory.uss / 2**20,
+                }
+            )
+    return {
+        "seconds": seconds,
+        "resolution_percent": CLOCK_TICK_S / seconds * 100,
+        "processes": rows,
+        "cpu_percent": sum(r["cpu_percent"] for r in rows),
+        "rss_mb": sum(r["rss_mb"] for r in rows),
+        "pss_mb": sum(r["pss_mb"] for r in rows),
+        "uss_mb": sum(r["uss_mb"] for r in rows),
+    }
+
+
+def idle(tree: WorkerTree, seconds: float, settle: float) -> dict[str, Any]:
+    assert tree.process is not None
+    time.sleep(settle)  # let the last task's aftermath (heartbeat, rescan) pass: this measures idling
+    return process_usage(tree.process.pid, seconds)
+
+
+def sigterm_exit(tree: WorkerTree, samples: int) -> dict[str, Any]:
+    """Milliseconds from SIGTERM to an idle executor's exit (supervisord reaps it and starts another)."""
+    supervisor = Supervisor(tree)
+    delays = []
+    for _ in range(samples):
+        supervisor.wait_running()
+        pid = supervisor.pid("executor")
+        time.sleep(random.uniform(0.5, 2.5))  # idle, at an arbitrary point of whatever it waits on
+        proc = psutil.Process(pid)
+        began = time.perf_counter()
+        os.kill(pid, signal.SIGTERM)
+        wait_until(functools.partial(_gone, proc), 30, 0.001, f"executor {pid} to exit on SIGTERM")
+        delays.append((time.perf_counter() - began) * 1000)
+        wait_until(functools.partial(_restarted, supervisor, pid), 30, 0.05, "the executor restarted")
+    return summary(delays)
+
+
+def _restarted(supervisor: Supervisor, old_pid: int) -> bool:
+    return supervisor.states().get("executor") == "RUNNING" and supervisor.pid("executor") != old_pid
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -1,0 +1,122 @@
+"""The bench's pure helpers: percentiles, ratios and how they print, the raw inotify reader, sizes."""
+
+import os
+import struct
+
+import pytest
+
+from benchmarks import floor
+from benchmarks.history import label, parse_sizes
+from benchmarks.stats import ms, percentile, ratio, summary, times, verdict
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([4, 1, 3, 2], 0) == 1
+    assert percentile([4, 1, 3, 2], 100) == 4
+    assert percentile(list(range(101)), 99) == 99
+    assert percentile([10, 20], 25) == 12.5
+
+
+def test_percentile_of_one_value_is_that_value():
+    assert percentile([7.5], 99) == 7.5
+
+
+def test_percentile_refuses_no_values_and_out_of_range():
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_names_every_figure():
+    s = summary([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["n"] == 5
+    assert s["p50"] == 3.0
+    assert s["max"] == 100.0
+    assert s["mean"] == 22.0
+    assert s["p99"] == pytest.approx(96.16)
+
+
+def test_ratio_is_none_without_a_positive_floor():
+    assert ratio(3.0, 1.5) == 2.0
+    assert ratio(3.0, 0.0) is None
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(float("nan"), 1.0) is None
+
+
+def test_times_prints_significant_digits_by_magnitude():
+    assert times(8.523, 1.0) == "8.52x"
+    assert times(0.43, 1.0) == "0.43x"
+    assert times(14.26, 1.0) == "14.3x"
+    assert times(142.4, 1.0) == "142x"
+    assert times(1.0, 0.0) == "n/a"
+
+
+def test_ms_and_verdict():
+    assert ms(0.0213) == "0.021 ms"
+    assert ms(1.683) == "1.68 ms"
+    assert ms(25.04) == "25.0 ms"
+    assert ms(254.4) == "254 ms"
+    assert ms(None) == "n/a"
+    assert (verdict(True), verdict(False), verdict(None)) == ("met", "NOT met", "n/a")
+
+
+def _event(wd: int, mask: int, cookie: int, name: bytes, pad: int) -> bytes:
+    raw = name + b"\0" * pad
+    return struct.pack("iIII", wd, mask, cookie, len(raw)) + raw
+
+
+def test_parse_events_reads_each_struct_and_strips_the_padding():
+    buffer = _event(1, floor.IN_MOVED_TO, 7, b"a.json", 10) + _event(1, 0x100, 0, b"bb", 2)
+    assert floor.parse_events(buffer) == [(1, floor.IN_MOVED_TO, 7, "a.json"), (1, 0x100, 0, "bb")]
+
+
+def test_parse_events_of_an_empty_read_is_empty():
+    assert floor.parse_events(b"") == []
+
+
+def test_the_raw_inotify_reader_sees_a_rename_into_its_folder(tmp_path):
+    watch = floor.Inotify(tmp_path)
+    try:
+        (tmp_path / ".tmp_x").write_text("{}")
+        os.rename(tmp_path / ".tmp_x", tmp_path / "x.json")
+        events = watch.read()
+    finally:
+        watch.close()
+    assert [(mask & floor.IN_MOVED_TO, name) for _, mask, _, name in events] == [(floor.IN_MOVED_TO, "x.json")]
+
+
+def test_inotify_delivery_gives_one_sample_per_rename_and_cleans_up(tmp_path):
+    delays = floor.inotify_delivery(tmp_path, 5)
+    assert len(delays) == 5
+    assert all(d > 0 for d in delays)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_raw_inotify_reader_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(OSError):
+        floor.Inotify(tmp_path / "absent")
+
+
+def test_history_sizes_parse_and_label():
+    assert parse_sizes("100k, 1k,10k,1m") == [1_000, 10_000, 100_000, 1_000_000]
+    assert parse_sizes("2500") == [2500]
+    assert [label(s) for s in (1_000, 10_000, 1_000_000, 2500)] == ["1k", "10k", "1M", "2500"]
+    with pytest.raises(ValueError):
+        parse_sizes("0")
+    with pytest.raises(ValueError):
+        parse_sizes("")
+
+
+def test_percentile_is_monotonic_in_q_and_within_the_values():
+    import random
+
+    rng = random.Random(15)
+    for _ in range(200):
+        values = [rng.uniform(-1e3, 1e3) for _ in range(rng.randint(1, 40))]
+        figures = [percentile(values, q) for q in range(0, 101, 5)]
+        assert figures == sorted(figures)
+        assert min(values) == figures[0]
+        assert max(values) == figures[-1]
