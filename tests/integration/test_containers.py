@@ -226,7 +226,8 @@ class Container:
     def command(self) -> list[str]:
         """The image's CMD, its program and its conf mapped here."""
         argv = [self.map(word) for word in self.dockerfile.exec_form("CMD")]
-        assert argv[0] == str(BIN / "supervisord"), argv
+        # supervisord runs in-process under activation.supervise (non-dumpable: secrets stay its own).
+        assert argv[:3] == [str(BIN / "python"), "-m", "activation.supervise"], argv
         # What supervisord and the healthcheck find on the container's PATH is the venv's too.
         for program in ("activation", "supervisorctl"):
             found = shutil.which(program, path=self.env["PATH"])
@@ -254,7 +255,7 @@ class Container:
         )
 
     def states(self) -> dict[str, str]:
-        conf = self.map(self.dockerfile.exec_form("CMD")[3])
+        conf = self.map(self.dockerfile.exec_form("CMD")[-1])
         out = self.exec("supervisorctl", "-c", conf, "status").stdout
         return {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) >= 2}
 
