@@ -21,3 +21,8 @@ def parse_iso(value: object) -> float | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
+
+
+def iso_from_epoch(epoch: float) -> str:
+    """Epoch seconds as the spool's UTC ISO 8601 text."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="microseconds")

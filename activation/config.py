@@ -63,6 +63,7 @@ class Settings:
     admin_token: str | None = dataclasses.field(default=None, repr=False)  # ACTIVATION_ADMIN_TOKEN
     recovery_interval: float = 30.0  # ACTIVATION_RECOVERY_INTERVAL
     orphan_age: float = 600.0  # ACTIVATION_ORPHAN_AGE
+    result_ttl: float = 7 * 86400.0  # ACTIVATION_RESULT_TTL: seconds or 7d/12h/30m; 0 keeps results forever
 
     def require_worker(self) -> str:
         """The worker name, for the programs that cannot run without one."""
@@ -152,6 +153,21 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw).expanduser().absolute()
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(name: str, raw: str) -> float:
+    """Seconds, as a bare number or as 7d, 12h, 30m, 90s, 1d12h."""
+    value = raw.strip().lower()
+    with_units = _DURATION.findall(value)
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    if not with_units or "".join(n + u for n, u in with_units) != value:
+        raise ConfigError(f"{name}: expected seconds or a duration such as 7d, 12h or 30m, got {raw!r}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in with_units)
+
+
 def _bind(name: str, raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -193,6 +209,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ACTIVATION_ADMIN_TOKEN": ("admin_token", _text),
     "ACTIVATION_RECOVERY_INTERVAL": ("recovery_interval", _number(float, 0.01)),
     "ACTIVATION_ORPHAN_AGE": ("orphan_age", _number(float, 0)),
+    "ACTIVATION_RESULT_TTL": ("result_ttl", _duration),
 }
 
 KNOWN_VARIABLES = frozenset(_VARIABLES)

@@ -29,6 +29,7 @@ from activation.orchestrator.http import AdminApi, ApiError, check_bind, parse_b
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import all_health, worker_health
 from activation.spool.layout import Spool
+from activation.spool.retention import Sweeper
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
@@ -125,6 +126,8 @@ class Orchestrator(Program):
         self._unhealthy: set[str] = set()
         self._next_refresh = 0.0
         self._next_recovery = 0.0
+        # ACTIVATION_RESULT_TTL, a bounded step at a time: the idle cost does not grow with history.
+        self.sweeper = Sweeper(self.spool, settings.result_ttl) if settings.result_ttl > 0 else None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -161,6 +164,8 @@ class Orchestrator(Program):
             took = time.monotonic() - now
             # However large the spool, refreshing takes at most about a tenth of a core.
             self._next_refresh = time.monotonic() + max(self.refresh_interval, REFRESH_COST_FACTOR * took)
+            if self.sweeper is not None:
+                self._guarded(self.sweeper.step)
         if now >= self._next_recovery:
             self._guarded(self.run_recovery)
             self._next_recovery = time.monotonic() + self.settings.recovery_interval
@@ -168,6 +173,8 @@ class Orchestrator(Program):
         self.stopping.wait(min(max(due, 0.01), MAX_WAIT))
 
     def shutdown(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.close()
         if self.api is not None:
             self.api.stop()
         if self.publisher is not None:
