@@ -74,7 +74,7 @@ class Context:
 
     @property
     def spool_found(self) -> bool:
-        return self._spool is not None or self.settings.spool.is_dir()
+        return self._spool is not None or (self.settings.spool / "tasks").is_dir()
 
     @property
     def spool(self) -> Spool:

@@ -89,7 +89,7 @@ def _entries(folder: Path, since: float | None) -> list[_Entry]:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # moved on while we looked
                 continue
-            if since is not None and max(info.st_mtime, info.st_ctime) < since:
+            if since is not None and info.st_mtime < since:
                 continue
             found.append(_Entry(info.st_mtime, entry.name, entry.path, info.st_ctime))
     return found
