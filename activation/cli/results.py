@@ -52,4 +52,7 @@ def where_command(obj: Context, as_json: bool) -> None:
     else:
         click.echo(f"spool {root} ({source})")
     if not found:
-        fail(f"{root} is not an activation spool (no tasks/ folder): set ACTIVATION_SPOOL, run from the project, or `activation init`")
+        fail(
+            f"{root} is not an activation spool (no tasks/ folder): "
+            "set ACTIVATION_SPOOL, run from the project, or `activation init`"
+        )
