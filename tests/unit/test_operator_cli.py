@@ -255,3 +255,51 @@ def test_cli_never_reports_on_a_stray_spool(tmp_path, monkeypatch):
         out = CliRunner().invoke(main, args)
         assert out.exit_code == 1 and "no spool here" in out.output, (args, out.output)
     assert not (tmp_path / "var").exists()
+
+
+def _dead(spool: Spool, task_id: str, **task: object) -> None:
+    record = {
+        "task_id": task_id,
+        "worker": "marie",
+        "reason": "invalid_field",
+        "detail": "timeout too large",
+        "dead_at": "2026-01-01T00:00:00+00:00",
+        "source": "x",
+        "task": {"task_id": task_id, "description": "old words", **task},
+    }
+    atomic_write_json(spool.dead_letter_path(task_id), record)
+
+
+def test_dlq_list_has_a_header_and_show_is_readable(spool, cli):
+    _dead(spool, "fix-7", timeout=10, metadata={"team": "a"})
+    listed = cli("dlq", "list").output.splitlines()
+    assert listed[0].split()[:3] == ["ID", "WORKER", "REASON"] and listed[1].startswith("fix-7")
+    shown = cli("dlq", "show", "fix-7").output
+    for line in (
+        "reason:       invalid_field: timeout too large",
+        "timeout:      10 s",
+        "metadata:     team=a",
+        "description:  old words",
+    ):
+        assert line in shown, shown
+
+
+def test_dlq_retry_fixes_the_task_and_keeps_its_id(spool, cli):
+    _dead(spool, "fix-7", timeout=10, metadata={"team": "a"})
+    out = cli("dlq", "retry", "fix-7", "--description", "new words", "--timeout", "5", "--meta", "ticket=42")
+    assert out.exit_code == 0, out.output
+    shown = json.loads(cli("show", "fix-7", "--json").output)
+    assert shown["state"] == "pending" and shown["worker"] == "marie"
+    task = shown["record"]
+    assert task["task_id"] == "fix-7" and task["description"] == "new words" and task["timeout"] == 5
+    assert task["metadata"] == {"team": "a", "ticket": "42"}
+    assert task["history"][0]["was"] == {"description": "old words", "timeout": 10, "metadata": {"team": "a"}}
+    assert task["history"][-1]["reason"] == "invalid_field"
+
+
+def test_dlq_retry_refuses_a_fix_that_breaks_the_contract(spool, cli):
+    _dead(spool, "fix-8")
+    out = cli("dlq", "retry", "fix-8", "--description", "   ")
+    assert out.exit_code == 1 and "still invalid" in out.output
+    assert json.loads(cli("show", "fix-8", "--json").output)["state"] == "dead"
+    assert cli("dlq", "retry", "--all", "--timeout", "3").exit_code == 2
