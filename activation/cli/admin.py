@@ -116,12 +116,16 @@ def config_set_mode(mode: str, url: str | None, as_json: bool) -> None:
         print_json(config)
         return
     click.echo(f"mode {config.get('mode')}; a dispatch now uses {config.get('current_decision')}")
+    if mode.lower() != "files" and config.get("events_available") is False:
+        click.echo(f"activation: events cannot be used: {config.get('events_unavailable')}", err=True)
 
 
 def _print_config(config: dict[str, Any]) -> None:
     metrics = config.get("metrics") or {}
     avg = metrics.get("avg_response_time_ms")
     click.echo(f"mode             {config.get('mode')}")
+    if config.get("events_available") is False:
+        click.echo(f"events           unavailable: {config.get('events_unavailable')}")
     click.echo(f"current decision {config.get('current_decision')} ({config.get('rule')}: {config.get('detail')})")
     click.echo(
         "metrics          "
@@ -161,7 +165,7 @@ def dlq_list(worker: str | None, as_json: bool) -> None:
     click.echo(f"{'ID':<32} {'WORKER':<12} {'REASON':<16} {'DEAD SINCE':<32}  DETAIL")
     for d in letters:
         mark = "" if d["retryable"] else "  (not retryable: original did not parse)"
-        click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {str(d['dead_at']):<32}  {d['detail']}{mark}")
+        click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {d['dead_at']!s:<32} {d['detail']}{mark}")
 
 
 @dlq_group.command("show")

@@ -97,6 +97,7 @@ def _routes() -> list[_Route]:
 
     segment = "([^/]+)"
     return [
+        route("GET", "/", lambda s, b, a: (ok, index())),
         route("GET", "/config", lambda s, b, a: (ok, s.get_config())),
         route("POST", "/config", lambda s, b, a: (ok, s.set_mode(_field(b, "mode")))),
         route("GET", "/status", lambda s, b, a: (ok, s.get_status())),
@@ -109,6 +110,14 @@ def _routes() -> list[_Route]:
 
 
 ROUTES = _routes()
+
+
+def index() -> dict[str, Any]:
+    """``GET /``: what this API answers, so that a newcomer's first request is not a 404."""
+    routes = [
+        {"method": r.method, "path": r.pattern.pattern.strip("^$").replace("([^/]+)", "<id>")} for r in ROUTES
+    ]
+    return {"service": "activation orchestrator admin API", "routes": routes}
 
 
 def _object(body: dict[str, Any] | None) -> dict[str, Any]:

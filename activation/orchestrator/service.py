@@ -252,7 +252,15 @@ class Orchestrator(Program):
             "metrics": snapshot.as_dict(),
             "thresholds": self.thresholds.as_dict(),
             "per_worker": {w: decide(mode, snapshot, self.thresholds, w).as_dict() for w in self._dispatchable()},
+            **self._events_availability(),
         }
+
+    def _events_availability(self) -> dict[str, Any]:
+        """Whether an events dispatch can publish at all, and if not, why (``config set-mode`` says it)."""
+        if self.publisher is None:
+            why = "the orchestrator has no REDIS_URL, so it cannot publish; every dispatch goes by file only"
+            return {"events_available": False, "events_unavailable": why}
+        return {"events_available": True, "events_unavailable": None}
 
     def set_mode(self, mode: Any) -> dict[str, Any]:
         if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:

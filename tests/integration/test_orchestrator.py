@@ -596,3 +596,23 @@ def test_orchestrator_conf_runs_it_under_supervisord(spool, run_dir, tmp_path):
         if supervisord.poll() is None:
             supervisord.kill()
             supervisord.wait(10)
+
+
+def test_get_root_lists_the_routes(start):
+    orch = start()
+    status, body = orch.call("GET", "/")
+    assert status == 200
+    routes = {(r["method"], r["path"]) for r in body["routes"]}
+    assert {("GET", "/status"), ("POST", "/tasks"), ("GET", "/tasks/<id>"), ("POST", "/dlq/<id>/retry")} <= routes
+
+
+def test_set_mode_events_without_redis_says_why(start, spool, monkeypatch):
+    orch = start()
+    monkeypatch.setenv("ACTIVATION_SPOOL", str(spool.root))
+    runner = CliRunner()
+    out = runner.invoke(activation_cli(), ["config", "set-mode", "events", "--url", orch.url])
+    assert out.exit_code == 0, out.output
+    assert "events cannot be used: the orchestrator has no REDIS_URL" in out.output
+    assert orch.config()["events_available"] is False
+    files = runner.invoke(activation_cli(), ["config", "set-mode", "files", "--url", orch.url])
+    assert "cannot be used" not in files.output
