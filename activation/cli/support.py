@@ -6,6 +6,8 @@ cli.py and admin_cli.py both build on it; neither has to import the other for it
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,11 +92,18 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 class Group(click.Group):
-    """Turns ActivationError into a one-line message and exit code."""
+    """Turns ActivationError into a one-line message and exit code, and a closed pipe
+    (``activation tasks | head``) into a quiet exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader left: say nothing (there is no one to say it to), and point stdout at
+            # /dev/null so that the interpreter's final flush cannot raise it again.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_FAILED)
         except ActivationError as exc:
             fail(str(exc), EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
         except OSError as exc:
