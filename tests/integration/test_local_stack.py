@@ -117,3 +117,39 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
                     proc.kill()
                 up.kill()
                 up.wait(10)
+
+
+def test_make_help_lists_every_target():
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    import re
+
+    targets = {m for m in re.findall(r"^([a-z][a-z_-]*):", makefile, re.M)}
+    out = subprocess.run(["make", "-s", "help"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[1] for line in out.stdout.splitlines() if line.strip().startswith("make ")}
+    assert targets <= listed, targets - listed
+
+
+def test_a_closed_pipe_is_no_error(tmp_path):
+    from activation.spool.atomic import atomic_write_json
+    from activation.spool.layout import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.init(["w1"])
+    for i in range(2000):
+        atomic_write_json(spool.task_path("w1", f"t{i}"), {"task_id": f"t{i}", "description": "x" * 60}, durable=False)
+    env = _env(ACTIVATION_SPOOL=str(spool.root))
+    for args in (
+        ["tasks", "--limit", "2000"],
+        ["tasks", "--json", "--limit", "2000"],
+        ["tasks", "--watch", "--limit", "2000"],
+    ):
+        reader = subprocess.Popen(
+            [str(BIN / "activation"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert reader.stdout is not None and reader.stderr is not None
+        reader.stdout.readline()  # `| head -1`
+        reader.stdout.close()
+        err = reader.stderr.read().decode()
+        assert reader.wait(60) in (0, 1) and err == "", (args, err)
