@@ -171,6 +171,21 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
         _print_outcome(location.state, record)
 
 
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def cancel(obj: Context, task_id: str, as_json: bool) -> None:
+    """Cancel a pending TASK_ID: it gets a `cancelled` result and never runs."""
+    from activation.spool.cancel import cancel_pending
+
+    cancelled = cancel_pending(obj.spool, task_id, by="cli")
+    if as_json:
+        print_json(cancelled.as_dict())
+    else:
+        click.echo(f"{task_id}: cancelled (was pending for {cancelled.worker})")
+
+
 # -- the programs supervisord runs ------------------------------------------------------------
 
 

@@ -340,6 +340,21 @@ class Orchestrator(Program):
             answer["fallback"] = sent.fallback
         return answer
 
+    def cancel_task(self, task_id: str) -> dict[str, Any]:
+        """POST /tasks/<id>/cancel: a pending task becomes a cancelled result (spool.cancel)."""
+        from activation.spool.cancel import CannotCancel, cancel_pending
+
+        try:
+            cancelled = cancel_pending(self.spool, task_id, by="api")
+        except CannotCancel as exc:
+            raise ApiError(HTTPStatus.NOT_FOUND if exc.state is None else HTTPStatus.CONFLICT, str(exc)) from None
+        self.log.info(
+            "task %s cancelled while pending",
+            task_id,
+            extra={"worker": cancelled.worker, "task_id": task_id, "event": "task_cancelled"},
+        )
+        return cancelled.as_dict()
+
     def get_task(self, task_id: str) -> dict[str, Any]:
         for _ in range(3):  # it may move between finding it and reading it: look again
             found = self.spool.locate(task_id)

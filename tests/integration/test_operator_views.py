@@ -57,3 +57,17 @@ def test_dlq_retry_with_a_fix_runs_under_the_same_id(make_tree):
     assert result["status"] == "completed" and result["metadata"] == {"fixed": "yes"}
     shown = json.loads(tree.cli("show", "too-long", "--json").stdout)
     assert shown["state"] == "done" and shown["record"]["task_id"] == "too-long"
+
+
+def test_a_cancelled_pending_task_never_runs(make_tree):
+    tree: WorkerTree = make_tree()
+    tree.write_task("busy-1", "sleep=3")
+    wait_for(lambda: tree.spool.claim_path("w1", "busy-1").exists(), 20, 0.05, "busy-1 claimed")
+    tree.write_task("queued-1", "x")
+    out = tree.cli("cancel", "queued-1")
+    assert out.returncode == 0, out.stderr
+    tree.wait_result("busy-1")
+    tree.write_task("after-1", "x")  # the executor has gone past the queue entry of queued-1
+    tree.wait_result("after-1")
+    result = tree.result("queued-1")
+    assert result is not None and result["status"] == "cancelled" and result["stdout"] == ""

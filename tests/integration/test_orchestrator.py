@@ -616,3 +616,16 @@ def test_set_mode_events_without_redis_says_why(start, spool, monkeypatch):
     assert orch.config()["events_available"] is False
     files = runner.invoke(activation_cli(), ["config", "set-mode", "files", "--url", orch.url])
     assert "cannot be used" not in files.output
+
+
+def test_cancel_a_pending_task_over_the_api(start, spool):
+    orch = start(admin_token=TOKEN)
+    task_file(spool, "wait-1")
+    assert orch.call("POST", "/tasks/wait-1/cancel")[0] == 401
+    status, body = orch.call("POST", "/tasks/wait-1/cancel", token=TOKEN)
+    assert status == 200 and body["status"] == "cancelled"
+    status, body = orch.call("GET", "/tasks/wait-1")
+    assert body["state"] == "done" and body["result"]["status"] == "cancelled"
+    status, body = orch.call("POST", "/tasks/wait-1/cancel", token=TOKEN)
+    assert status == 409 and "already finished" in body["error"]
+    assert orch.call("POST", "/tasks/nobody/cancel", token=TOKEN)[0] == 404

@@ -303,3 +303,24 @@ def test_dlq_retry_refuses_a_fix_that_breaks_the_contract(spool, cli):
     assert out.exit_code == 1 and "still invalid" in out.output
     assert json.loads(cli("show", "fix-8", "--json").output)["state"] == "dead"
     assert cli("dlq", "retry", "--all", "--timeout", "3").exit_code == 2
+
+
+def test_cancel_a_pending_task_gives_a_cancelled_result(spool, cli):
+    _pending(spool, "marie", "later-1", metadata={"k": "v"})
+    out = cli("cancel", "later-1")
+    assert out.exit_code == 0 and "later-1: cancelled" in out.output
+    assert not spool.task_path("marie", "later-1").exists()
+    assert not spool.claim_path("marie", "later-1").exists()
+    result = json.loads(spool.result_path("marie", "later-1").read_text())
+    assert result["status"] == "cancelled" and result["metadata"] == {"k": "v"} and result["started_at"] is None
+    rows = json.loads(cli("tasks", "--state", "cancelled", "--json").output)
+    assert [r["task_id"] for r in rows] == ["later-1"]
+
+
+def test_cancel_refuses_what_is_not_pending_in_one_line(spool, cli):
+    _claimed(spool, "marie", "busy-1")
+    _result(spool, "marie", "over-1", "completed")
+    for task_id, words in (("busy-1", "running"), ("over-1", "already finished"), ("nope", "no task")):
+        out = cli("cancel", task_id)
+        assert out.exit_code == 1 and words in out.output and out.output.count("\n") == 1, out.output
+    assert spool.claim_path("marie", "busy-1").exists()
