@@ -21,6 +21,7 @@ log = logging.getLogger("activation.retention")
 DEFAULT_TTL = 7 * 86400.0
 SWEEP_BUDGET = 500  # entries looked at per step
 SWEEP_REST = 60.0  # seconds between the end of a pass and the next
+SWEEP_INTERVAL = 10.0  # seconds between steps: 500 lstat calls per 10 s is about 0.03 % of a core
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,24 @@ def purge(spool: Spool, older_than: float, *, dry_run: bool = False, now: float 
 
 
 class Sweeper:
-    """Applies the TTL a bounded step at a time: ``step()`` looks at most ``budget`` entries.
+    """Applies the TTL a bounded step at a time: ``step()`` looks at most ``budget`` entries,
+    at most once per ``interval`` seconds, so its cost per second is fixed whatever the history.
 
     A pass walks every worker's results folder once, resumably; then the sweeper rests for
     ``rest`` seconds. Results are never rewritten, so a pass finds every expired one.
     """
 
-    def __init__(self, spool: Spool, ttl: float, *, budget: int = SWEEP_BUDGET, rest: float = SWEEP_REST) -> None:
-        self.spool, self.ttl, self.budget, self.rest = spool, ttl, budget, rest
+    def __init__(
+        self,
+        spool: Spool,
+        ttl: float,
+        *,
+        budget: int = SWEEP_BUDGET,
+        rest: float = SWEEP_REST,
+        interval: float = SWEEP_INTERVAL,
+    ) -> None:
+        self.spool, self.ttl, self.budget, self.rest, self.interval = spool, ttl, budget, rest, interval
+        self._next_step = 0.0
         self._workers: list[str] = []
         self._entries: Iterator[os.DirEntry[str]] | None = None
         self._worker: str | None = None
@@ -91,6 +102,9 @@ class Sweeper:
     def step(self, now: float | None = None) -> int:
         """Look at up to ``budget`` entries; returns how many results it deleted."""
         now = time.time() if now is None else now
+        if now < self._next_step:
+            return 0
+        self._next_step = now + self.interval
         if self._entries is None and not self._workers:
             if now < self._resume_at:
                 return 0

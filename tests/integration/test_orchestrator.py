@@ -629,3 +629,14 @@ def test_cancel_a_pending_task_over_the_api(start, spool):
     status, body = orch.call("POST", "/tasks/wait-1/cancel", token=TOKEN)
     assert status == 409 and "already finished" in body["error"]
     assert orch.call("POST", "/tasks/nobody/cancel", token=TOKEN)[0] == 404
+
+
+def test_the_orchestrator_applies_the_result_ttl(start, spool):
+    spool.init([W])
+    old = spool.result_path(W, "old-1")
+    atomic_write_json(old, {"task_id": "old-1", "status": "completed"})
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    atomic_write_json(spool.result_path(W, "new-1"), {"task_id": "new-1", "status": "completed"})
+    start(result_ttl=3600.0)
+    wait_for(lambda: not old.exists(), 20, 0.05, "the expired result deleted")
+    assert spool.has_result(W, "new-1")

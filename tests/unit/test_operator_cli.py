@@ -211,7 +211,7 @@ def test_sweeper_applies_the_ttl_a_bounded_step_at_a_time(spool):
     for i in range(25):
         _result(spool, "marie", f"old{i}", "completed", age=8 * DAY)
     _result(spool, "marie", "recent", "completed", age=DAY)
-    sweeper = Sweeper(spool, 7 * DAY, budget=10, rest=3600)
+    sweeper = Sweeper(spool, 7 * DAY, budget=10, rest=3600, interval=0)
     now = time.time()
     steps = [sweeper.step(now) for _ in range(3)]  # 26 entries, 10 looked at per step
     assert sum(steps) == 25 and all(0 < n <= 10 for n in steps), steps
@@ -324,3 +324,14 @@ def test_cancel_refuses_what_is_not_pending_in_one_line(spool, cli):
         out = cli("cancel", task_id)
         assert out.exit_code == 1 and words in out.output and out.output.count("\n") == 1, out.output
     assert spool.claim_path("marie", "busy-1").exists()
+
+
+def test_sweeper_steps_at_most_once_per_interval(spool):
+    spool.init(["marie"])
+    _result(spool, "marie", "old-a", "completed", age=8 * DAY)
+    sweeper = Sweeper(spool, 7 * DAY, interval=10)
+    now = time.time()
+    _result(spool, "marie", "old-b", "completed", age=8 * DAY)
+    assert sweeper.step(now) == 2
+    _result(spool, "marie", "old-c", "completed", age=8 * DAY)
+    assert sweeper.step(now + 5) == 0 and spool.has_result("marie", "old-c")
