@@ -166,13 +166,37 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
                 err=True,
             )
     code = 0
+    told = False
     while any(child.poll() is None for child in children):
         if not stopping and any(child.returncode is not None for child in children):
             say("activation: a supervisord exited; stopping the stack", err=True)
             code = 1
             forward(signal.SIGTERM, None)
+        if stopping and not told:  # said here, not in the handler: handlers only set flags
+            told = True
+            say(f"activation: stopping: {_draining(spool, workers, settings.drain_timeout)}", err=True)
         time.sleep(0.2)
+    left = {w: spool.count_inbox(w) for w in workers}
+    pending = sum(left.values())
+    detail = ", ".join(f"{w} {n}" for w, n in left.items() if n)
+    say(
+        "activation: stopped; "
+        + (
+            f"{pending} task(s) left pending ({detail}): they run at the next start"
+            if pending
+            else "no task left pending"
+        ),
+        err=True,
+    )
     return code
+
+
+def _draining(spool: Spool, workers: list[str], drain_timeout: float) -> str:
+    """What the stop waits for: each running task, and how long it may still take."""
+    running = [f"{w}'s task {task_id}" for w in workers for task_id in spool.claimed_ids(w)]
+    if not running:
+        return "no task is running; the programs stop in a few seconds"
+    return f"draining {', '.join(running)}, up to {drain_timeout:g} s"
 
 
 def _tee(name: str, child: subprocess.Popen[bytes], log: Path) -> None:

@@ -54,7 +54,7 @@ def _timing(row: TaskRow) -> str:
     if row.state == "running":
         return f"running {_age(row.elapsed_s)}"
     if row.duration_s is not None:
-        return f"took {row.duration_s:.1f}s"
+        return f"took {row.duration_s:.1f}s" if row.duration_s >= 1 else f"took {row.duration_s:.2f}s"
     return "-"
 
 

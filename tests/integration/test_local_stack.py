@@ -107,6 +107,25 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
         )
         assert outside.returncode == 1 and "no spool here" in outside.stderr
         assert len(outside.stderr.strip().splitlines()) == 1 and not Path("/tmp/var/spool/tasks").exists()
+        # Ctrl-C says what it waits for, and at the end what is left.
+        long_task = subprocess.run(
+            [str(BIN / "activation"), "dispatch", "w1", "sleep=3", "--task-id", "long-1"],
+            cwd=below,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert long_task.returncode == 0, long_task.stderr
+        claim = tmp_path / "var" / "spool" / "tasks" / "w1" / ".processing" / "long-1.json"
+        deadline = time.monotonic() + 30
+        while not claim.exists():
+            assert time.monotonic() < deadline, "long-1 never started"
+            time.sleep(0.05)
+        up.send_signal(signal.SIGINT)
+        rest = up.communicate(timeout=90)[1].decode(errors="replace")
+        assert "activation: stopping: draining w1's task long-1, up to 50 s" in rest, rest[-3000:]
+        assert "activation: stopped; no task left pending" in rest, rest[-3000:]
     finally:
         up.send_signal(signal.SIGINT)
         try:
