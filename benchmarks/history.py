@@ -73,27 +73,30 @@ def idle_cpu(spool: Spool, **extra: str) -> float:
         shutil.rmtree(env["ACTIVATION_RUN_DIR"], ignore_errors=True)
 
 
+def measure(count: int) -> str:
+    root = Path(tempfile.mkdtemp(prefix="acth-"))
+    try:
+        spool = Spool(root / "spool")
+        fill(spool, count)
+        listing = best(lambda: list_tasks(spool, Query(limit=50)))
+        failed = best(lambda: list_tasks(spool, Query(states=("failed",), since=time.time() - 3600, limit=50)))
+        status = best(lambda: live_status(spool, timeout=30))
+        sweeper = Sweeper(spool, 7 * 86400, interval=0)
+        sweep = best(lambda: sweeper.step())
+        first = idle_cpu(spool)  # the first start after the spool was written costs more: see the README
+        cpu = idle_cpu(spool)
+        return (
+            f"{count:>7} results: tasks {listing * 1000:.0f} ms, tasks --state failed --since 1h "
+            f"{failed * 1000:.0f} ms, status {status * 1000:.0f} ms, sweep step {sweep * 1000:.1f} ms, "
+            f"orchestrator idle {cpu:.2f} % of a core (first start after writing the spool {first:.2f} %)"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(sizes: list[int]) -> None:
     for count in sizes:
-        root = Path(tempfile.mkdtemp(prefix="acth-"))
-        try:
-            spool = Spool(root / "spool")
-            fill(spool, count)
-            listing = best(lambda: list_tasks(spool, Query(limit=50)))
-            failed = best(lambda: list_tasks(spool, Query(states=("failed",), since=time.time() - 3600, limit=50)))
-            status = best(lambda: live_status(spool, timeout=30))
-            sweeper = Sweeper(spool, 7 * 86400, interval=0)
-            sweep = best(lambda: sweeper.step())
-            first = idle_cpu(spool)  # the first start after the spool was written costs more: see the README
-            cpu = idle_cpu(spool)
-            print(
-                f"{count:>7} results: tasks {listing * 1000:.0f} ms, tasks --state failed --since 1h "
-                f"{failed * 1000:.0f} ms, status {status * 1000:.0f} ms, sweep step {sweep * 1000:.1f} ms, "
-                f"orchestrator idle {cpu:.2f} % of a core (first start after writing the spool {first:.2f} %)",
-                flush=True,
-            )
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        print(measure(count), flush=True)
 
 
 if __name__ == "__main__":
