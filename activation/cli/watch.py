@@ -32,16 +32,20 @@ def watch(rich_view: RichView, plain_view: PlainView, *, interval: float, count:
 
 
 def _live(view: RichView, interval: float, count: int | None) -> None:
+    from rich.console import Group
     from rich.live import Live
+    from rich.text import Text
 
-    shown = 0
-    with Live(view(), auto_refresh=False, screen=False) as live:
+    def frame() -> RenderableType:
+        footer = Text(f"{iso_now()[:19]}Z, every {interval:g}s; Ctrl-C stops", style="dim")
+        return Group(view(), footer)
+
+    shown = 1
+    with Live(frame(), auto_refresh=False, screen=False) as live:
         while count is None or shown < count:
-            live.update(view(), refresh=True)
-            shown += 1
-            if count is not None and shown >= count:
-                break
             time.sleep(interval)
+            live.update(frame(), refresh=True)
+            shown += 1
 
 
 def _plain(view: PlainView, interval: float, count: int | None) -> None:

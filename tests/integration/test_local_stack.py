@@ -172,3 +172,36 @@ def test_a_closed_pipe_is_no_error(tmp_path):
         reader.stdout.close()
         err = reader.stderr.read().decode()
         assert reader.wait(60) in (0, 1) and err == "", (args, err)
+
+
+def test_watch_on_a_terminal_redraws_a_rich_table(tmp_path):
+    import pty
+
+    from activation.spool.atomic import atomic_write_json
+    from activation.spool.layout import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.init(["w1"])
+    atomic_write_json(spool.task_path("w1", "next-1"), {"task_id": "next-1", "description": "x"})
+    env = _env(ACTIVATION_SPOOL=str(spool.root), COLUMNS="120", TERM="xterm")
+    for args in (["tasks", "--watch", "--interval", "0.1", "--count", "2"], ["status", "--watch", "--count", "1"]):
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.Popen([str(BIN / "activation"), *args], env=env, stdout=follower, stderr=subprocess.PIPE)
+            os.close(follower)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the terminal's other end closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        finally:
+            os.close(leader)
+        text = output.decode(errors="replace")
+        assert "\x1b[" in text, text  # drawn with terminal control sequences, not plain lines
+        assert ("next-1" in text) if args[0] == "tasks" else ("w1" in text)
+        assert "-- 20" not in text  # the plain snapshot header is for pipes only
