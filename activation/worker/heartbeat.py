@@ -107,10 +107,22 @@ class Heartbeat(Program):
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
-            self._server, self._server_thread = start_http_server(
-                self.settings.metrics_port, registry=multiprocess_registry()
-            )
-            self.log.info("serving metrics on :%s", self.settings.metrics_port, extra={"event": "metrics_up"})
+            try:
+                self._server, self._server_thread = start_http_server(
+                    self.settings.metrics_port, registry=multiprocess_registry()
+                )
+            except OSError as exc:
+                # One line, and the heartbeat lives on: a restart loop of tracebacks would take
+                # the worker's health with it for want of a port.
+                self.log.error(
+                    "cannot serve metrics on :%s (%s): set ACTIVATION_METRICS_PORT to move it; "
+                    "the worker runs on without metrics",
+                    self.settings.metrics_port,
+                    exc.strerror or exc,
+                    extra={"event": "metrics_port_taken"},
+                )
+            else:
+                self.log.info("serving metrics on :%s", self.settings.metrics_port, extra={"event": "metrics_up"})
         self.metrics.worker_up.set(1)
 
     def loop(self) -> None:

@@ -71,3 +71,25 @@ def test_a_cancelled_pending_task_never_runs(make_tree):
     tree.wait_result("after-1")
     result = tree.result("queued-1")
     assert result is not None and result["status"] == "cancelled" and result["stdout"] == ""
+
+
+def test_a_taken_metrics_port_is_one_line_and_the_worker_runs_on(make_tree):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tree: WorkerTree = make_tree(ACTIVATION_METRICS_PORT=str(port))
+        tree.write_task("still-works", "x")
+        assert tree.wait_result("still-works")["status"] == "completed"
+        log = wait_for(
+            lambda: (text := tree.log.read_text(errors="replace")) and "cannot serve metrics" in text and text,
+            20,
+            0.1,
+            "the metrics line",
+        )
+        assert tree.states()["heartbeat"] == "RUNNING"
+    lines = [line for line in log.splitlines() if "cannot serve metrics" in line]
+    assert len(lines) == 1 and f":{port}" in lines[0] and "ACTIVATION_METRICS_PORT" in lines[0]
+    assert "Traceback" not in log
