@@ -10,7 +10,7 @@ import click
 
 from activation.cli.support import EXIT_USAGE, Context, fail, pass_ctx, print_json
 from activation.spool.listing import STATES, Query, TaskRow, list_tasks
-from activation.spool.status import LiveStatus, live_status
+from activation.spool.status import RECENT_CAP, LiveStatus, live_status
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -172,8 +172,9 @@ def status_lines(statuses: list[LiveStatus], root: object) -> list[str]:
             f"queue={s.queue_size} dead_letters={h.dead_letters} {programs}"
         )
         recent = " ".join(f"{k}={v}" for k, v in sorted(s.recent.items())) or "none"
+        window = f"newest {RECENT_CAP} of the last hour" if s.recent_capped else "last hour"
         results = (
-            f"results: {s.results_total} in the folder; last hour: {recent}" if s.results_total else "results: none yet"
+            f"results: {s.results_total} in the folder; {window}: {recent}" if s.results_total else "results: none yet"
         )
         lines.append(f"{'':<12} {results}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
     return lines

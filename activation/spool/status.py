@@ -17,6 +17,7 @@ from activation.spool.listing import FINISHED, Query, finished
 from activation.spool.task import is_task_name
 
 RECENT_WINDOW_S = 3600.0  # the window whose results `status` counts by status
+RECENT_CAP = 1000  # ... reading at most this many (the newest): `status` stays cheap at any rate
 
 
 @dataclass
@@ -29,6 +30,7 @@ class LiveStatus:
     queue_size: int = 0
     results_total: int = 0
     recent: dict[str, int] = field(default_factory=dict)  # by state, over RECENT_WINDOW_S
+    recent_capped: bool = False  # True: more than RECENT_CAP results in the window; counts are the newest
 
     @property
     def worker(self) -> str:
@@ -43,6 +45,7 @@ class LiveStatus:
             results_total=self.results_total,
             recent_counts=self.recent,
             recent_window_s=RECENT_WINDOW_S,
+            recent_capped=self.recent_capped,
             heartbeat_current_task=self.health.current_task,
             heartbeat_queue_size=self.health.queue_size,
         )
@@ -61,9 +64,11 @@ def live(spool: Spool, health: WorkerHealth, *, now: float | None = None) -> Liv
     worker = health.worker
     claimed = spool.claimed_ids(worker)
     recent: dict[str, int] = {}
-    query = Query(workers=(worker,), states=FINISHED, since=now - RECENT_WINDOW_S, limit=None)
+    query = Query(workers=(worker,), states=FINISHED, since=now - RECENT_WINDOW_S, limit=RECENT_CAP)
+    seen = 0
     for row in finished(spool, query):
         recent[row.state] = recent.get(row.state, 0) + 1
+        seen += 1
     return LiveStatus(
         health=health,
         current_task=claimed[0] if claimed else None,
@@ -71,6 +76,7 @@ def live(spool: Spool, health: WorkerHealth, *, now: float | None = None) -> Liv
         queue_size=spool.count_inbox(worker),
         results_total=count_results(spool, worker),
         recent=recent,
+        recent_capped=seen >= RECENT_CAP,
     )
 
 

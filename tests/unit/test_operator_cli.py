@@ -335,3 +335,13 @@ def test_sweeper_steps_at_most_once_per_interval(spool):
     assert sweeper.step(now) == 2
     _result(spool, "marie", "old-c", "completed", age=8 * DAY)
     assert sweeper.step(now + 5) == 0 and spool.has_result("marie", "old-c")
+
+
+def test_status_counts_at_most_the_newest_cap_of_the_last_hour(spool, cli, monkeypatch):
+    import activation.spool.status as status
+
+    monkeypatch.setattr(status, "RECENT_CAP", 3)
+    for i in range(5):
+        _result(spool, "marie", f"r{i}", "completed", age=60 - i)
+    (data,) = json.loads(cli("status", "marie", "--json").output)
+    assert data["results_total"] == 5 and data["recent_counts"] == {"done": 3} and data["recent_capped"] is True
