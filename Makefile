@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test check lint unit integration bench chaos redis-server prometheus claude-cli docker-compose podman images stack stack-down restart-workers clean
+.PHONY: help up test check lint unit bench chaos redis-server prometheus claude-cli docker-compose podman images stack stack-down restart-workers clean
+
+# `make help` lists every target: each is the word before ':' on a line whose comment starts '## '.
+help: ## list every target and what it does
+	@awk -F':.*## ' '/^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 # Tests start their own redis-server on a free port; they only need the binary.
-redis-server:
+redis-server: ## install redis-server if missing (the tests start their own on free ports)
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "redis-server not found: installing Debian's redis-server package"; \
@@ -25,7 +29,7 @@ redis-server:
 
 # prometheus and promtool for the monitoring tests (promtool check/test; a real Prometheus on a
 # free port). --no-install-recommends keeps prometheus-node-exporter (port 9100) out.
-prometheus:
+prometheus: ## install prometheus and promtool if missing (monitoring tests)
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "prometheus not found: installing Debian's prometheus package"; \
@@ -36,12 +40,12 @@ prometheus:
 
 # The real Claude Code CLI (pinned, from npm) for the end-to-end check against a loopback fake
 # API. Without npm the e2e tests skip and say why; nothing else depends on it.
-claude-cli:
+claude-cli: ## install the pinned Claude Code CLI for the e2e tests
 	@tests/e2e/install_claude.sh >/dev/null || echo "claude CLI not installed: the e2e tests will be skipped" >&2
 
 # Debian's docker-compose (v1) checks docker-compose.yml in the tests; no Docker engine is needed
 # (--no-install-recommends keeps docker.io out).
-docker-compose:
+docker-compose: ## install docker-compose v1 if missing (checks docker-compose.yml)
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "docker-compose not found: installing Debian's docker-compose package"; \
@@ -54,7 +58,7 @@ docker-compose:
 # from a debootstrap base, the compose stack run through podman's Docker API). netavark needs
 # iptables. Without apt-get, or where podman cannot run, those tests skip and say why.
 PODMAN_PACKAGES := podman buildah netavark aardvark-dns uidmap runc debootstrap iptables
-podman:
+podman: ## install podman and friends if missing (the container tests)
 	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "podman not found: installing Debian's $(PODMAN_PACKAGES)"; \
@@ -64,37 +68,37 @@ podman:
 	  fi; }
 
 # The images for a user, with Docker or podman (whichever is here): BASE_IMAGE=..., IMAGE_TAG=...
-images:
+images: ## build the worker and orchestrator images (docker or podman)
 	scripts/containers images
 
 # The compose stack (docker-compose.yml), built and up: ENV_FILE=.env.production make stack.
 # The secrets come from the shell (README, "Running the stack"). `make stack-down` stops it.
-stack:
+stack: ## bring the compose stack up (docker or podman)
 	scripts/containers stack
 
-stack-down:
+stack-down: ## take the compose stack down
 	scripts/containers down
 
 # Restart every worker's programs gracefully, one worker at a time: the local stack of `make up`
 # when it runs, else the compose stack (COMPOSE="docker compose --env-file .env.production").
-restart-workers: $(STAMP)
+restart-workers: $(STAMP) ## restart every worker gracefully, one at a time (WORKERS=...)
 	$(BIN)/python scripts/restart-workers $(WORKERS)
 
-up: $(STAMP)
+up: $(STAMP) ## run a local stack in the foreground (workers marie, anga, fabien + orchestrator)
 	$(BIN)/activation up
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server prometheus claude-cli docker-compose podman lint
+test: $(STAMP) redis-server prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite
 	$(BIN)/pytest
 
-unit: $(STAMP)
+unit: $(STAMP) ## the unit tests only
 	$(BIN)/pytest tests/unit
 
 # The development loop: lint, types and the fast tests (no process trees), in under 2 minutes.
-check: lint
+check: lint ## lint and the fast tests (not slow), the development loop
 	$(BIN)/pytest -m 'not slow' -p no:cacheprovider
 
 # Every figure of issue 15 beside its target, in one run (about 10 minutes; BENCH="--quick" for a
@@ -104,13 +108,13 @@ $(BENCH_STAMP): $(STAMP) setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) redis-server
+bench: $(BENCH_STAMP) redis-server ## every figure of issue 15 beside its target (BENCH=--quick)
 	$(BIN)/python -m benchmarks $(BENCH)
 
 # The chaos run alone, bigger if you like: make chaos N=10000
 N ?= 3000
-chaos: $(STAMP) redis-server
+chaos: $(STAMP) redis-server ## the chaos run alone (N=3000 tasks by default)
 	ACTIVATION_CHAOS_TASKS=$(N) $(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py
 
-clean:
+clean: ## remove .venv, var/ and caches
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -43,3 +43,8 @@ class Clock:
 
 
 SYSTEM_CLOCK = Clock()
+
+
+def iso_from_epoch(epoch: float) -> str:
+    """Epoch seconds as the spool's UTC ISO 8601 text."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="microseconds")

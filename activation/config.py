@@ -83,6 +83,7 @@ class Settings:
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # REDIS_SENTINELS: host:port,host:port
     redis_sentinel_master: str = "mymaster"  # REDIS_SENTINEL_MASTER: the primary's name in Sentinel
     stopped_grace: float = 3600.0  # ACTIVATION_STOPPED_GRACE: a cleanly stopped worker is not dead for this long
+    result_ttl: float = 7 * 86400.0  # ACTIVATION_RESULT_TTL: seconds or 7d/12h/30m; 0 keeps results forever
 
     # The environment these settings were read from: the base of the environment the agent and the
     # local stack's programs get (secrets stripped there). Nothing else reads os.environ.
@@ -200,6 +201,21 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw).expanduser().absolute()
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(name: str, raw: str) -> float:
+    """Seconds, as a bare number or as 7d, 12h, 30m, 90s, 1d12h."""
+    value = raw.strip().lower()
+    with_units = _DURATION.findall(value)
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    if not with_units or "".join(n + u for n, u in with_units) != value:
+        raise ConfigError(f"{name}: expected seconds or a duration such as 7d, 12h or 30m, got {raw!r}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in with_units)
+
+
 def _bind(name: str, raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -254,6 +270,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_SENTINELS": ("redis_sentinels", _sentinels),
     "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _text),
     "ACTIVATION_STOPPED_GRACE": ("stopped_grace", _number(float, 0)),
+    "ACTIVATION_RESULT_TTL": ("result_ttl", _duration),
 }
 
 KNOWN_VARIABLES = frozenset(_VARIABLES) | {name + SECRET_FILE_SUFFIX for name in SECRET_VARIABLES}

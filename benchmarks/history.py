@@ -24,7 +24,7 @@ CLI_RUNS = 5  # each command's figure is the best of this many runs: the least d
 COMMANDS: dict[str, tuple[str, ...] | None] = {
     "--version": ("--version",),  # the floor of every command: the interpreter and click starting
     "status": ("status",),
-    "tasks": None,  # not built yet
+    "tasks": ("tasks",),
     "show": ("show", "hist-0000500"),
     "audit": ("audit",),
     "dlq list": ("dlq", "list"),

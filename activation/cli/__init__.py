@@ -27,7 +27,7 @@ from activation.spool.layout import Spool
     "--spool",
     type=click.Path(path_type=Path),
     envvar="ACTIVATION_SPOOL",
-    help="Spool root (env ACTIVATION_SPOOL, default ./var/spool).",
+    help="Spool root (env ACTIVATION_SPOOL; default: the var/spool of this folder or the nearest one above).",
 )
 @click.pass_context
 def main(ctx: click.Context, spool: Path | None) -> None:
@@ -36,7 +36,11 @@ def main(ctx: click.Context, spool: Path | None) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-    ctx.obj = Context(spool.absolute() if spool else None)
+    source = None
+    if spool is not None:
+        given = ctx.get_parameter_source("spool")
+        source = "ACTIVATION_SPOOL" if given is click.core.ParameterSource.ENVIRONMENT else "--spool"
+    ctx.obj = Context(spool.absolute() if spool else None, source)
 
 
 # -- spool administration -----------------------------------------------------------------
@@ -52,8 +56,9 @@ def init(obj: Context, workers: tuple[str, ...]) -> None:
     for worker in workers:
         if not WORKER_NAME_PATTERN.match(worker):
             fail(f"invalid worker name {worker!r}", EXIT_USAGE)
-    obj.spool.init(workers)
-    click.echo(f"spool ready at {obj.spool.root}" + (f" for {', '.join(workers)}" if workers else ""))
+    spool = Spool(obj.settings.spool)  # init is the one command that may create a spool
+    spool.init(workers)
+    click.echo(f"spool ready at {spool.root}" + (f" for {', '.join(workers)}" if workers else ""))
 
 
 def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -167,6 +172,21 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
         _print_outcome(location.state, record)
 
 
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def cancel(obj: Context, task_id: str, as_json: bool) -> None:
+    """Cancel a pending TASK_ID: it gets a `cancelled` result and never runs."""
+    from activation.spool.cancel import cancel_pending
+
+    cancelled = cancel_pending(obj.spool, task_id, by="cli")
+    if as_json:
+        print_json(cancelled.as_dict())
+    else:
+        click.echo(f"{task_id}: cancelled (was pending for {cancelled.worker})")
+
+
 # -- the programs supervisord runs ------------------------------------------------------------
 
 
@@ -229,46 +249,6 @@ def heartbeat() -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_ctx
-def status(obj: Context, as_json: bool) -> None:
-    """Show every worker: alive or stale, current task, queue, programs, dead letters.
-
-    Exits 1 when any worker it shows is unhealthy, so that a script can rely on it as on `check`.
-    """
-    from activation.spool.health import all_health
-
-    settings = obj.settings
-    healths = all_health(obj.spool, timeout=settings.heartbeat_timeout, local=(settings.worker_name, settings.run_dir))
-    sick = any(not h.healthy for h in healths)
-    if as_json:
-        print_json([h.as_dict() for h in healths])
-        if sick:
-            sys.exit(EXIT_FAILED)
-        return
-    if not healths:
-        click.echo(f"no workers in {obj.spool.root}")
-        return
-    for h in healths:
-        age = "never" if h.age_s is None else f"{h.age_s:g}s ago"
-        mark = "ok" if h.healthy else "SICK"
-        programs = " ".join(f"{name}={state}" for name, state in sorted((h.programs or {}).items())) or "programs=?"
-        done = " ".join(f"{k}={v}" for k, v in sorted(h.counts.items())) or "none yet"
-        click.echo(
-            f"{h.worker:<12} {mark:<4} heartbeat {age:<10} task={h.current_task or '-'} "
-            f"queue={h.queue_size if h.queue_size is not None else '?'} dead_letters={h.dead_letters} {programs}"
-        )
-        click.echo(f"{'':<12} results: {done}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
-        if h.refused:
-            click.echo(
-                f"{'':<12} refused a second tree: {h.refused.get('program')} "
-                f"on host {h.refused.get('host')} at {h.refused.get('at')}"
-            )
-    if sick:
-        sys.exit(EXIT_FAILED)
-
-
-@main.command()
 @click.argument("worker")
 @pass_ctx
 def check(obj: Context, worker: str) -> None:
@@ -323,8 +303,14 @@ def up(obj: Context, workers: str) -> None:
 # -- the orchestrator and its admin commands ------------------------------------------------
 # Imported last: admin_cli uses this module's helpers (inside its functions).
 from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
+from activation.cli.results import results_group, where_command  # noqa: E402
+from activation.cli.tasks import status_command, tasks_command  # noqa: E402
 
 main.add_command(orchestrator_command)
 main.add_command(config_group)
 main.add_command(dlq_group)
 main.add_command(recover_command)
+main.add_command(tasks_command)
+main.add_command(status_command)
+main.add_command(results_group)
+main.add_command(where_command)

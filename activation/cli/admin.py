@@ -116,12 +116,16 @@ def config_set_mode(mode: str, url: str | None, as_json: bool) -> None:
         print_json(config)
         return
     click.echo(f"mode {config.get('mode')}; a dispatch now uses {config.get('current_decision')}")
+    if mode.lower() != "files" and config.get("events_available") is False:
+        click.echo(f"activation: events cannot be used: {config.get('events_unavailable')}", err=True)
 
 
 def _print_config(config: dict[str, Any]) -> None:
     metrics = config.get("metrics") or {}
     avg = metrics.get("avg_response_time_ms")
     click.echo(f"mode             {config.get('mode')}")
+    if config.get("events_available") is False:
+        click.echo(f"events           unavailable: {config.get('events_unavailable')}")
     click.echo(f"current decision {config.get('current_decision')} ({config.get('rule')}: {config.get('detail')})")
     click.echo(
         "metrics          "
@@ -158,9 +162,10 @@ def dlq_list(worker: str | None, as_json: bool) -> None:
     if not letters:
         click.echo("no dead letters")
         return
+    click.echo(f"{'ID':<32} {'WORKER':<12} {'REASON':<16} {'DEAD SINCE':<32}  DETAIL")
     for d in letters:
         mark = "" if d["retryable"] else "  (not retryable: original did not parse)"
-        click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {d['dead_at']}  {d['detail']}{mark}")
+        click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {d['dead_at']!s:<32} {d['detail']}{mark}")
 
 
 @dlq_group.command("show")
@@ -175,29 +180,75 @@ def dlq_show(dead_id: str, as_json: bool) -> None:
         print_json(letter.record)
         return
     record = letter.record
-    click.echo(f"{letter.key}: {record.get('reason')} ({record.get('detail')})")
-    click.echo(f"worker {record.get('worker')}, dead since {record.get('dead_at')}, from {record.get('source')}")
     task = record.get("task")
+    rows = [
+        ("dead letter", letter.key),
+        ("task", record.get("task_id") or "-"),
+        ("worker", record.get("worker") or "-"),
+        ("reason", f"{record.get('reason')}: {record.get('detail')}"),
+        ("dead since", record.get("dead_at")),
+        ("from", record.get("source")),
+    ]
     if isinstance(task, dict):
-        click.echo(f"attempts {task.get('attempts', 0)}, description: {task.get('description')}")
-        for entry in task.get("history") or []:
-            click.echo(f"  earlier: {entry}")
+        rows += [
+            ("attempts", task.get("attempts", 0)),
+            ("timeout", "-" if task.get("timeout") is None else f"{task.get('timeout')} s"),
+            ("metadata", _pairs(task.get("metadata"))),
+            ("description", task.get("description")),
+        ]
     else:
-        click.echo(f"the original did not parse; it is kept at {record.get('raw')} and cannot be retried")
+        rows.append(("original", f"did not parse; kept at {record.get('raw')}, cannot be retried"))
+    for label, value in rows:
+        click.echo(f"{label + ':':<13} {value}")
+    if isinstance(task, dict):
+        for entry in task.get("history") or []:
+            click.echo(f"{'earlier:':<13} {entry}")
+        click.echo(f"retry with `activation dlq retry {letter.key}` (--description, --timeout, --meta fix it first)")
+
+
+def _pairs(value: object) -> str:
+    return " ".join(f"{k}={v}" for k, v in value.items()) or "-" if isinstance(value, dict) else str(value or "-")
 
 
 @dlq_group.command("retry")
 @click.argument("dead_id", metavar="[ID]", required=False)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every retryable dead letter.")
+@click.option("--description", help="Replace the task's description first.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Set the task's timeout (s) first.")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Set a metadata key first; repeatable.")
 @_json_option
-def dlq_retry(dead_id: str | None, retry_all: bool, as_json: bool) -> None:
-    """Put a dead letter's task back in its worker's inbox, keeping its history."""
+def dlq_retry(
+    dead_id: str | None,
+    retry_all: bool,
+    description: str | None,
+    timeout: float | None,
+    meta: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Put a dead letter's task back in its worker's inbox under the same id, keeping its history;
+    --description, --timeout and --meta fix the task first."""
+    from activation.cli import _parse_meta
+    from activation.orchestrator.dlq_fix import fix_dead_letter
     from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
 
     if bool(dead_id) == retry_all:
         _fail("give one dead letter ID or --all", usage=True)
-    spool = _context().spool
+    fixes = description is not None or timeout is not None or bool(meta)
+    if fixes and retry_all:
+        _fail("--description, --timeout and --meta fix one dead letter: give its ID, not --all", usage=True)
+    context = _context()
+    spool = context.spool
     if dead_id:
+        if fixes:
+            metadata = _parse_meta(meta)
+            fix_dead_letter(
+                spool,
+                dead_id,
+                description=description,
+                timeout=timeout,
+                metadata=metadata,
+                max_timeout=context.settings.max_task_timeout,
+            )
         retried = retry_dead_letter(spool, dead_id)
         if as_json:
             print_json(retried.as_dict())

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -21,6 +22,7 @@ from types import FrameType
 import click
 import psutil
 
+from activation.cli.stackcheck import READY_TIMEOUT, check_ports, required_ports, wait_ready
 from activation.config import WORKER_NAME_PATTERN, Settings
 from activation.errors import ConfigError
 from activation.spool.layout import Spool
@@ -89,6 +91,7 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
     if not WORKER_CONF.exists():
         raise ConfigError(f"{WORKER_CONF} is missing: run `activation up` from a checkout of the repo")
     agent, fake = agent_command(settings)
+    check_ports(required_ports(settings, workers, orchestrator=orchestrator))  # before anything starts
     spool = Spool(settings.spool)
     spool.init(workers)
     trees = [(w, WORKER_CONF, worker_environment(settings, w, i, agent)) for i, w in enumerate(workers)]
@@ -116,14 +119,19 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
     if orchestrator:
         say(f"activation: admin API on http://{settings.admin_bind} (`activation config get`)", err=True)
 
-    children = [
-        subprocess.Popen(
+    log_dir = _run_base(settings).parent / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = []
+    for name, conf, env in trees:
+        child = subprocess.Popen(
             [sys.executable, "-m", "activation.supervise", "-n", "-c", str(conf)],
             env=env,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
-        for _, conf, env in trees
-    ]
+        children.append(child)
+        threading.Thread(target=_tee, args=(name, child, log_dir / f"{name}.log"), daemon=True).start()
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -135,11 +143,71 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
+    from activation.cli.admin import default_url
+
+    api = default_url(settings.admin_bind) if orchestrator else None
+    missing = wait_ready(
+        spool,
+        workers,
+        api_url=api,
+        heartbeat_timeout=settings.heartbeat_timeout,
+        still_running=lambda: not stopping and all(c.poll() is None for c in children),
+    )
+    if not stopping:
+        metrics = (
+            f"metrics :{settings.metrics_port}-{settings.metrics_port + len(workers) - 1}"
+            if settings.metrics_port
+            else "metrics off"
+        )
+        if missing:
+            say(f"activation: not ready after {READY_TIMEOUT:g}s: {', '.join(missing)}; logs in {log_dir}", err=True)
+        else:
+            say(
+                f"activation: ready: {', '.join(workers)} RUNNING; API {api or 'off'}; {metrics}; logs in {log_dir}",
+                err=True,
+            )
     code = 0
+    told = False
     while any(child.poll() is None for child in children):
         if not stopping and any(child.returncode is not None for child in children):
             say("activation: a supervisord exited; stopping the stack", err=True)
             code = 1
             forward(signal.SIGTERM, None)
+        if stopping and not told:  # said here, not in the handler: handlers only set flags
+            told = True
+            say(f"activation: stopping: {_draining(spool, workers, settings.drain_timeout)}", err=True)
         time.sleep(0.2)
+    left = {w: spool.count_inbox(w) for w in workers}
+    pending = sum(left.values())
+    detail = ", ".join(f"{w} {n}" for w, n in left.items() if n)
+    say(
+        "activation: stopped; "
+        + (
+            f"{pending} task(s) left pending ({detail}): they run at the next start"
+            if pending
+            else "no task left pending"
+        ),
+        err=True,
+    )
     return code
+
+
+def _draining(spool: Spool, workers: list[str], drain_timeout: float) -> str:
+    """What the stop waits for: each running task, and how long it may still take."""
+    running = [f"{w}'s task {task_id}" for w in workers for task_id in spool.claimed_ids(w)]
+    if not running:
+        return "no task is running; the programs stop in a few seconds"
+    return f"draining {', '.join(running)}, up to {drain_timeout:g} s"
+
+
+def _tee(name: str, child: subprocess.Popen[bytes], log: Path) -> None:
+    """Copy a supervisord's output to the terminal, each line naming its tree, and to var/log/."""
+    assert child.stdout is not None
+    prefix = f"[{name}] ".encode()
+    with open(log, "ab") as file:
+        for line in iter(child.stdout.readline, b""):
+            file.write(line)
+            file.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.buffer.write(prefix + line)
+                sys.stderr.buffer.flush()

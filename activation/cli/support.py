@@ -6,6 +6,8 @@ cli.py and admin_cli.py both build on it; neither has to import the other for it
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,10 +33,38 @@ def print_json(data: Any) -> None:
     click.echo(codec.encode_text(data, indent=2))  # a lone surrogate in a record prints as its escape
 
 
-class Context:
-    """Lazily built settings, so that `--help` works even when the environment is broken."""
+SPOOL_FOLDER = Path("var") / "spool"
 
-    def __init__(self, spool: Path | None) -> None:
+
+def find_spool(start: Path) -> Path | None:
+    """The project's ``var/spool`` in ``start`` or the nearest folder above it that has one.
+
+    Only a spool laid out as ours (with its ``tasks/`` folder) counts, and never the root's:
+    ``/var/spool`` is the system's (cron, mail), not a project's.
+    """
+    for folder in (start, *start.parents):
+        if folder == folder.parent:
+            break
+        candidate = folder / SPOOL_FOLDER
+        if (candidate / "tasks").is_dir():
+            return candidate
+    return None
+
+
+class Context:
+    """Lazily built settings, so that `--help` works even when the environment is broken.
+
+    The spool is ``--spool`` or ACTIVATION_SPOOL when given (``source`` says which); else the
+    ``var/spool`` of the current folder or the nearest one above it. When there is none, the
+    commands that read a spool fail in one line instead of reporting on a stray empty one.
+    """
+
+    def __init__(self, spool: Path | None, source: str | None = None) -> None:
+        self.source = source or ("--spool" if spool else "")
+        if spool is None:
+            found = find_spool(Path.cwd())
+            if found is not None:
+                spool, self.source = found, f"found by walking up from {Path.cwd()}"
         self._spool = spool
         self._settings: Settings | None = None
 
@@ -45,7 +75,16 @@ class Context:
         return self._settings
 
     @property
+    def spool_found(self) -> bool:
+        return self._spool is not None or (self.settings.spool / "tasks").is_dir()
+
+    @property
     def spool(self) -> Spool:
+        if not self.spool_found:
+            raise ActivationError(
+                f"no spool here: {Path.cwd()} has no var/spool, nor has any folder above it; "
+                "set ACTIVATION_SPOOL (or --spool), run this from the project, or `activation init`"
+            )
         return Spool(self.settings.spool)
 
 
@@ -53,11 +92,18 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 class Group(click.Group):
-    """Turns ActivationError into a one-line message and exit code."""
+    """Turns ActivationError into a one-line message and exit code, and a closed pipe
+    (``activation tasks | head``) into a quiet exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader left: say nothing (there is no one to say it to), and point stdout at
+            # /dev/null so that the interpreter's final flush cannot raise it again.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_FAILED)
         except ActivationError as exc:
             fail(str(exc), EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
         except OSError as exc:

@@ -73,6 +73,7 @@ class AdminService(Protocol):
     def get_status(self) -> dict[str, Any]: ...
     def submit_task(self, body: dict[str, Any]) -> dict[str, Any]: ...
     def get_task(self, task_id: str) -> dict[str, Any]: ...
+    def cancel_task(self, task_id: str) -> dict[str, Any]: ...
     def list_dead_letters(self) -> dict[str, Any]: ...
     def retry_dead_letter(self, key: str) -> dict[str, Any]: ...
     def render_metrics(self) -> tuple[bytes, str]: ...
@@ -118,11 +119,13 @@ def _routes() -> list[_Route]:
 
     segment = "([^/]+)"
     return [
+        route("GET", "/", lambda s, b, a: (ok, index())),
         route("GET", "/config", lambda s, b, a: (ok, s.get_config())),
         route("POST", "/config", lambda s, b, a: (ok, s.set_mode(_field(b, "mode")))),
         route("GET", "/status", lambda s, b, a: (ok, s.get_status())),
         route("POST", "/tasks", lambda s, b, a: (accepted, s.submit_task(_object(b)))),
         route("GET", f"/tasks/{segment}", lambda s, b, a: (ok, s.get_task(a[0]))),
+        route("POST", f"/tasks/{segment}/cancel", lambda s, b, a: (ok, s.cancel_task(a[0]))),
         route("GET", "/dlq", lambda s, b, a: (ok, s.list_dead_letters())),
         route("POST", f"/dlq/{segment}/retry", lambda s, b, a: (ok, s.retry_dead_letter(a[0]))),
         route("GET", "/metrics", lambda s, b, a: (ok, s.render_metrics())),
@@ -130,6 +133,14 @@ def _routes() -> list[_Route]:
 
 
 ROUTES = _routes()
+
+
+def index() -> dict[str, Any]:
+    """``GET /``: what this API answers, so that a newcomer's first request is not a 404."""
+    routes = [
+        {"method": r.method, "path": r.pattern.pattern.strip("^$").replace("([^/]+)", "<id>")} for r in ROUTES
+    ]
+    return {"service": "activation orchestrator admin API", "routes": routes}
 
 
 def _object(body: dict[str, Any] | None) -> dict[str, Any]:

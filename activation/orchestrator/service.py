@@ -29,6 +29,7 @@ from activation.orchestrator.liveness import LivenessWatch
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
+from activation.spool.retention import Sweeper
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
@@ -135,6 +136,8 @@ class Orchestrator(Program):
         self._refreshed = False
         self._next_refresh = 0.0
         self._next_recovery = 0.0
+        # ACTIVATION_RESULT_TTL, a bounded step at a time: the idle cost does not grow with history.
+        self.sweeper = Sweeper(self.spool, settings.result_ttl) if settings.result_ttl > 0 else None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class Orchestrator(Program):
             took = time.monotonic() - now
             # However large the spool, refreshing takes at most about a tenth of a core.
             self._next_refresh = time.monotonic() + max(self.refresh_interval, REFRESH_COST_FACTOR * took)
+            if self.sweeper is not None:
+                self._guarded(self.sweeper.step)
         if now >= self._next_recovery:
             self._guarded(self.run_recovery)
             self._next_recovery = time.monotonic() + self.settings.recovery_interval
@@ -185,6 +190,8 @@ class Orchestrator(Program):
         self.stopping.wait(min(max(due, 0.01), MAX_WAIT))
 
     def shutdown(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.close()
         if self.api is not None:
             self.api.stop()
         if self.publisher is not None:
@@ -300,7 +307,15 @@ class Orchestrator(Program):
             "metrics": snapshot.as_dict(),
             "thresholds": self.thresholds.as_dict(),
             "per_worker": {w: decide(mode, snapshot, self.thresholds, w).as_dict() for w in self._dispatchable()},
+            **self._events_availability(),
         }
+
+    def _events_availability(self) -> dict[str, Any]:
+        """Whether an events dispatch can publish at all, and if not, why (``config set-mode`` says it)."""
+        if self.publisher is None:
+            why = "the orchestrator has no REDIS_URL, so it cannot publish; every dispatch goes by file only"
+            return {"events_available": False, "events_unavailable": why}
+        return {"events_available": True, "events_unavailable": None}
 
     def set_mode(self, mode: Any) -> dict[str, Any]:
         if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:
@@ -378,6 +393,21 @@ class Orchestrator(Program):
         if sent.fallback:
             answer["fallback"] = sent.fallback
         return answer
+
+    def cancel_task(self, task_id: str) -> dict[str, Any]:
+        """POST /tasks/<id>/cancel: a pending task becomes a cancelled result (spool.cancel)."""
+        from activation.spool.cancel import CannotCancel, cancel_pending
+
+        try:
+            cancelled = cancel_pending(self.spool, task_id, by="api")
+        except CannotCancel as exc:
+            raise (NotFound if exc.state is None else Conflict)(str(exc)) from None
+        self.log.info(
+            "task %s cancelled while pending",
+            task_id,
+            extra={"worker": cancelled.worker, "task_id": task_id, "event": "task_cancelled"},
+        )
+        return cancelled.as_dict()
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         for _ in range(3):  # it may move between finding it and reading it: look again

@@ -640,3 +640,47 @@ def test_orchestrator_conf_runs_it_under_supervisord(spool, run_dir, tmp_path):
         if supervisord.poll() is None:
             supervisord.kill()
             supervisord.wait(10)
+
+
+def test_get_root_lists_the_routes(start):
+    orch = start()
+    status, body = orch.call("GET", "/")
+    assert status == 200
+    routes = {(r["method"], r["path"]) for r in body["routes"]}
+    assert {("GET", "/status"), ("POST", "/tasks"), ("GET", "/tasks/<id>"), ("POST", "/dlq/<id>/retry")} <= routes
+
+
+def test_set_mode_events_without_redis_says_why(start, spool, monkeypatch):
+    orch = start()
+    monkeypatch.setenv("ACTIVATION_SPOOL", str(spool.root))
+    runner = CliRunner()
+    out = runner.invoke(activation_cli(), ["config", "set-mode", "events", "--url", orch.url])
+    assert out.exit_code == 0, out.output
+    assert "events cannot be used: the orchestrator has no REDIS_URL" in out.output
+    assert orch.config()["events_available"] is False
+    files = runner.invoke(activation_cli(), ["config", "set-mode", "files", "--url", orch.url])
+    assert "cannot be used" not in files.output
+
+
+def test_cancel_a_pending_task_over_the_api(start, spool):
+    orch = start(admin_token=TOKEN)
+    task_file(spool, "wait-1")
+    assert orch.call("POST", "/tasks/wait-1/cancel")[0] == 401
+    status, body = orch.call("POST", "/tasks/wait-1/cancel", token=TOKEN)
+    assert status == 200 and body["status"] == "cancelled"
+    status, body = orch.call("GET", "/tasks/wait-1")
+    assert body["state"] == "done" and body["result"]["status"] == "cancelled"
+    status, body = orch.call("POST", "/tasks/wait-1/cancel", token=TOKEN)
+    assert status == 409 and "already finished" in body["error"]
+    assert orch.call("POST", "/tasks/nobody/cancel", token=TOKEN)[0] == 404
+
+
+def test_the_orchestrator_applies_the_result_ttl(start, spool):
+    spool.init([W])
+    old = spool.result_path(W, "old-1")
+    atomic_write_json(old, {"task_id": "old-1", "status": "completed"})
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    atomic_write_json(spool.result_path(W, "new-1"), {"task_id": "new-1", "status": "completed"})
+    start(result_ttl=3600.0)
+    wait_for(lambda: not old.exists(), 20, 0.05, "the expired result deleted")
+    assert spool.has_result(W, "new-1")

@@ -1,0 +1,269 @@
+"""``activation tasks`` and ``activation status``: what runs, what waits, what finished or died,
+read live from the spool (spool.listing, spool.status); ``--watch`` redraws them (cli.watch)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import click
+
+from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, fail, pass_ctx, print_json
+from activation.spool.listing import STATES, Query, TaskRow, list_tasks
+from activation.spool.status import RECENT_CAP, LiveStatus, live_status
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+_STYLE = {
+    "running": "bold cyan",
+    "pending": "yellow",
+    "done": "green",
+    "failed": "bold red",
+    "timeout": "bold magenta",
+    "cancelled": "dim",
+    "dead": "red",
+}
+
+
+def _since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from activation.orchestrator.recovery import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError as exc:
+        fail(f"--since: {exc}", EXIT_USAGE)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
+
+
+def _timing(row: TaskRow) -> str:
+    if row.state == "running":
+        return f"running {_age(row.elapsed_s)}"
+    if row.duration_s is not None:
+        return f"took {row.duration_s:.1f}s" if row.duration_s >= 1 else f"took {row.duration_s:.2f}s"
+    return "-"
+
+
+def _cells(row: TaskRow, now: float) -> list[str]:
+    return [
+        row.task_id,
+        row.worker or "-",
+        row.state,
+        "-" if row.attempt is None else str(row.attempt),
+        f"{_age(now - row.since)} ago",
+        _timing(row),
+        row.detail or row.description or "",
+    ]
+
+
+HEADERS = ["TASK", "WORKER", "STATE", "ATTEMPT", "WHEN", "TIME", "DESCRIPTION / REASON"]
+
+
+def task_lines(rows: list[TaskRow], now: float) -> list[str]:
+    """A plain table: one header line and one line per task, columns padded to fit."""
+    table = [HEADERS] + [_cells(r, now) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS) - 1)]
+    lines = []
+    for line in table:
+        padded = "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True))
+        lines.append(f"{padded}  {line[-1]}".rstrip())
+    return lines
+
+
+def task_table(rows: list[TaskRow], now: float, title: str) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", expand=False)
+    for header in HEADERS:
+        table.add_column(header, overflow="fold" if header.startswith("DESC") else "ellipsis")
+    for row in rows:
+        cells = _cells(row, now)
+        table.add_row(*cells, style=_STYLE.get(row.state))
+    return table
+
+
+@click.command("tasks")
+@click.option("--worker", "workers", multiple=True, help="Only this worker's tasks; repeatable.")
+@click.option(
+    "--state", "states", multiple=True, type=click.Choice(STATES), help="Only tasks in this state; repeatable."
+)
+@click.option(
+    "--since", metavar="DURATION", help="Only tasks that arrived, started or ended within DURATION (1h, 30m, 7d)."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many rows.")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C (plain lines when not a terminal).")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch refresh, seconds."
+)
+@click.option("--count", type=click.IntRange(min=1), hidden=True, help="--watch: stop after this many refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def tasks_command(
+    obj: Context,
+    workers: tuple[str, ...],
+    states: tuple[str, ...],
+    since: str | None,
+    limit: int,
+    watch: bool,
+    interval: float,
+    count: int | None,
+    as_json: bool,
+) -> None:
+    """List tasks by state across workers: running first, then pending, then the newest finished.
+
+    Running tasks show how long they have run and their attempt.
+    """
+    spool = obj.spool
+
+    def query() -> Query:
+        return Query(workers=workers, states=states or STATES, since=_since(since), limit=limit)
+
+    if as_json:
+        print_json([r.as_dict() for r in list_tasks(spool, query())])
+        return
+
+    def plain() -> list[str]:
+        rows = list_tasks(spool, query())
+        return task_lines(rows, time.time()) if rows else [f"no tasks in {spool.root}"]
+
+    if watch:
+        from activation.cli.watch import watch as run_watch
+
+        def rich_view() -> Table:
+            return task_table(list_tasks(spool, query()), time.time(), f"tasks in {spool.root}")
+
+        run_watch(rich_view, plain, interval=interval, count=count)
+        return
+    for line in plain():
+        click.echo(line)
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def status_lines(statuses: list[LiveStatus], root: object) -> list[str]:
+    if not statuses:
+        return [f"no workers in {root}"]
+    lines = []
+    for s in statuses:
+        h = s.health
+        age = "never" if h.age_s is None else f"{h.age_s:g}s ago"
+        mark = "ok" if h.healthy else "SICK"
+        programs = " ".join(f"{name}={state}" for name, state in sorted((h.programs or {}).items())) or "programs=?"
+        task = s.current_task or "-"
+        if len(s.running) > 1:
+            task += f" (+{len(s.running) - 1} claimed)"
+        lines.append(
+            f"{h.worker:<12} {mark:<4} heartbeat {age:<10} task={task} "
+            f"queue={s.queue_size} dead_letters={h.dead_letters} {programs}"
+        )
+        recent = " ".join(f"{k}={v}" for k, v in sorted(s.recent.items())) or "none"
+        window = f"newest {RECENT_CAP} of the last hour" if s.recent_capped else "last hour"
+        results = (
+            f"results: {s.results_total} in the folder; {window}: {recent}" if s.results_total else "results: none yet"
+        )
+        lines.append(f"{'':<12} {results}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+        if h.refused:
+            lines.append(
+                f"{'':<12} refused a second tree: {h.refused.get('program')} "
+                f"on host {h.refused.get('host')} at {h.refused.get('at')}"
+            )
+    return lines
+
+
+def status_table(statuses: list[LiveStatus], root: object) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"workers in {root}", title_justify="left")
+    for header in (
+        "WORKER",
+        "HEALTH",
+        "HEARTBEAT",
+        "TASK",
+        "QUEUE",
+        "RESULTS",
+        "LAST HOUR",
+        "DEAD",
+        "PROGRAMS / PROBLEMS",
+    ):
+        table.add_column(header)
+    for s in statuses:
+        h = s.health
+        programs = " ".join(f"{n}={v}" for n, v in sorted((h.programs or {}).items())) or "?"
+        table.add_row(
+            h.worker,
+            "[green]ok[/]" if h.healthy else "[bold red]SICK[/]",
+            "never" if h.age_s is None else f"{h.age_s:g}s ago",
+            s.current_task or "-",
+            str(s.queue_size),
+            str(s.results_total),
+            " ".join(f"{k}={v}" for k, v in sorted(s.recent.items())) or "-",
+            str(h.dead_letters),
+            "; ".join(h.problems) if h.problems else programs,
+        )
+    return table
+
+
+@click.command("status")
+@click.argument("worker", required=False)
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C (plain lines when not a terminal).")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch refresh, seconds."
+)
+@click.option("--count", type=click.IntRange(min=1), hidden=True, help="--watch: stop after this many refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status_command(
+    obj: Context, worker: str | None, watch: bool, interval: float, count: int | None, as_json: bool
+) -> None:
+    """Show every worker (or WORKER), live from the spool: current task, queue, results, dead
+    letters; the heartbeat adds the programs' states and whether the worker is alive.
+
+    Exits 1 when any worker it shows is unhealthy (not with --watch), as `check` does for one.
+    """
+    spool = obj.spool
+    settings = obj.settings
+    timeout = settings.heartbeat_timeout
+    local = (settings.worker_name, settings.run_dir)
+    if worker is not None and worker not in spool.workers():
+        fail(f"no worker {worker!r} in {spool.root} (known: {', '.join(spool.workers()) or 'none'})")
+
+    def statuses() -> list[LiveStatus]:
+        return live_status(spool, timeout=timeout, worker=worker, local=local)
+
+    if as_json:
+        shown = statuses()
+        print_json([s.as_dict() for s in shown])
+        if any(not s.health.healthy for s in shown):
+            sys.exit(EXIT_FAILED)
+        return
+    if watch:
+        from activation.cli.watch import watch as run_watch
+
+        run_watch(
+            lambda: status_table(statuses(), spool.root),
+            lambda: status_lines(statuses(), spool.root),
+            interval=interval,
+            count=count,
+        )
+        return
+    shown = statuses()
+    for line in status_lines(shown, spool.root):
+        click.echo(line)
+    if any(not s.health.healthy for s in shown):
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,250 @@
+"""Task listing: every task of the spool by state (pending, running, done, failed, timeout,
+cancelled, dead), newest first, computed from the folders themselves (inbox, claims, results,
+dead letter) so that it is live and needs no index.
+
+Cost: a listing reads at most ``limit`` result files. It still lists and stats every entry of
+the results folders it must look at (a directory has no order to stop early in), which is the
+floor a plain folder allows; the retention TTL keeps that folder bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from activation.clock import iso_from_epoch
+from activation.spool.atomic import read_json
+from activation.spool.layout import Spool
+from activation.spool.task import is_task_name, task_id_of
+
+PENDING = "pending"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+DEAD = "dead"
+STATES = (PENDING, RUNNING, DONE, FAILED, TIMEOUT, CANCELLED, DEAD)
+FINISHED = (DONE, FAILED, TIMEOUT, CANCELLED)
+# A result's ``status`` and the state it lists under.
+_RESULT_STATES = {"completed": DONE, "failed": FAILED, "timeout": TIMEOUT, "cancelled": CANCELLED}
+DESCRIPTION_WIDTH = 80
+
+
+@dataclass
+class TaskRow:
+    """One task as ``activation tasks`` shows it."""
+
+    task_id: str
+    worker: str | None
+    state: str
+    since: float  # epoch: arrival (pending), claim (running), finish (results), death (dead)
+    attempt: int | None = None
+    elapsed_s: float | None = None  # running: since the claim
+    duration_s: float | None = None  # finished: the agent's run
+    exit_code: int | None = None
+    description: str | None = None
+    detail: str | None = None  # dead: the reason and its detail
+    path: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["since"] = iso_from_epoch(self.since)
+        return data
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to list. ``since`` is an epoch; only tasks whose time is at or after it are listed."""
+
+    workers: tuple[str, ...] = ()
+    states: tuple[str, ...] = STATES
+    since: float | None = None
+    limit: int | None = 50
+
+
+@dataclass
+class _Entry:
+    mtime: float
+    name: str
+    path: str
+    ctime: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _entries(folder: Path, since: float | None) -> list[_Entry]:
+    """Task files of ``folder`` with their times; one scandir and one lstat each, no reads."""
+    found: list[_Entry] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as it:
+        for entry in it:
+            if not is_task_name(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # moved on while we looked
+                continue
+            if since is not None and info.st_mtime < since:
+                continue
+            found.append(_Entry(info.st_mtime, entry.name, entry.path, info.st_ctime))
+    return found
+
+
+def _peek(path: str) -> dict[str, Any] | None:
+    try:
+        data = read_json(Path(path))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _short(text: object) -> str | None:
+    if not isinstance(text, str):
+        return None
+    line = " ".join(text.split())
+    return line if len(line) <= DESCRIPTION_WIDTH else line[: DESCRIPTION_WIDTH - 1] + "…"
+
+
+def _workers(spool: Spool, query: Query) -> list[str]:
+    return list(query.workers) if query.workers else spool.workers()
+
+
+def running(spool: Spool, query: Query, now: float) -> Iterator[TaskRow]:
+    """Claims, newest claim first. A claim is a rename, which sets the inode's ctime: that is
+    when it started (its mtime is still the task file's)."""
+    for worker in _workers(spool, query):
+        entries = _entries(spool.processing(worker), None)
+        for entry in sorted(entries, key=lambda e: e.ctime, reverse=True):
+            if query.since is not None and entry.ctime < query.since:
+                continue
+            task = _peek(entry.path) or {}
+            yield TaskRow(
+                task_id=task_id_of(entry.name),
+                worker=worker,
+                state=RUNNING,
+                since=entry.ctime,
+                attempt=(_int(task.get("attempts")) or 0) + 1,
+                elapsed_s=round(max(0.0, now - entry.ctime), 1),
+                description=_short(task.get("description")),
+                path=entry.path,
+            )
+
+
+def pending(spool: Spool, query: Query) -> Iterator[TaskRow]:
+    """The inboxes, next to run first (FIFO by arrival), stopping at the limit."""
+    for worker in _workers(spool, query):
+        entries = sorted(_entries(spool.inbox(worker), query.since), key=lambda e: (e.mtime, e.name))
+        for entry in entries[: query.limit]:
+            task = _peek(entry.path) or {}
+            yield TaskRow(
+                task_id=task_id_of(entry.name),
+                worker=worker,
+                state=PENDING,
+                since=entry.mtime,
+                attempt=(_int(task.get("attempts")) or 0) + 1,
+                description=_short(task.get("description")),
+                path=entry.path,
+            )
+
+
+def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
+    """Results of every worker, newest first; reads only as many files as it yields (plus the
+    ones whose status the query filters out)."""
+    wanted = set(query.states) & set(FINISHED)
+    if not wanted:
+        return
+    candidates: list[tuple[float, str, str, str]] = []
+    for worker in _workers(spool, query):
+        candidates.extend((e.mtime, e.name, e.path, worker) for e in _entries(spool.results(worker), query.since))
+    if wanted == set(FINISHED) and query.limit is not None:
+        ordered: Iterable[tuple[float, str, str, str]] = heapq.nlargest(query.limit, candidates)
+    else:
+        ordered = sorted(candidates, reverse=True)
+    for mtime, name, path, worker in ordered:
+        result = _peek(path)
+        if result is None:
+            continue
+        state = _RESULT_STATES.get(str(result.get("status")), FAILED)
+        if state not in wanted:
+            continue
+        yield TaskRow(
+            task_id=task_id_of(name),
+            worker=worker,
+            state=state,
+            since=mtime,
+            attempt=_int(result.get("attempts")),
+            duration_s=_float(result.get("duration_s")),
+            exit_code=_int(result.get("exit_code")),
+            description=_short(result.get("description")),
+            path=path,
+        )
+
+
+def dead(spool: Spool, query: Query) -> Iterator[TaskRow]:
+    """Dead letters, newest first, of the queried workers."""
+    entries = sorted(_entries(spool.dead_letter_dir, query.since), key=lambda e: e.mtime, reverse=True)
+    for entry in entries:
+        record = _peek(entry.path) or {}
+        worker = record.get("worker") if isinstance(record.get("worker"), str) else None
+        if query.workers and worker not in query.workers:
+            continue
+        original = record.get("task")
+        task: dict[str, Any] = original if isinstance(original, dict) else {}
+        yield TaskRow(
+            task_id=task_id_of(entry.name),
+            worker=worker,
+            state=DEAD,
+            since=entry.mtime,
+            attempt=_int(task.get("attempts")),
+            description=_short(task.get("description")),
+            detail=f"{record.get('reason')}: {record.get('detail')}",
+            path=entry.path,
+        )
+
+
+def list_tasks(spool: Spool, query: Query, *, now: float | None = None) -> list[TaskRow]:
+    """Running first, then pending (next first), then finished and dead, newest first; at most
+    ``query.limit`` rows."""
+    now = time.time() if now is None else now
+    rows: list[TaskRow] = []
+    limit = query.limit
+
+    def full() -> bool:
+        return limit is not None and len(rows) >= limit
+
+    if RUNNING in query.states:
+        for row in running(spool, query, now):
+            if full():
+                return rows
+            rows.append(row)
+    if PENDING in query.states:
+        for row in pending(spool, query):
+            if full():
+                return rows
+            rows.append(row)
+    if full():
+        return rows
+    rest = Query(query.workers, query.states, query.since, None if limit is None else limit - len(rows))
+    tail = heapq.merge(
+        finished(spool, rest), dead(spool, rest) if DEAD in query.states else iter(()), key=lambda r: -r.since
+    )
+    for row in tail:
+        if full():
+            break
+        rows.append(row)
+    return rows

@@ -1,0 +1,149 @@
+"""Result retention: deleting results older than ACTIVATION_RESULT_TTL.
+
+Two ways in: ``purge`` (``activation results purge``), one full pass; and ``Sweeper``, the
+orchestrator's periodic work, which looks at a bounded number of entries per step and rests
+between passes, so that its cost per step stays the same however many results there are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from activation.spool.layout import Spool
+from activation.spool.task import is_task_name, task_id_of
+
+log = logging.getLogger("activation.retention")
+DEFAULT_TTL = 7 * 86400.0
+SWEEP_BUDGET = 500  # entries looked at per step
+SWEEP_REST = 60.0  # seconds between the end of a pass and the next
+SWEEP_INTERVAL = 10.0  # seconds between steps: 500 lstat calls per 10 s is about 0.03 % of a core
+
+
+@dataclass(frozen=True)
+class Purged:
+    worker: str
+    task_id: str
+    path: str
+    finished: float  # the result file's mtime: when it was written
+
+    def as_dict(self) -> dict[str, object]:
+        from activation.clock import iso_from_epoch
+
+        return {
+            "worker": self.worker,
+            "task_id": self.task_id,
+            "path": self.path,
+            "finished_at": iso_from_epoch(self.finished),
+        }
+
+
+def _old(spool: Spool, worker: str, cutoff: float) -> Iterator[Purged]:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(spool.results(worker)) as it:
+        for entry in it:
+            if not is_task_name(entry.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+                if mtime < cutoff:
+                    yield Purged(worker, task_id_of(entry.name), entry.path, mtime)
+
+
+def _delete(item: Purged) -> bool:
+    try:
+        os.unlink(item.path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def purge(spool: Spool, older_than: float, *, dry_run: bool = False, now: float | None = None) -> list[Purged]:
+    """Delete every result written more than ``older_than`` seconds ago; return what went."""
+    cutoff = (time.time() if now is None else now) - older_than
+    gone = []
+    for worker in spool.workers():
+        for item in _old(spool, worker, cutoff):
+            if dry_run or _delete(item):
+                gone.append(item)
+    if gone and not dry_run:
+        log.info("purged %d results older than %gs", len(gone), older_than, extra={"event": "results_purged"})
+    return gone
+
+
+class Sweeper:
+    """Applies the TTL a bounded step at a time: ``step()`` looks at most ``budget`` entries,
+    at most once per ``interval`` seconds, so its cost per second is fixed whatever the history.
+
+    A pass walks every worker's results folder once, resumably; then the sweeper rests for
+    ``rest`` seconds. Results are never rewritten, so a pass finds every expired one.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        ttl: float,
+        *,
+        budget: int = SWEEP_BUDGET,
+        rest: float = SWEEP_REST,
+        interval: float = SWEEP_INTERVAL,
+    ) -> None:
+        self.spool, self.ttl, self.budget, self.rest, self.interval = spool, ttl, budget, rest, interval
+        self._next_step = 0.0
+        self._workers: list[str] = []
+        self._entries: Iterator[os.DirEntry[str]] | None = None
+        self._worker: str | None = None
+        self._resume_at = 0.0
+        self.deleted = 0
+
+    def step(self, now: float | None = None) -> int:
+        """Look at up to ``budget`` entries; returns how many results it deleted."""
+        now = time.time() if now is None else now
+        if now < self._next_step:
+            return 0
+        self._next_step = now + self.interval
+        if self._entries is None and not self._workers:
+            if now < self._resume_at:
+                return 0
+            self._workers = self.spool.workers()
+        cutoff, looked, deleted = now - self.ttl, 0, 0
+        while looked < self.budget:
+            if self._entries is None:
+                if not self._workers:
+                    self._resume_at = now + self.rest
+                    break
+                self._worker = self._workers.pop(0)
+                try:
+                    self._entries = iter(os.scandir(self.spool.results(self._worker)))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+            entry = next(self._entries, None)
+            if entry is None:
+                self._close()
+                continue
+            looked += 1
+            if not is_task_name(entry.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+                if mtime < cutoff and _delete(Purged(self._worker or "", task_id_of(entry.name), entry.path, mtime)):
+                    deleted += 1
+        if deleted:
+            self.deleted += deleted
+            log.info(
+                "retention deleted %d results older than %gs", deleted, self.ttl, extra={"event": "results_expired"}
+            )
+        return deleted
+
+    def _close(self) -> None:
+        closer = getattr(self._entries, "close", None)
+        if closer is not None:
+            closer()
+        self._entries = None
+
+    def close(self) -> None:
+        self._close()
+        self._workers = []

@@ -1,0 +1,347 @@
+"""``activation tasks``, ``status``, ``results purge``, ``where``: the CLI against a real spool
+folder (CliRunner), with tasks placed where the executor and the listener would put them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from activation.cli import main
+from activation.spool.atomic import atomic_write_json
+from activation.spool.layout import Spool
+from activation.spool.listing import Query, list_tasks
+from activation.spool.retention import Sweeper, purge
+
+DAY = 86400.0
+
+
+def _result(spool: Spool, worker: str, task_id: str, status: str, *, age: float = 0.0, **fields: object) -> Path:
+    path = spool.result_path(worker, task_id)
+    record = {
+        "task_id": task_id,
+        "worker": worker,
+        "status": status,
+        "attempts": 1,
+        "duration_s": 0.5,
+        "exit_code": 0 if status == "completed" else 1,
+        "description": f"do {task_id}",
+        **fields,
+    }
+    atomic_write_json(path, record)
+    if age:
+        stamp = time.time() - age
+        os.utime(path, (stamp, stamp))
+    return path
+
+
+def _pending(spool: Spool, worker: str, task_id: str, **fields: object) -> Path:
+    path = spool.task_path(worker, task_id)
+    atomic_write_json(path, {"task_id": task_id, "description": f"do {task_id}", **fields})
+    return path
+
+
+def _claimed(spool: Spool, worker: str, task_id: str, attempts: int = 0) -> Path:
+    _pending(spool, worker, task_id, attempts=attempts)
+    claim = spool.claim(worker, task_id)
+    assert claim is not None
+    return claim
+
+
+@pytest.fixture
+def cli(spool: Spool, monkeypatch: pytest.MonkeyPatch):
+    spool.init(["marie", "anga"])
+    monkeypatch.setenv("ACTIVATION_SPOOL", str(spool.root))
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_tasks_lists_every_state_with_a_header(spool, cli):
+    _claimed(spool, "marie", "fix-42", attempts=1)
+    _pending(spool, "anga", "next-1")
+    _result(spool, "marie", "ok-1", "completed")
+    _result(spool, "anga", "bad-1", "failed")
+    _result(spool, "anga", "slow-1", "timeout")
+    _result(spool, "anga", "stop-1", "cancelled")
+    (spool.dead_letter_dir / "gone-1.json").write_text(
+        json.dumps(
+            {
+                "task_id": "gone-1",
+                "worker": "marie",
+                "reason": "max_attempts",
+                "detail": "3 attempts",
+                "dead_at": "2026-01-01T00:00:00+00:00",
+                "task": {"task_id": "gone-1", "description": "x"},
+            }
+        )
+    )
+    out = cli("tasks")
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split()[:4] == ["TASK", "WORKER", "STATE", "ATTEMPT"]
+    states = {line.split()[0]: line.split()[2] for line in lines[1:]}
+    assert states == {
+        "fix-42": "running",
+        "next-1": "pending",
+        "ok-1": "done",
+        "bad-1": "failed",
+        "slow-1": "timeout",
+        "stop-1": "cancelled",
+        "gone-1": "dead",
+    }
+    assert lines[1].startswith("fix-42"), "running tasks come first"
+    running = lines[1].split()
+    assert running[3] == "2" and "running" in lines[1], "attempt is the claim's attempts + 1, with the elapsed time"
+    assert "max_attempts: 3 attempts" in out.output
+
+
+def test_tasks_state_failed_since_1h(spool, cli):
+    _result(spool, "marie", "old-fail", "failed", age=2 * 3600)
+    _result(spool, "marie", "new-fail", "failed", age=60)
+    _result(spool, "marie", "new-ok", "completed", age=60)
+    out = cli("tasks", "--state", "failed", "--since", "1h", "--json")
+    assert out.exit_code == 0, out.output
+    assert [(r["task_id"], r["state"]) for r in json.loads(out.output)] == [("new-fail", "failed")]
+
+
+def test_tasks_worker_filter_and_limit_newest_first(spool, cli):
+    for i in range(5):
+        _result(spool, "marie", f"m{i}", "completed", age=100 - i)
+    _result(spool, "anga", "a0", "completed")
+    rows = json.loads(cli("tasks", "--worker", "marie", "--limit", "3", "--json").output)
+    assert [r["task_id"] for r in rows] == ["m4", "m3", "m2"]
+
+
+def test_tasks_bad_since_is_one_line(cli):
+    out = cli("tasks", "--since", "soon")
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "--since" in out.output
+
+
+def test_tasks_reads_at_most_limit_results(spool, monkeypatch):
+    spool.init(["marie"])
+    for i in range(300):
+        _result(spool, "marie", f"t{i:04d}", "completed", age=1000 - i)
+    import activation.spool.listing as listing
+
+    reads = []
+    real = listing.read_json
+    monkeypatch.setattr(listing, "read_json", lambda p: reads.append(p) or real(p))
+    rows = list_tasks(spool, Query(limit=10))
+    assert [r.task_id for r in rows] == [f"t{i:04d}" for i in range(299, 289, -1)]
+    assert len(reads) == 10
+
+
+def test_status_is_live_from_the_spool_without_a_heartbeat_lag(spool, cli):
+    # The heartbeat says the worker is idle with nothing done; the spool says otherwise.
+    atomic_write_json(
+        spool.heartbeat_path("marie"),
+        {
+            "worker": "marie",
+            "epoch": time.time(),
+            "state": "running",
+            "current_task": None,
+            "queue_size": 0,
+            "counts": {},
+            "programs": {"listener": "RUNNING", "executor": "RUNNING", "heartbeat": "RUNNING"},
+        },
+    )
+    _claimed(spool, "marie", "fix-42")
+    _pending(spool, "marie", "next-1")
+    _pending(spool, "marie", "next-2")
+    _result(spool, "marie", "ok-1", "completed")
+    _result(spool, "marie", "ok-2", "failed")
+    out = cli("status", "marie")
+    assert out.exit_code == 0, out.output
+    assert "task=fix-42" in out.output and "queue=2" in out.output
+    assert "none yet" not in out.output and "results: 2" in out.output
+    assert "done=1" in out.output and "failed=1" in out.output
+    (data,) = json.loads(cli("status", "marie", "--json").output)
+    assert data["current_task"] == "fix-42" and data["queue_size"] == 2 and data["results_total"] == 2
+    assert data["healthy"] is True and data["programs"]["executor"] == "RUNNING"
+    assert data["heartbeat_current_task"] is None
+
+
+def test_status_unknown_worker_is_one_line(cli):
+    out = cli("status", "nobody")
+    assert out.exit_code == 1 and "no worker 'nobody'" in out.output
+
+
+def test_watch_prints_plain_snapshots_when_not_a_terminal(spool, cli):
+    _pending(spool, "marie", "next-1")
+    out = cli("tasks", "--watch", "--interval", "0.1", "--count", "2")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("-- 20") == 2 and out.output.count("\nnext-1 ") == 2
+    status = cli("status", "--watch", "--interval", "0.1", "--count", "2")
+    assert status.exit_code == 0 and status.output.count("-- 20") == 2 and "\x1b[" not in status.output
+
+
+def test_rich_is_not_imported_without_watch(spool, cli):
+    import sys
+
+    sys.modules.pop("rich", None)
+    sys.modules.pop("rich.live", None)
+    cli("tasks")
+    cli("status")
+    assert "rich.live" not in sys.modules
+
+
+def test_results_purge_keeps_the_last_7_days(spool, cli):
+    _result(spool, "marie", "old", "completed", age=8 * DAY)
+    _result(spool, "anga", "older", "failed", age=30 * DAY)
+    _result(spool, "marie", "recent", "completed", age=6 * DAY)
+    dry = cli("results", "purge", "--older-than", "7d", "--dry-run", "--json")
+    assert sorted(p["task_id"] for p in json.loads(dry.output)["purged"]) == ["old", "older"]
+    assert spool.has_result("marie", "old")
+    done = cli("results", "purge", "--older-than", "7d")
+    assert done.exit_code == 0 and "2 result(s) deleted" in done.output
+    assert not spool.has_result("marie", "old") and not spool.has_result("anga", "older")
+    assert spool.has_result("marie", "recent")
+
+
+def test_sweeper_applies_the_ttl_a_bounded_step_at_a_time(spool):
+    spool.init(["marie"])
+    for i in range(25):
+        _result(spool, "marie", f"old{i}", "completed", age=8 * DAY)
+    _result(spool, "marie", "recent", "completed", age=DAY)
+    sweeper = Sweeper(spool, 7 * DAY, budget=10, rest=3600, interval=0)
+    now = time.time()
+    steps = [sweeper.step(now) for _ in range(3)]  # 26 entries, 10 looked at per step
+    assert sum(steps) == 25 and all(0 < n <= 10 for n in steps), steps
+    assert sweeper.step(now) == 0  # resting after a full pass: no scan at all
+    assert spool.has_result("marie", "recent") and sweeper.deleted == 25
+    _result(spool, "marie", "later", "completed", age=8 * DAY)
+    assert sweeper.step(now + 3601) == 1
+
+
+def test_purge_and_sweeper_ignore_dot_files(spool):
+    spool.init(["marie"])
+    tmp = spool.results("marie") / ".tmp_x.json"
+    tmp.write_text("{}")
+    os.utime(tmp, (0, 0))
+    assert purge(spool, DAY) == []
+    assert tmp.exists()
+
+
+def test_where_names_the_spool_and_its_source(spool, cli):
+    out = cli("where")
+    assert out.exit_code == 0 and str(spool.root) in out.output and "ACTIVATION_SPOOL" in out.output
+
+
+def test_cli_finds_the_project_spool_by_walking_up(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    Spool(project / "var" / "spool").init(["marie"])
+    deep = project / "src" / "deep"
+    deep.mkdir(parents=True)
+    monkeypatch.delenv("ACTIVATION_SPOOL", raising=False)
+    monkeypatch.chdir(deep)
+    out = CliRunner().invoke(main, ["where", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["spool"] == str(project / "var" / "spool") and "walking up" in data["source"]
+
+
+def test_cli_never_reports_on_a_stray_spool(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACTIVATION_SPOOL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args in (["tasks"], ["status"], ["dispatch", "marie", "hello"]):
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 1 and "no spool here" in out.output, (args, out.output)
+    assert not (tmp_path / "var").exists()
+
+
+def _dead(spool: Spool, task_id: str, **task: object) -> None:
+    record = {
+        "task_id": task_id,
+        "worker": "marie",
+        "reason": "invalid_field",
+        "detail": "timeout too large",
+        "dead_at": "2026-01-01T00:00:00+00:00",
+        "source": "x",
+        "task": {"task_id": task_id, "description": "old words", **task},
+    }
+    atomic_write_json(spool.dead_letter_path(task_id), record)
+
+
+def test_dlq_list_has_a_header_and_show_is_readable(spool, cli):
+    _dead(spool, "fix-7", timeout=10, metadata={"team": "a"})
+    listed = cli("dlq", "list").output.splitlines()
+    assert listed[0].split()[:3] == ["ID", "WORKER", "REASON"] and listed[1].startswith("fix-7")
+    shown = cli("dlq", "show", "fix-7").output
+    for line in (
+        "reason:       invalid_field: timeout too large",
+        "timeout:      10 s",
+        "metadata:     team=a",
+        "description:  old words",
+    ):
+        assert line in shown, shown
+
+
+def test_dlq_retry_fixes_the_task_and_keeps_its_id(spool, cli):
+    _dead(spool, "fix-7", timeout=10, metadata={"team": "a"})
+    out = cli("dlq", "retry", "fix-7", "--description", "new words", "--timeout", "5", "--meta", "ticket=42")
+    assert out.exit_code == 0, out.output
+    shown = json.loads(cli("show", "fix-7", "--json").output)
+    assert shown["state"] == "pending" and shown["worker"] == "marie"
+    task = shown["record"]
+    assert task["task_id"] == "fix-7" and task["description"] == "new words" and task["timeout"] == 5
+    assert task["metadata"] == {"team": "a", "ticket": "42"}
+    assert task["history"][0]["was"] == {"description": "old words", "timeout": 10, "metadata": {"team": "a"}}
+    assert task["history"][-1]["reason"] == "invalid_field"
+
+
+def test_dlq_retry_refuses_a_fix_that_breaks_the_contract(spool, cli):
+    _dead(spool, "fix-8")
+    out = cli("dlq", "retry", "fix-8", "--description", "   ")
+    assert out.exit_code == 1 and "still invalid" in out.output
+    assert json.loads(cli("show", "fix-8", "--json").output)["state"] == "dead"
+    assert cli("dlq", "retry", "--all", "--timeout", "3").exit_code == 2
+
+
+def test_cancel_a_pending_task_gives_a_cancelled_result(spool, cli):
+    _pending(spool, "marie", "later-1", metadata={"k": "v"})
+    out = cli("cancel", "later-1")
+    assert out.exit_code == 0 and "later-1: cancelled" in out.output
+    assert not spool.task_path("marie", "later-1").exists()
+    assert not spool.claim_path("marie", "later-1").exists()
+    result = json.loads(spool.result_path("marie", "later-1").read_text())
+    assert result["status"] == "cancelled" and result["metadata"] == {"k": "v"} and result["started_at"] is None
+    rows = json.loads(cli("tasks", "--state", "cancelled", "--json").output)
+    assert [r["task_id"] for r in rows] == ["later-1"]
+
+
+def test_cancel_refuses_what_is_not_pending_in_one_line(spool, cli):
+    _claimed(spool, "marie", "busy-1")
+    _result(spool, "marie", "over-1", "completed")
+    for task_id, words in (("busy-1", "running"), ("over-1", "already finished"), ("nope", "no task")):
+        out = cli("cancel", task_id)
+        assert out.exit_code == 1 and words in out.output and out.output.count("\n") == 1, out.output
+    assert spool.claim_path("marie", "busy-1").exists()
+
+
+def test_sweeper_steps_at_most_once_per_interval(spool):
+    spool.init(["marie"])
+    _result(spool, "marie", "old-a", "completed", age=8 * DAY)
+    sweeper = Sweeper(spool, 7 * DAY, interval=10)
+    now = time.time()
+    _result(spool, "marie", "old-b", "completed", age=8 * DAY)
+    assert sweeper.step(now) == 2
+    _result(spool, "marie", "old-c", "completed", age=8 * DAY)
+    assert sweeper.step(now + 5) == 0 and spool.has_result("marie", "old-c")
+
+
+def test_status_counts_at_most_the_newest_cap_of_the_last_hour(spool, cli, monkeypatch):
+    import activation.spool.status as status
+
+    monkeypatch.setattr(status, "RECENT_CAP", 3)
+    for i in range(5):
+        _result(spool, "marie", f"r{i}", "completed", age=60 - i)
+    (data,) = json.loads(cli("status", "marie", "--json").output)
+    assert data["results_total"] == 5 and data["recent_counts"] == {"done": 3} and data["recent_capped"] is True
