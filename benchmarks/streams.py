@@ -1,5 +1,5 @@
 """Probe 7: the Redis Streams transport (XADD to agent start across network namespaces; throughput
-with 1, 2 and 4 replicas). Not wired yet: another engineer is building it (issue 10).
+with 1, 2 and 4 replicas). Not wired yet: another engineer is building it (issue 12).
 """
 
 from __future__ import annotations
