@@ -349,6 +349,19 @@ class RedisServer:
         self.start()
 
 
+def tree_queue_key(tree: WorkerTree) -> bytes | None:
+    """The queue key activation.supervise gave the tree's programs (in their environment, where only
+    root may read it), or None when they use the key file."""
+    try:
+        environ = Path(f"/proc/{tree.pid('listener')}/environ").read_bytes()
+    except (OSError, ValueError):
+        return None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(b"ACTIVATION_QUEUE_KEY="):
+            return bytes.fromhex(entry.split(b"=", 1)[1].decode())
+    return None
+
+
 def listener_rescans(tree: WorkerTree) -> int:
     """How many reconcile scans the tree's listener has done, asked over its queue socket (0: unknown).
 
@@ -357,7 +370,7 @@ def listener_rescans(tree: WorkerTree) -> int:
     from activation.errors import QueueError
     from activation.worker.queue import QueueClient, load_authkey, socket_path
 
-    client = QueueClient(socket_path(tree.run_dir), load_authkey(tree.run_dir))
+    client = QueueClient(socket_path(tree.run_dir), load_authkey(tree.run_dir, tree_queue_key(tree)))
     try:
         return int(client.stats().get("rescans") or 0)
     except QueueError:

@@ -89,7 +89,12 @@ class Heartbeat(Program):
         except OSError as exc:
             error = f"cannot serve metrics on :{port}: {exc.strerror or exc}"
             if error != self._metrics_error:
-                self.log.error("%s; retrying every %gs", error, METRICS_RETRY, extra={"event": "metrics_down"})
+                self.log.error(
+                    "%s; set ACTIVATION_METRICS_PORT to move it; the worker runs on, retrying every %gs",
+                    error,
+                    METRICS_RETRY,
+                    extra={"event": "metrics_down"},
+                )
             self._metrics_error = error
             self._metrics_retry_at = time.monotonic() + METRICS_RETRY
             return
