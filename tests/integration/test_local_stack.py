@@ -124,7 +124,7 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
             time.sleep(0.05)
         up.send_signal(signal.SIGINT)
         rest = up.communicate(timeout=90)[1].decode(errors="replace")
-        assert "activation: stopping: draining w1's task long-1, up to 50 s" in rest, rest[-3000:]
+        assert "activation: stopping: draining w1's task long-1, up to 45 s" in rest, rest[-3000:]
         assert "activation: stopped; no task left pending" in rest, rest[-3000:]
     finally:
         up.send_signal(signal.SIGINT)
