@@ -78,7 +78,7 @@ def test_a_description_the_template_cannot_carry_is_dead_lettered_with_a_reason(
 
 def test_a_missing_agent_binary_keeps_300_tasks_waiting_while_check_says_why(make_tree, tmp_path: Path) -> None:
     agent = tmp_path / "bin" / "agent"
-    tree: WorkerTree = make_tree(agent=f"{agent} -p {{description}}", ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
+    tree: WorkerTree = make_tree(agent=f"{agent} -p -- {{description}}", ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
     said = wait_unhealthy(tree, "executor degraded")  # before any task: the preflight sees it
     assert str(agent) in said and "does not exist" in said
     ids = [f"backlog-{i:03d}" for i in range(300)]
@@ -101,7 +101,7 @@ def test_a_missing_agent_binary_keeps_300_tasks_waiting_while_check_says_why(mak
 
 
 def test_an_agent_that_fails_every_task_at_once_backs_off_and_check_says_why(make_tree) -> None:
-    tree: WorkerTree = make_tree(agent="false {description}", ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
+    tree: WorkerTree = make_tree(agent="false -- {description}", ACTIVATION_HEARTBEAT_INTERVAL=str(INTERVAL))
     for i in range(300):
         tree.write_task(f"doomed-{i:03d}", "x")
     said = wait_unhealthy(tree, "executor degraded: the agent failed")
