@@ -194,7 +194,7 @@ def test_prometheus_scrapes_every_worker_and_the_orchestrator(stack: Stack):
 
 
 def test_the_streams_variant_scaled_to_two_marie_does_50_tasks_once_each():
-    pytest.skip("pending: the Redis Streams transport (issue 12) is not wired into the worker tree yet; see README, compose section")
+    pytest.skip("pending: the Redis Streams transport (issue 12) is not wired into the worker tree yet; see README")
 
 
 # -- 8. rebuilds ----------------------------------------------------------------------------------
