@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, fail, pass_ctx, print_json
+from activation.cli.watch import watch_options
 from activation.spool.listing import STATES, Query, TaskRow, list_tasks
 from activation.spool.status import RECENT_CAP, LiveStatus, live_status
 
@@ -106,11 +107,7 @@ def task_table(rows: list[TaskRow], now: float, title: str) -> Table:
     "--since", metavar="DURATION", help="Only tasks that arrived, started or ended within DURATION (1h, 30m, 7d)."
 )
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many rows.")
-@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C (plain lines when not a terminal).")
-@click.option(
-    "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch refresh, seconds."
-)
-@click.option("--count", type=click.IntRange(min=1), hidden=True, help="--watch: stop after this many refreshes.")
+@watch_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
 def tasks_command(
@@ -221,11 +218,7 @@ def status_table(statuses: list[LiveStatus], root: object) -> Table:
 
 @click.command("status")
 @click.argument("worker", required=False)
-@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C (plain lines when not a terminal).")
-@click.option(
-    "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch refresh, seconds."
-)
-@click.option("--count", type=click.IntRange(min=1), hidden=True, help="--watch: stop after this many refreshes.")
+@watch_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
 def status_command(

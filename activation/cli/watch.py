@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from activation.clock import iso_now
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -18,6 +20,25 @@ if TYPE_CHECKING:
 # A view is built twice: as a rich renderable for the terminal, as plain lines for a pipe.
 RichView = Callable[[], "RenderableType"]
 PlainView = Callable[[], list[str]]
+
+
+def watch_options(command: F) -> F:
+    """``--watch``, ``--interval`` and (hidden, for tests) ``--count``: one copy for every live view."""
+    for option in reversed(
+        (
+            click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C (plain lines off a terminal)."),
+            click.option(
+                "--interval",
+                type=click.FloatRange(min=0.1),
+                default=2.0,
+                show_default=True,
+                help="--watch refresh, seconds.",
+            ),
+            click.option("--count", type=click.IntRange(min=1), hidden=True, help="--watch: stop after N refreshes."),
+        )
+    ):
+        command = option(command)
+    return command
 
 
 def watch(rich_view: RichView, plain_view: PlainView, *, interval: float, count: int | None = None) -> None:
