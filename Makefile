@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -11,9 +12,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help: ## list every target and what it does
 	@awk -F':.*## ' '/^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): setup.cfg pyproject.toml
+# `make up` needs only what running needs; the dev tools (pytest, ruff, mypy, ...) come with the
+# targets that test or lint.
+$(RUNTIME_STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
@@ -81,10 +88,10 @@ stack-down: ## take the compose stack down
 
 # Restart every worker's programs gracefully, one worker at a time: the local stack of `make up`
 # when it runs, else the compose stack (COMPOSE="docker compose --env-file .env.production").
-restart-workers: $(STAMP) ## restart every worker gracefully, one at a time (WORKERS=...)
+restart-workers: $(RUNTIME_STAMP) ## restart every worker gracefully, one at a time (WORKERS=...)
 	$(BIN)/python scripts/restart-workers $(WORKERS)
 
-up: $(STAMP) ## run a local stack in the foreground (workers marie, anga, fabien + orchestrator)
+up: $(RUNTIME_STAMP) ## run a local stack in the foreground (workers marie, anga, fabien + orchestrator)
 	$(BIN)/activation up
 
 lint: $(STAMP) ## ruff and mypy

@@ -150,6 +150,25 @@ def test_make_help_lists_every_target():
     assert targets <= listed, targets - listed
 
 
+def test_make_up_installs_only_what_running_needs(tmp_path):
+    """On a fresh clone (no .venv), `make up` installs the package alone; the dev extra comes with test."""
+    root = Path(__file__).resolve().parents[2]
+
+    def planned(target: str) -> str:
+        # -n prints the recipe without running it; VENV points at a folder that does not exist.
+        venv = tmp_path / "no-venv"
+        out = subprocess.run(
+            ["make", "-n", target, f"VENV={venv}"], cwd=root, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    up = planned("up")
+    assert "pip install --quiet -e ." in up
+    assert "[dev]" not in up
+    assert "[dev]" in planned("check")
+
+
 def test_a_closed_pipe_is_no_error(tmp_path):
     from activation.spool.atomic import atomic_write_json
     from activation.spool.layout import Spool
