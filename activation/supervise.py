@@ -29,6 +29,10 @@ def main(argv: list[str]) -> int:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     if not os.environ.get(QUEUE_KEY_VARIABLE):
         os.environ[QUEUE_KEY_VARIABLE] = secrets.token_hex(32)  # every program gets it from supervisord
+    if os.getuid() == 0 and not any(arg in ("-u", "--user") or arg.startswith("--user=") for arg in argv):
+        # Naming the user it already runs as drops nothing, and spares every start supervisord's
+        # CRIT "running as root" line: a container's PID 1 runs as root on purpose.
+        argv = ["--user=root", *argv]
     from supervisor import supervisord
 
     supervisord.main(args=argv)

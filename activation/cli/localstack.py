@@ -200,6 +200,11 @@ def _draining(spool: Spool, workers: list[str], drain_timeout: float) -> str:
     return f"draining {', '.join(running)}, up to {drain_timeout:g} s"
 
 
+# supervisord's CRIT at every start, for a socket without a password. Ours is a Unix socket in the
+# private run folder (chmod 0700), reachable only by its own uid, so the terminal is spared it.
+UNAUTHENTICATED_SOCKET = b"running without any HTTP authentication checking"
+
+
 def _tee(name: str, child: subprocess.Popen[bytes], log: Path) -> None:
     """Copy a supervisord's output to the terminal, each line naming its tree, and to var/log/."""
     assert child.stdout is not None
@@ -208,6 +213,8 @@ def _tee(name: str, child: subprocess.Popen[bytes], log: Path) -> None:
         for line in iter(child.stdout.readline, b""):
             file.write(line)
             file.flush()
+            if UNAUTHENTICATED_SOCKET in line:
+                continue  # the log keeps it; supervisor_conf says why the socket needs no password
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.buffer.write(prefix + line)
                 sys.stderr.buffer.flush()

@@ -34,6 +34,7 @@ from activation.spool.retention import Sweeper
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
 MAX_WAIT = 1.0  # the longest one loop step sleeps, so a stop is noticed promptly
+HEALTH_LOG_GRACE = 5.0  # seconds of trouble before the log warns (status says it at once)
 STATE_FILE = Path("orchestrator") / "state.json"  # under the spool root: survives a restart
 TASK_FIELDS = ("worker", "description", "task_id", "timeout", "metadata")
 
@@ -131,7 +132,10 @@ class Orchestrator(Program):
         self._mode_lock = threading.Lock()
         self._mode = settings.orchestrator_mode
         self._snapshot = Snapshot()  # replaced whole by the loop; request threads only read it
-        self._unhealthy: set[str] = set()
+        self._unhealthy: set[str] = set()  # workers whose trouble was logged
+        self._unhealthy_since: dict[str, float] = {}  # worker -> when this spell of trouble began
+        # Longer than a tree's start or stop (a sibling STARTING, the listener not serving yet).
+        self._health_grace = max(HEALTH_LOG_GRACE, 2 * settings.heartbeat_interval)
         self._refusals: dict[str, Any] = {}  # worker -> "at" of the last refusal logged
         self._refreshed = False
         self._next_refresh = 0.0
@@ -231,14 +235,30 @@ class Orchestrator(Program):
         return snapshot
 
     def _note_health(self, worker: str, healthy: bool, problems: list[str]) -> None:
-        """Log a worker's health when it changes, not on every refresh."""
+        """Log a worker's health when it changes, not on every refresh.
+
+        Every start and stop of a tree has a few seconds in which its heartbeat honestly reports
+        a sibling not up yet (or gone already): status says so at once, but the log warns only
+        about trouble that outlasts that, and a clean stop is news, not trouble.
+        """
         extra = {"worker": worker, "event": "worker_health"}
-        if not healthy and worker not in self._unhealthy:
+        now = self.clock.monotonic()
+        if healthy:
+            self._unhealthy_since.pop(worker, None)
+            if worker in self._unhealthy:
+                self._unhealthy.discard(worker)
+                self.log.info("worker %s healthy again", worker, extra=extra)
+            return
+        if worker in self._unhealthy:
+            return
+        if problems == ["stopped"]:
+            self._unhealthy.add(worker)
+            self.log.info("worker %s stopped", worker, extra=extra)
+            return
+        since = self._unhealthy_since.setdefault(worker, now)
+        if now - since >= self._health_grace:
             self._unhealthy.add(worker)
             self.log.warning("worker %s unhealthy: %s", worker, "; ".join(problems) or "not alive", extra=extra)
-        elif healthy and worker in self._unhealthy:
-            self._unhealthy.discard(worker)
-            self.log.info("worker %s healthy again", worker, extra=extra)
 
     def healths(self, dead_letters: dict[str | None, int] | None = None) -> list[WorkerHealth]:
         """Every worker's health, its heartbeat's age as this orchestrator saw it change."""

@@ -46,6 +46,7 @@ from activation.worker.supervision import check_drain_fits
 
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
+QUEUE_OUTAGE_GRACE = 5.0  # seconds without the listener before it is worth a WARNING
 SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held result
 RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
@@ -132,7 +133,8 @@ class Executor(Program):
         self._environ = dict(settings.environ if environ is None else environ)
         self._client: WorkQueueClient | None = None
         self._drain_deadline: float | None = None
-        self._queue_down = False
+        self._queue_down = False  # an outage longer than QUEUE_OUTAGE_GRACE, said in the log
+        self._queue_down_since: float | None = None
         self._backoff = 0.0
         self._done = DoneEvents(settings.redis_url, self.worker, self.log) if settings.redis_url else None
         # Names this executor's agents (their cgroup, their marker) without naming the run folder.
@@ -198,9 +200,10 @@ class Executor(Program):
         except QueueError as exc:
             self._queue_unreachable(exc)
             return
-        if self._queue_down:
-            self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
-            self._queue_down, self._backoff = False, 0.0
+        if self._queue_down_since is not None:
+            if self._queue_down:
+                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
+            self._queue_down, self._queue_down_since, self._backoff = False, None, 0.0
         if item is not None:
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
         else:
@@ -228,11 +231,17 @@ class Executor(Program):
         return deadline is not None and time.monotonic() >= deadline
 
     def _queue_unreachable(self, exc: QueueError) -> None:
-        # The listener is down or restarting: say so once per outage, not once per attempt.
-        if not self._queue_down:
+        # The listener is down or restarting: say so once per outage, not once per attempt, and
+        # only once it outlasts a listener's normal start or stop (the executor starts first and
+        # stops last, so every start and stop has a short outage of this kind).
+        now = time.monotonic()
+        if self._queue_down_since is None:
+            self._queue_down_since = now
+        if not self._queue_down and now - self._queue_down_since >= QUEUE_OUTAGE_GRACE:
             self._queue_down = True
             self.log.warning(
-                "work queue unreachable (%s); retrying until the listener is back",
+                "work queue unreachable for %.0f s (%s); retrying until the listener is back",
+                now - self._queue_down_since,
                 exc,
                 extra={"worker": self.worker, "event": "queue_down"},
             )

@@ -126,6 +126,13 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
         rest = up.communicate(timeout=90)[1].decode(errors="replace")
         assert "activation: stopping: draining w1's task long-1, up to 45 s" in rest, rest[-3000:]
         assert "activation: stopped; no task left pending" in rest, rest[-3000:]
+        # A normal start and stop (with a drain) prints no CRIT line, and no WARNING of ours.
+        noise = [
+            line
+            for line in [*seen, *rest.splitlines()]
+            if " CRIT " in line or (" WARNING " in line and "activation." in line)
+        ]
+        assert noise == [], "\n".join(noise)
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -287,8 +287,9 @@ def quiet_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_loop_runs_queued_tasks_and_logs_an_outage_once(
-    spool: Spool, make_executor, caplog: pytest.LogCaptureFixture, quiet_backoff: None
+    spool: Spool, make_executor, caplog: pytest.LogCaptureFixture, quiet_backoff: None, monkeypatch
 ) -> None:
+    monkeypatch.setattr(executor_module, "QUEUE_OUTAGE_GRACE", 0.0)  # every outage is long enough
     put_task(spool, "queued", "x")
     down = QueueError("cannot reach the work queue")
     stub = StubQueue([down, down, down, Item("queued", "redis"), None])
@@ -303,6 +304,22 @@ def test_loop_runs_queued_tasks_and_logs_an_outage_once(
     assert read_json(spool.result_path(WORKER, "queued"))["source"] == "redis"
     executor.shutdown()
     assert stub.closed and executor._client is None
+
+
+def test_an_outage_as_short_as_a_listener_start_is_no_warning(
+    spool: Spool, make_executor, caplog: pytest.LogCaptureFixture, quiet_backoff: None
+) -> None:
+    # The executor starts before the listener and stops after it: a normal start or stop.
+    down = QueueError("cannot reach the work queue")
+    stub = StubQueue([down, down, None])
+    executor = make_executor()
+    executor._client = stub
+    with caplog.at_level(logging.DEBUG, logger="activation.executor"):
+        for _ in range(3):
+            executor.loop()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert executor._queue_down_since is None  # the outage is over, and forgotten
+    executor.shutdown()
 
 
 def test_json_mode_exit_0_without_an_envelope_is_failed(make_settings, spool) -> None:
