@@ -30,6 +30,7 @@ from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
 from activation.spool.retention import Sweeper
+from activation.transport.pubsub import EventsError
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
@@ -334,6 +335,13 @@ class Orchestrator(Program):
         """Whether an events dispatch can publish at all, and if not, why (``config set-mode`` says it)."""
         if self.publisher is None:
             why = "the orchestrator has no REDIS_URL, so it cannot publish; every dispatch goes by file only"
+            return {"events_available": False, "events_unavailable": why}
+        try:
+            # The link's backoff keeps this cheap in an outage: no new connect until it is due.
+            with self._publish_lock:
+                self.publisher.check()
+        except EventsError as exc:
+            why = f"REDIS_URL is set but Redis does not answer ({exc}); dispatches go by file until it does"
             return {"events_available": False, "events_unavailable": why}
         return {"events_available": True, "events_unavailable": None}
 

@@ -662,6 +662,20 @@ def test_set_mode_events_without_redis_says_why(start, spool, monkeypatch):
     assert "cannot be used" not in files.output
 
 
+def test_config_get_blames_an_unreachable_redis_not_a_missing_url(start, spool, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    orch = start(redis_url=f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("ACTIVATION_SPOOL", str(spool.root))
+    out = CliRunner().invoke(activation_cli(), ["config", "get", "--url", orch.url])
+    assert out.exit_code == 0, out.output
+    assert "events           unavailable: REDIS_URL is set but Redis does not answer" in out.output
+    assert "no REDIS_URL" not in out.output and f"127.0.0.1:{port}" in out.output
+
+
 def test_cancel_a_pending_task_over_the_api(start, spool):
     orch = start(admin_token=TOKEN)
     task_file(spool, "wait-1")
