@@ -35,10 +35,17 @@ FAKE_AGENT = PACKAGE_DIR / "fake_agent.py"
 DEFAULT_AGENT = "claude"
 
 
+# With the real claude and no ACTIVATION_AGENT_COMMAND of the user's: the JSON envelope (cost,
+# turns, is_error in the result), options first, the description after `--`.
+CLAUDE_JSON_COMMAND = "claude --output-format json -p -- {description}"
+
+
 def agent_command(settings: Settings) -> tuple[str, bool]:
     """The agent command to run, and whether it is the fake stand-in for a missing ``claude``."""
     program = shlex.split(settings.agent_command)[0]
     if shutil.which(program):
+        if program == DEFAULT_AGENT and "ACTIVATION_AGENT_COMMAND" not in settings.environ:
+            return CLAUDE_JSON_COMMAND, False
         return settings.agent_command, False
     if program != DEFAULT_AGENT:
         raise ConfigError(f"ACTIVATION_AGENT_COMMAND: {program!r} is not on PATH")
@@ -65,12 +72,19 @@ def _environment(settings: Settings, run_dir: Path, **extra: str) -> dict[str, s
 
 
 def worker_environment(settings: Settings, worker: str, index: int, agent: str) -> dict[str, str]:
+    extra = {}
+    if "ACTIVATION_AGENT_WORKDIR" not in settings.environ:
+        # Each worker's agent works in a folder of its own under var/, not in the checkout.
+        workdir = _run_base(settings).parent / "work" / worker
+        workdir.mkdir(parents=True, exist_ok=True)
+        extra["ACTIVATION_AGENT_WORKDIR"] = str(workdir)
     return _environment(
         settings,
         _run_base(settings) / worker,
         WORKER_NAME=worker,
         ACTIVATION_AGENT_COMMAND=agent,
         ACTIVATION_METRICS_PORT=str(settings.metrics_port + index) if settings.metrics_port else "0",
+        **extra,
     )
 
 

@@ -105,7 +105,10 @@ def test_every_template_we_ship_passes_the_check(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(localstack.shutil, "which", lambda program: None)  # no claude: make up's fake agent
     fake, is_fake = localstack.agent_command(Settings())
     assert is_fake
-    templates += [("make up", fake), ("config default", Settings().agent_command)]
+    monkeypatch.setattr(localstack.shutil, "which", lambda program: f"/usr/bin/{program}")  # claude on PATH
+    real, is_fake = localstack.agent_command(Settings())
+    assert not is_fake
+    templates += [("make up", fake), ("make up with claude", real), ("config default", Settings().agent_command)]
     for name, template in templates:
         try:
             agent_words(template)

@@ -345,3 +345,21 @@ def test_status_counts_at_most_the_newest_cap_of_the_last_hour(spool, cli, monke
         _result(spool, "marie", f"r{i}", "completed", age=60 - i)
     (data,) = json.loads(cli("status", "marie", "--json").output)
     assert data["results_total"] == 5 and data["recent_counts"] == {"done": 3} and data["recent_capped"] is True
+
+
+def test_make_up_with_claude_on_path_uses_the_json_envelope_and_a_workdir_per_worker(tmp_path, monkeypatch):
+    from activation.cli import localstack
+    from activation.config import load_settings
+
+    monkeypatch.setattr(localstack.shutil, "which", lambda program: f"/usr/bin/{program}")
+    env = {"ACTIVATION_SPOOL": str(tmp_path / "var" / "spool"), "ACTIVATION_RUN_DIR": str(tmp_path / "var" / "run")}
+    settings = load_settings(env)
+    agent, fake = localstack.agent_command(settings)
+    assert not fake and agent == "claude --output-format json -p -- {description}"
+    worker_env = localstack.worker_environment(settings, "marie", 0, agent)
+    assert worker_env["ACTIVATION_AGENT_WORKDIR"] == str(tmp_path / "var" / "work" / "marie")
+    assert (tmp_path / "var" / "work" / "marie").is_dir()
+    # What the user set wins: their template, their workdir.
+    own = load_settings({**env, "ACTIVATION_AGENT_COMMAND": "claude -p -- {description}", "ACTIVATION_AGENT_WORKDIR": "/srv"})
+    assert localstack.agent_command(own)[0] == "claude -p -- {description}"
+    assert localstack.worker_environment(own, "marie", 0, "x")["ACTIVATION_AGENT_WORKDIR"] == "/srv"
