@@ -360,6 +360,8 @@ def test_make_up_with_claude_on_path_uses_the_json_envelope_and_a_workdir_per_wo
     assert worker_env["ACTIVATION_AGENT_WORKDIR"] == str(tmp_path / "var" / "work" / "marie")
     assert (tmp_path / "var" / "work" / "marie").is_dir()
     # What the user set wins: their template, their workdir.
-    own = load_settings({**env, "ACTIVATION_AGENT_COMMAND": "claude -p -- {description}", "ACTIVATION_AGENT_WORKDIR": "/srv"})
+    own = load_settings(
+        {**env, "ACTIVATION_AGENT_COMMAND": "claude -p -- {description}", "ACTIVATION_AGENT_WORKDIR": "/srv"}
+    )
     assert localstack.agent_command(own)[0] == "claude -p -- {description}"
     assert localstack.worker_environment(own, "marie", 0, "x")["ACTIVATION_AGENT_WORKDIR"] == "/srv"
