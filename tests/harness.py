@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from activation.clock import iso_now
+from activation.clock import Clock, iso_now
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
 
@@ -52,6 +52,17 @@ def wait_until(
             said = what() if callable(what) else what
             raise TimeoutError(f"timed out after {timeout}s waiting for {said or predicate}")
         time.sleep(interval)
+
+
+class ManualClock(Clock):
+    """A program's monotonic clock, moved by the test (its wall clock stays the system's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
 
 
 WORKER_CONF = ROOT / "supervisor_conf" / "worker.conf"

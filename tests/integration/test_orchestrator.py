@@ -34,7 +34,7 @@ from activation.spool import ownership
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
 from tests.conftest import wait_for
-from tests.harness import BIN, ROOT, free_port, wait_until
+from tests.harness import BIN, ROOT, ManualClock, free_port, wait_until
 
 W = "w1"
 TOKEN = "s3cret-token"
@@ -312,17 +312,6 @@ def test_events_dispatch_publishes_on_redis(start, spool, redis_server):
 
 
 # -- recovery and health ------------------------------------------------------------------------------
-
-
-class ManualClock(Clock):
-    """The orchestrator's monotonic clock, moved by the test (its wall clock stays the system's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def passes_after(orch: OrchestratorThread, count: int = 2) -> None:

@@ -7,17 +7,8 @@ import logging
 
 import pytest
 
-from activation.clock import Clock
 from activation.orchestrator.service import Orchestrator
-
-
-class ManualClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
+from tests.harness import ManualClock
 
 
 @pytest.fixture
