@@ -6,7 +6,9 @@ logged. Signal handlers only set flags; `loop()` must return often enough to not
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -21,13 +23,48 @@ EXIT_CONFIG = 2
 EXIT_OWNED = 3
 
 
+class StopFlag(threading.Event):
+    """The stop flag, which a blocking wait on a socket can select on too (``fileno``): setting
+    it makes that fd readable, so a program idle in a socket wait notices SIGTERM at once.
+
+    The pipe is made on the first ``fileno()``; a waiter checks ``is_set()`` after that call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pipe: tuple[int, int] | None = None
+
+    def fileno(self) -> int:
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            os.set_blocking(self._pipe[1], False)
+            if self.is_set():
+                self._ring()
+        return self._pipe[0]
+
+    def set(self) -> None:
+        super().set()
+        self._ring()
+
+    def _ring(self) -> None:
+        if self._pipe is not None:
+            with contextlib.suppress(OSError):  # full (rung already) or closed
+                os.write(self._pipe[1], b"\0")
+
+    def close(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        for fd in pipe or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Program:
     """Base class of listener, executor, heartbeat and orchestrator."""
 
     name = "program"
 
     def __init__(self) -> None:
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
         self.log = logging.getLogger(f"activation.{self.name}")
 
     def initialize(self) -> None:
@@ -72,5 +109,6 @@ def run_program(program: Program) -> int:
             code = EXIT_ERROR
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        program.stopping.close()
     log.info("%s stopped", program.name)
     return code

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import ActivationError, BadTask, NotReady, QueueError
-from activation.lifecycle import Program
+from activation.lifecycle import Program, StopFlag
 from activation.observability.metrics import worker_metrics
 from activation.spool import codec
 from activation.spool import outcome as outcomes
@@ -71,7 +71,7 @@ class QueuedItem(Protocol):
 class WorkQueueClient(Protocol):
     """The executor's side of the work queue (activation.worker.queue.QueueClient); tests pass a stub."""
 
-    def get(self, timeout: float) -> QueuedItem | None: ...
+    def get(self, timeout: float, interrupt: StopFlag | None = None) -> QueuedItem | None: ...
     def close(self) -> None: ...
 
 
@@ -196,7 +196,7 @@ class Executor(Program):
             self.connect()
         assert self._client is not None
         try:
-            item = self._client.get(timeout=self._queue_wait)
+            item = self._client.get(timeout=self._queue_wait, interrupt=self.stopping)
         except QueueError as exc:
             self._queue_unreachable(exc)
             return

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from activation.errors import QueueError
 
@@ -406,6 +407,13 @@ class QueueServer:
         return Refused(f"unknown request {type(request).__name__[:40]}")
 
 
+class Interrupt(Protocol):
+    """What ends a client's wait early: the program's stop flag (activation.lifecycle.StopFlag)."""
+
+    def is_set(self) -> bool: ...
+    def fileno(self) -> int: ...
+
+
 class QueueClient:
     """The executor's and the heartbeat's end of the work queue. Reconnects on the next call."""
 
@@ -415,9 +423,13 @@ class QueueClient:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
 
-    def get(self, timeout: float) -> QueuedTask | None:
-        """The next task id, or None after ``timeout``. Acknowledges the item from the previous call."""
-        reply = self._request(Get(float(timeout)), float(timeout) + REPLY_GRACE)
+    def get(self, timeout: float, interrupt: Interrupt | None = None) -> QueuedTask | None:
+        """The next task id, or None after ``timeout``. Acknowledges the item from the previous call.
+
+        ``interrupt`` (the program's stop flag) ends the wait at once when it is set: the
+        connection is dropped, and the listener puts back an item it may have sent meanwhile.
+        """
+        reply = self._request(Get(float(timeout)), float(timeout) + REPLY_GRACE, interrupt)
         if isinstance(reply, Task):
             return reply.item
         if isinstance(reply, Empty):
@@ -434,7 +446,7 @@ class QueueClient:
         with self._lock:
             self._drop()
 
-    def _request(self, request: Request, wait: float) -> Reply:
+    def _request(self, request: Request, wait: float, interrupt: Interrupt | None = None) -> Reply:
         with self._lock:
             # A reused connection may have died with a listener restart since the last call:
             # retry once on a fresh one. That is safe: a dead server handed nothing out, and a
@@ -442,10 +454,15 @@ class QueueClient:
             for attempt in (0, 1):
                 fresh = self._conn is None
                 conn = self._connect()
+                waits: list[Any] = [conn] if interrupt is None else [conn, interrupt.fileno()]
+                if interrupt is not None and interrupt.is_set():
+                    return Empty()
                 try:
                     conn.send(request)
-                    if not conn.poll(wait):
+                    if conn not in wait_for(waits, wait):
                         self._drop()
+                        if interrupt is not None and interrupt.is_set():
+                            return Empty()  # stopping: whatever was sent meanwhile goes back
                         raise QueueError(f"the work queue at {self.path} did not answer within {wait:g}s")
                     reply = conn.recv()
                 except (EOFError, OSError) as exc:

@@ -266,7 +266,7 @@ class StubQueue:
         self.replies = replies
         self.closed = False
 
-    def get(self, timeout: float) -> Any:
+    def get(self, timeout: float, interrupt: Any = None) -> Any:
         reply = self.replies.pop(0) if self.replies else None
         if isinstance(reply, Exception):
             raise reply

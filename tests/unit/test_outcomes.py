@@ -51,7 +51,7 @@ class StubQueue:
         self.ids = list(ids)
         self.gets = 0
 
-    def get(self, timeout: float) -> Any:
+    def get(self, timeout: float, interrupt: Any = None) -> Any:
         self.gets += 1
         if not self.ids:
             return None

@@ -188,6 +188,39 @@ def test_a_blocked_get_over_the_socket_wakes_on_each_put(serve: Callable[..., An
         assert got == [QueuedTask(f"t{i}", "inotify")]
 
 
+def test_the_stop_flag_ends_a_blocked_get_at_once_and_loses_nothing(
+    serve: Callable[..., Any], client: QueueClient
+) -> None:
+    from activation.lifecycle import StopFlag
+
+    work, _ = serve(WorkQueue(still_pending=lambda task_id: True))
+    stop = StopFlag()
+    got: list[object] = []
+    getter = threading.Thread(target=lambda: got.append(client.get(60, interrupt=stop)))
+    getter.start()
+    wait_for(lambda: work._ready._waiters, timeout=5, what="the get blocked in the listener")  # type: ignore[attr-defined]
+    stop.set()  # what SIGTERM's handler does
+    getter.join(30)  # far below the get's 60 s: it was the flag that ended it
+    assert not getter.is_alive() and got == [None]
+    # Whatever the listener hands the dropped get (its server thread may still be waiting) goes
+    # back at once: the next consumer gets it.
+    work.put("a", "inotify")
+    second = QueueClient(client.path, client._authkey)
+    try:
+        assert wait_for(lambda: second.get(1), timeout=10, what="the id, for the next consumer") == QueuedTask(
+            "a", "inotify"
+        )
+    finally:
+        second.close()
+        stop.close()
+    # Set before the call, it does not even ask.
+    stop = StopFlag()
+    stop.set()
+    work.put("b", "inotify")
+    assert client.get(60, interrupt=stop) is None and "b" in work
+    stop.close()
+
+
 def test_client_reconnects_to_a_restarted_server(serve: Callable[..., Any], client: QueueClient) -> None:
     work, server = serve()
     work.put("a", "inotify")
