@@ -47,6 +47,7 @@ from activation.worker.supervision import check_drain_fits
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
 QUEUE_OUTAGE_GRACE = 5.0  # seconds without the listener before it is worth a WARNING
+QUEUE_RETRY_STARTING = 0.01  # seconds between attempts within that grace (the listener is starting)
 SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held result
 RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
@@ -245,7 +246,13 @@ class Executor(Program):
                 exc,
                 extra={"worker": self.worker, "event": "queue_down"},
             )
-        self._backoff = min(max(self._backoff * 2, QUEUE_BACKOFF_MIN), QUEUE_BACKOFF_MAX)
+        if now - self._queue_down_since < QUEUE_OUTAGE_GRACE:
+            # A listener starting (the tree's start, a restart) serves within moments: a
+            # backoff grown meanwhile would sit on the first task's path. A connect attempt to a
+            # Unix socket costs a few microseconds, so look often until the grace is over.
+            self._backoff = QUEUE_RETRY_STARTING
+        else:
+            self._backoff = min(max(self._backoff * 2, QUEUE_BACKOFF_MIN), QUEUE_BACKOFF_MAX)
         self.stopping.wait(self._backoff)
 
     # -- recovery ---------------------------------------------------------------------------
