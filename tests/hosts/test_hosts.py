@@ -6,16 +6,19 @@ These need no streams wiring; the cross-host cases of issue 12 stand on what the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import urllib.request
 
 import psutil
+import pytest
 import redis
 
 from activation.spool.atomic import read_json
 from activation.transport import pubsub as events
 from tests.conftest import wait_for
-from tests.harness import RedisServer, WorkerTree
+from tests.harness import ROOT, RedisServer, WorkerTree
 from tests.hosts.conftest import WORKER, Hosts
 from tests.hosts.netns import Host, Network, namespace_pids, namespaces, root_links, sweep_leftovers
 from tests.integration.test_redis_events import wait_subscribed
@@ -206,3 +209,31 @@ def test_the_sweep_removes_a_killed_runs_leftovers_and_nothing_of_a_live_run(hos
     # this run's own network is untouched
     assert all(host.namespace in namespaces() for host in (hosts.redis, hosts.orchestrator, *hosts.workers))
     assert hosts.network.probe_link in root_links()
+
+
+def test_where_namespaces_cannot_be_made_the_host_tests_skip_with_the_reason():
+    # A user namespace mapped to root: root by uid, but without the rights `ip netns add` needs.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode:
+        pytest.skip("unshare --user is not available here, so an unprivileged root cannot be simulated")
+    one = "tests/hosts/test_hosts.py::test_redis_in_its_host_answers_every_other_host"
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            sys.executable,
+            "-m",
+            "pytest",
+            one,
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SKIPPED [1]" in done.stdout and "`ip netns add` is not permitted here: " in done.stdout, done.stdout
