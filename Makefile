@@ -6,7 +6,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help up test check lint unit bench chaos redis-server prometheus claude-cli docker-compose podman images stack stack-down restart-workers clean
+.PHONY: help up test check lint unit bench chaos redis-server iproute prometheus claude-cli docker-compose podman images stack stack-down restart-workers clean
 
 # `make help` lists every target: each is the word before ':' on a line whose comment starts '## '.
 help: ## list every target and what it does
@@ -32,6 +32,17 @@ redis-server: ## install redis-server if missing (the tests start their own on f
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "redis-server not found and apt-get is unavailable: install Redis (>= 6) and put redis-server on PATH" >&2; exit 1; \
+	  fi; }
+
+# iproute2's `ip` for the host tests (tests/hosts/: hosts are network namespaces joined by veth
+# pairs). They also need root; without either they skip and say why.
+iproute: ## install iproute2 if missing (the host tests' network namespaces)
+	@command -v ip >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "ip not found: installing Debian's iproute2 package"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null; \
+	  else \
+	    echo "ip not found and apt-get is unavailable: the host tests will be skipped" >&2; \
 	  fi; }
 
 # prometheus and promtool for the monitoring tests (promtool check/test; a real Prometheus on a
@@ -98,7 +109,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-test: $(STAMP) redis-server prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite
+test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite
 	$(BIN)/pytest
 
 unit: $(STAMP) ## the unit tests only

@@ -117,7 +117,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 # Every test that starts real process trees (supervisord, a Redis cluster, containers) lives
 # outside tests/unit and is slow by that fact; `make check` runs the rest.
-SLOW_FOLDERS = ("integration", "chaos", "e2e", "containers", "observability")
+SLOW_FOLDERS = ("integration", "chaos", "e2e", "containers", "observability", "hosts")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -168,6 +168,13 @@ class WorkerTree:
         os.kill(pid, sig)
         return pid
 
+    def pause(self, program: str) -> int:
+        """SIGSTOP one program (say, the executor), as a wedged process; resume(pid) lets it go on."""
+        return self.kill(program, signal.SIGSTOP)
+
+    def resume(self, pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+
     def wait_restarted(self, program: str, old_pid: int, timeout: float = 20) -> int:
         def restarted() -> int | None:
             states = self.states()
@@ -177,6 +184,13 @@ class WorkerTree:
             return pid if pid not in (0, old_pid) else None
 
         return int(wait_until(restarted, timeout, 0.1, f"{program} restarted"))
+
+    def log_text(self) -> str:
+        """Everything supervisord and its programs have logged so far."""
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -314,23 +328,42 @@ def new_orchestrator(root: Path, **env: str) -> WorkerTree:
 class RedisServer:
     """A private redis-server on a free loopback port (never the machine's shared 6379)."""
 
-    def __init__(self, folder: Path, password: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        password: str | None = None,
+        *,
+        bind: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: list[str] | None = None,
+        appendonly: bool = False,
+        maxmemory_policy: str | None = None,
+    ) -> None:
         self.folder = folder
         self.password = password
-        self.port = free_port()
+        self.bind = bind
+        self.port = port or free_port()
+        # e.g. a network namespace's `ip netns exec`, to run the server on another (test) host
+        self.prefix = prefix or []
+        self.appendonly = appendonly  # with fsync always, so a SIGKILL loses nothing acknowledged
+        self.maxmemory_policy = maxmemory_policy  # None: Redis's default (noeviction)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.bind}:{self.port}/0"
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs it)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [*self.prefix, binary, "--port", str(self.port), "--bind", self.bind, "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        argv += ["--maxmemory-policy", self.maxmemory_policy] if self.maxmemory_policy else []
+        if self.bind != "127.0.0.1" and not self.password:
+            argv += ["--protected-mode", "no"]  # a test host's private subnet: other hosts must get in
         argv += ["--dir", str(self.folder), "--daemonize", "no", "--logfile", str(self.folder / "redis.log")]
         if self.password:
             argv += ["--requirepass", self.password]
@@ -355,8 +388,16 @@ class RedisServer:
             self.process.wait(5)
         self.process = None
 
-    def restart(self) -> None:
+    def restart(self, *, lose_data: bool = False) -> None:
+        """SIGKILL and start again. With appendonly its data comes back from the AOF, unless
+        ``lose_data``: then its files go first, as after a restart without persistence."""
         self.stop()
+        if lose_data:
+            for path in self.folder.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != "redis.log":
+                    path.unlink()
         self.start()
 
 
