@@ -80,9 +80,8 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--transport",
     type=click.Choice(["files", "events"]),
-    default="files",
-    show_default=True,
-    help="events: also PUBLISH activate:<worker> (needs REDIS_URL; falls back to files).",
+    help="Force files, or events (also PUBLISH activate:<worker>; needs REDIS_URL, falls back to files). "
+    "Default: the spool's orchestrator decides (its mode), else files.",
 )
 @click.option("--wait", is_flag=True, help="Block until the result, print it, exit 1 unless it completed.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), help="Give up waiting after this many seconds.")
@@ -95,40 +94,42 @@ def dispatch(
     task_id: str | None,
     timeout: float | None,
     meta: tuple[str, ...],
-    transport: str,
+    transport: str | None,
     wait: bool,
     wait_timeout: float | None,
     as_json: bool,
 ) -> None:
-    """Give WORKER a task: write it atomically into its inbox and print its id."""
+    """Give WORKER a task and print its id: through the spool's orchestrator when one answers
+    (POST /tasks: its mode decides, its metrics count), else written here the same way.
+
+    With ACTIVATION_TRANSPORT=streams the task is kept in this spool's outbox and sent as a
+    stream entry; a task id already dispatched is refused, and nothing is sent twice.
+    """
+    from activation.cli.dispatching import submit
     from activation.orchestrator import dispatch as dispatching
 
     settings = obj.settings
-    task = dispatching.build_task(
-        description, task_id=task_id, timeout=timeout, metadata=_parse_meta(meta), max_timeout=settings.max_task_timeout
-    )
-    publisher = dispatching.EventPublisher(settings.redis_url) if settings.redis_url else None
-    try:
-        sent = dispatching.dispatch(
-            obj.spool,
-            worker,
-            task,
-            transport=transport,
-            publisher=publisher,
-            fallback_to_files=settings.fallback_to_files,
-        )
-    finally:
-        if publisher is not None:
-            publisher.close()
-    if sent.fallback:
-        click.echo(f"activation: events unavailable, the file delivers: {sent.fallback}", err=True)
+    body: dict[str, Any] = {"worker": worker, "description": description}
+    if task_id is not None:
+        body["task_id"] = task_id
+    if timeout is not None:
+        body["timeout"] = timeout
+    metadata = _parse_meta(meta)
+    if metadata:
+        body["metadata"] = metadata
+    if transport is not None and settings.transport == "streams":
+        fail(f"--transport {transport}: ACTIVATION_TRANSPORT=streams sends every task by stream", EXIT_USAGE)
+    sent = submit(obj.spool, settings, body, transport)
+    if sent.get("fallback"):
+        click.echo(f"activation: events unavailable, the file delivers: {sent['fallback']}", err=True)
     if not wait:
         if as_json:
-            print_json({"task_id": sent.task_id, "worker": worker, "transport": sent.transport})
+            print_json(sent)
         else:
-            click.echo(sent.task_id)
+            click.echo(sent["task_id"])
         return
-    location = dispatching.wait_for_outcome(obj.spool, worker, sent.task_id, wait_timeout, redis_url=settings.redis_url)
+    redis_url = settings.redis_url if settings.transport != "streams" else None
+    location = dispatching.wait_for_outcome(obj.spool, worker, sent["task_id"], wait_timeout, redis_url=redis_url)
     outcome = dispatching.read_outcome(location)
     if as_json:
         print_json(outcome)

@@ -46,11 +46,23 @@ def _json_option(func: F) -> F:
 
 def default_url(bind: str) -> str:
     """The API's URL for ``ACTIVATION_ADMIN_BIND``; a wildcard bind is reached over loopback."""
+    from activation.orchestrator.endpoint import reachable_url
     from activation.orchestrator.http import parse_bind
 
-    host, port = parse_bind(bind)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return reachable_url(*parse_bind(bind))
+
+
+class ApiRefusal(ActivationError):
+    """The API answered with an error status: ``status`` and the API's own ``message``."""
+
+    def __init__(self, text: str, status: int, message: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.message = message
+
+
+class ApiUnreachable(ActivationError):
+    """Nothing answered at the URL (connection refused): the request was never sent."""
 
 
 def api_call(url: str, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
@@ -70,9 +82,10 @@ def api_call(url: str, method: str, path: str, body: dict[str, Any] | None = Non
             message = json.loads(exc.read()).get("error") or exc.reason
         except (ValueError, AttributeError, OSError):
             message = exc.reason
-        raise ActivationError(f"{method} {path}: {exc.code} {message}") from None
+        raise ApiRefusal(f"{method} {path}: {exc.code} {message}", exc.code, str(message)) from None
     except urllib.error.URLError as exc:
-        raise ActivationError(f"cannot reach the orchestrator at {url}: {exc.reason}") from None
+        kind = ApiUnreachable if isinstance(exc.reason, ConnectionRefusedError) else ActivationError
+        raise kind(f"cannot reach the orchestrator at {url}: {exc.reason}") from None
     except (OSError, ValueError) as exc:
         raise ActivationError(f"{method} {path} at {url} failed: {exc}") from None
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,8 +251,12 @@ class Retried:
         return {"id": self.key, "task_id": self.task_id, "worker": self.worker, "path": str(self.path)}
 
 
-def retry_dead_letter(spool: Spool, key: str) -> Retried:
+def retry_dead_letter(spool: Spool, key: str, *, send: Callable[[str, dict[str, Any]], None] | None = None) -> Retried:
     """Put a dead letter's task back in its worker's inbox, keeping its history.
+
+    ``send(worker, task)``, in streams mode, adds the revived task's entry (its dead id allowed)
+    before anything is written: if Redis refuses, the dead letter stays as it was; a crash after
+    it leaves the record, and retrying again finds the entry already there.
 
     The task gains a ``history`` entry {reason, detail, dead_at, attempts, retried_at} and
     starts again at ``attempts`` 0. It is written atomically into the inbox first and the record
@@ -287,6 +292,8 @@ def retry_dead_letter(spool: Spool, key: str) -> Retried:
         raise NotRetryable(f"dead letter {key!r} cannot be retried: task {task_id} is already {found.state}")
     history = task.get("history")
     revived = {**task, "attempts": 0, "history": [*(history if isinstance(history, list) else []), entry]}
+    if send is not None:
+        send(worker, revived)
     path = spool.task_path(worker, task_id)
     atomic_write_json(path, revived)
     _remove(letter.path)

@@ -7,7 +7,6 @@ shutdown stops the API. The routes of admin_api.py call the `Orchestrator`'s pub
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -18,14 +17,17 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from activation.clock import SYSTEM_CLOCK, Clock, iso_now
-from activation.config import ORCHESTRATOR_MODES, WORKER_NAME_PATTERN, Settings
-from activation.errors import ActivationError, Broken, Conflict, DispatchError, Invalid, NotFound, Unavailable
+from activation.config import ORCHESTRATOR_MODES, Settings
+from activation.errors import ActivationError, Broken, Conflict, Invalid, NotFound, Unavailable
 from activation.lifecycle import Program
 from activation.orchestrator import recovery
 from activation.orchestrator.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
-from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
+from activation.orchestrator.dispatch import EventPublisher
+from activation.orchestrator.endpoint import clear_endpoint, write_endpoint
 from activation.orchestrator.http import AdminApi, check_bind, parse_bind
 from activation.orchestrator.liveness import LivenessWatch
+from activation.orchestrator.relay import StreamsRelay
+from activation.orchestrator.submit import STREAMS, Dispatcher
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
@@ -36,8 +38,8 @@ REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds",
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
 MAX_WAIT = 1.0  # the longest one loop step sleeps, so a stop is noticed promptly
 HEALTH_LOG_GRACE = 5.0  # seconds of trouble before the log warns (status says it at once)
+RELAY_INTERVAL = 0.25  # streams mode: seconds between passes that mirror results (dispatch --wait waits on it)
 STATE_FILE = Path("orchestrator") / "state.json"  # under the spool root: survives a restart
-TASK_FIELDS = ("worker", "description", "task_id", "timeout", "metadata")
 
 log = logging.getLogger("activation.orchestrator")
 
@@ -128,8 +130,17 @@ class Orchestrator(Program):
         check_bind(self.host, settings.admin_token)  # refuse before anything starts
         self.refresh_interval = refresh_interval
         self.api: AdminApi | None = None
-        self.publisher = EventPublisher(settings.redis_url) if settings.redis_url else None
-        self._publish_lock = threading.Lock()  # one Redis connection, shared by request threads
+        self.streams = settings.transport == STREAMS
+        self.relay = StreamsRelay(self.spool, settings) if self.streams else None
+        self.publisher = EventPublisher(settings.redis_url) if settings.redis_url and not self.streams else None
+        self.dispatcher = Dispatcher(
+            self.spool,
+            settings,
+            decide=self.decision,
+            publisher=self.publisher,
+            streams=self.relay.transport if self.relay is not None else None,
+            counted=lambda worker, transport: self.metrics.dispatch.labels(worker, transport).inc(),
+        )
         self._mode_lock = threading.Lock()
         self._mode = settings.orchestrator_mode
         self._snapshot = Snapshot()  # replaced whole by the loop; request threads only read it
@@ -141,6 +152,7 @@ class Orchestrator(Program):
         self._refreshed = False
         self._next_refresh = 0.0
         self._next_recovery = 0.0
+        self._next_relay = 0.0
         # ACTIVATION_RESULT_TTL, a bounded step at a time: the idle cost does not grow with history.
         self.sweeper = Sweeper(self.spool, settings.result_ttl) if settings.result_ttl > 0 else None
 
@@ -175,9 +187,12 @@ class Orchestrator(Program):
         api = self.open_api()
         self._guarded(self.run_recovery)
         self._guarded(self.refresh)
+        if self.relay is not None:
+            self._guarded(self.relay.step)
         now = time.monotonic()
         self._next_refresh, self._next_recovery = now + self.refresh_interval, now + self.settings.recovery_interval
         api.start()
+        write_endpoint(self.spool, api.host, api.port)  # `activation dispatch` on this spool comes here
 
     def loop(self) -> None:
         now = time.monotonic()
@@ -191,16 +206,25 @@ class Orchestrator(Program):
         if now >= self._next_recovery:
             self._guarded(self.run_recovery)
             self._next_recovery = time.monotonic() + self.settings.recovery_interval
-        due = min(self._next_refresh, self._next_recovery) - time.monotonic()
+        nexts = [self._next_refresh, self._next_recovery]
+        if self.relay is not None:
+            if now >= self._next_relay:
+                self._guarded(self.relay.step)
+                self._next_relay = time.monotonic() + RELAY_INTERVAL
+            nexts.append(self._next_relay)
+        due = min(nexts) - time.monotonic()
         self.stopping.wait(min(max(due, 0.01), MAX_WAIT))
 
     def shutdown(self) -> None:
         if self.sweeper is not None:
             self.sweeper.close()
         if self.api is not None:
+            clear_endpoint(self.spool)
             self.api.stop()
         if self.publisher is not None:
             self.publisher.close()
+        if self.relay is not None:
+            self.relay.close()
 
     def _guarded(self, step: Callable[[], object]) -> None:
         """A spool that is briefly unreadable must not stop the orchestrator: log, go on."""
@@ -262,7 +286,12 @@ class Orchestrator(Program):
             self.log.warning("worker %s unhealthy: %s", worker, "; ".join(problems) or "not alive", extra=extra)
 
     def healths(self, dead_letters: dict[str | None, int] | None = None) -> list[WorkerHealth]:
-        """Every worker's health, its heartbeat's age as this orchestrator saw it change."""
+        """Every worker's health, its heartbeat's age as this orchestrator saw it change.
+
+        In streams mode the heartbeats are the replicas' keys in Redis, not files in this spool.
+        """
+        if self.relay is not None:
+            return self.relay.healths(dead_letters)
         found = []
         for worker in self.spool.workers():
             self.watch.observe(worker)
@@ -296,6 +325,11 @@ class Orchestrator(Program):
         )
 
     def run_recovery(self) -> list[recovery.Action]:
+        if self.streams:
+            # This spool is the outbox: its tasks wait for remote replicas, whose claims are leases
+            # in Redis (reclaimed there). No heartbeat or .processing here means nothing about them.
+            self.recovery_passes += 1
+            return []
         actions = recovery.recover(
             self.spool,
             orphan_age=self.settings.orphan_age,
@@ -333,12 +367,15 @@ class Orchestrator(Program):
 
     def _events_availability(self) -> dict[str, Any]:
         """Whether an events dispatch can publish at all, and if not, why (``config set-mode`` says it)."""
+        if self.streams:
+            why = "ACTIVATION_TRANSPORT=streams: every task goes by stream, the files/events modes do not apply"
+            return {"events_available": False, "events_unavailable": why}
         if self.publisher is None:
             why = "the orchestrator has no REDIS_URL, so it cannot publish; every dispatch goes by file only"
             return {"events_available": False, "events_unavailable": why}
         try:
             # The link's backoff keeps this cheap in an outage: no new connect until it is due.
-            with self._publish_lock:
+            with self.dispatcher.publish_lock:  # the one Redis connection, shared with dispatch
                 self.publisher.check()
         except EventsError as exc:
             why = f"REDIS_URL is set but Redis does not answer ({exc}); dispatches go by file until it does"
@@ -362,65 +399,19 @@ class Orchestrator(Program):
 
     def get_status(self) -> dict[str, Any]:
         healths = self.healths(dead_letter_counts(self.spool))
-        return {
+        answer = {
             "workers": [h.as_dict() for h in healths],
             "unhealthy": [h.worker for h in healths if not h.healthy],
             "mode": self._mode,
+            "transport": self.settings.transport,
         }
+        if self.relay is not None:
+            answer["streams"] = self.relay.status()
+        return answer
 
     def submit_task(self, body: dict[str, Any]) -> dict[str, Any]:
-        for name in ("worker", "description"):
-            if name not in body:
-                raise Invalid(f"missing field {name!r}")
-        worker, description = body["worker"], body["description"]
-        if not isinstance(worker, str) or not WORKER_NAME_PATTERN.match(worker):
-            raise Invalid("field 'worker' must be a worker name")
-        if not isinstance(description, str):
-            raise Invalid("field 'description' must be a string")
-        if not self.spool.inbox(worker).is_dir():
-            raise NotFound(f"unknown worker {worker!r}: it has no inbox")
-        try:
-            task = build_task(
-                description,
-                task_id=body.get("task_id"),
-                timeout=body.get("timeout"),
-                metadata=body.get("metadata"),
-                max_timeout=self.settings.max_task_timeout,
-                extra={k: v for k, v in body.items() if k not in TASK_FIELDS},
-            )
-        except DispatchError as exc:
-            raise Invalid(str(exc)) from None
-        task_id = task["task_id"]
-        found = self.spool.locate(task_id)
-        if found is not None:
-            raise Conflict(f"task id {task_id!r} already exists ({found.state})")
-        chosen = self.decision(worker)
-        try:
-            with self._publish_lock if chosen.transport == "events" else contextlib.nullcontext():
-                sent = dispatch(
-                    self.spool,
-                    worker,
-                    task,
-                    transport=chosen.transport,
-                    publisher=self.publisher,
-                    fallback_to_files=self.settings.fallback_to_files,
-                    check_unique=False,
-                )
-        except DispatchError as exc:
-            raise Unavailable(str(exc)) from None
-        self.metrics.dispatch.labels(worker, sent.transport).inc()
-        self.log.info(
-            "task %s for %s by %s (rule %s)",
-            task_id,
-            worker,
-            sent.transport,
-            chosen.rule,
-            extra={"worker": worker, "task_id": task_id, "event": "dispatched"},
-        )
-        answer = {"task_id": task_id, "worker": worker, "transport": sent.transport, "rule": chosen.rule}
-        if sent.fallback:
-            answer["fallback"] = sent.fallback
-        return answer
+        """POST /tasks: the one dispatch path (submit.py), which `activation dispatch` shares."""
+        return self.dispatcher.submit(body).as_dict()
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         """POST /tasks/<id>/cancel: a pending task becomes a cancelled result (spool.cancel)."""
@@ -464,7 +455,7 @@ class Orchestrator(Program):
 
     def retry_dead_letter(self, key: str) -> dict[str, Any]:
         try:
-            retried = recovery.retry_dead_letter(self.spool, key)
+            retried = recovery.retry_dead_letter(self.spool, key, send=self.redispatch)
         except recovery.UnknownDeadLetter as exc:
             raise NotFound(str(exc)) from None
         except recovery.NotRetryable as exc:
@@ -473,8 +464,29 @@ class Orchestrator(Program):
             raise Broken(str(exc)) from None
         return retried.as_dict()
 
+    @property
+    def redispatch(self) -> Callable[[str, dict[str, Any]], None] | None:
+        """How a retried dead letter goes again: in streams mode its entry too, the id kept."""
+        return redispatcher(self.relay)
+
     def render_metrics(self) -> tuple[bytes, str]:
         return generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
 
     def _dispatchable(self) -> list[str]:
         return [w for w in self.spool.workers() if self.spool.inbox(w).is_dir()]
+
+
+def redispatcher(relay: StreamsRelay | None) -> Callable[[str, dict[str, Any]], None] | None:
+    """For recovery.retry_dead_letter in streams mode: send the revived task, dead id allowed."""
+    if relay is None:
+        return None
+
+    def send(worker: str, task: dict[str, Any]) -> None:
+        from activation.transport.streams.connect import StreamsError
+
+        try:
+            relay.transport(worker).dispatch(task["task_id"], task, allow_dead=True)
+        except StreamsError as exc:
+            raise Unavailable(f"{exc}; the dead letter stays where it is") from None
+
+    return send

@@ -62,6 +62,11 @@ class StreamKeys:
         """One replica's heartbeat: its state as JSON, with a TTL."""
         return f"{self.tag}:replica:{consumer}"
 
+    @property
+    def outbox_marker(self) -> str:
+        """Set by the orchestrator once it has sent the role's outbox: gone means Redis lost its data."""
+        return f"{self.tag}:outbox"
+
     def task(self, task_id: str) -> str:
         """One small hash per task id: its state (queued, done, dead), entry, and recorded result."""
         return f"{self.tag}:task:{task_id}"

@@ -25,9 +25,17 @@ MAX_ATTEMPTS_REASON = "max_attempts"  # the spool's dead-letter reason for a tas
 
 
 def send(transport: StreamsTransport, spool: Spool, worker: str, task: dict[str, Any]) -> Dispatched:
-    """Keep the task in the outbox first, then add its entry: a crash in between is re-sent."""
-    atomic_write_json(spool.task_path(worker, task["task_id"]), task)
-    return transport.dispatch(task["task_id"], task)
+    """Keep the task in the outbox first, then add its entry: a crash in between is re-sent.
+
+    An id Redis already knows as done or dead adds nothing, and its outbox file goes again: no
+    result would ever come to take it out. The caller has checked the spool had no such id.
+    """
+    path = spool.task_path(worker, task["task_id"])
+    atomic_write_json(path, task)
+    sent = transport.dispatch(task["task_id"], task)
+    if sent.status == DUPLICATE and sent.state != "queued":
+        path.unlink(missing_ok=True)
+    return sent
 
 
 def resend_outbox(transport: StreamsTransport, spool: Spool, worker: str) -> list[str]:
