@@ -260,9 +260,34 @@ def check(obj: Context, worker: str) -> None:
     # In the worker's own container, also ask whether *this* tree runs it, or was refused.
     run_dir = settings.run_dir if settings.worker_name == worker else None
     health = worker_health(obj.spool, worker, timeout=settings.heartbeat_timeout, run_dir=run_dir)
+    if settings.transport == "streams":
+        health = _streams_health(obj, worker, health)
     if not health.healthy:
         fail(f"{worker} unhealthy: {'; '.join(health.problems)}")
+    if health.age_s is None:  # streams, seen from elsewhere: the replicas' heartbeat keys
+        click.echo(f"{worker} healthy ({health.state}; its replicas beat in Redis)")
+        return
     click.echo(f"{worker} healthy (heartbeat {health.age_s:g}s ago)")
+
+
+def _streams_health(obj: Context, worker: str, local: Any) -> Any:
+    """In streams mode: the worker's own container keeps its heartbeat file, and needs Redis too;
+    anywhere else (the orchestrator's host) only the replicas' heartbeats in Redis tell."""
+    from activation.orchestrator.relay import StreamsRelay, role_health
+    from activation.transport.streams.connect import StreamsError
+
+    relay = StreamsRelay(obj.spool, obj.settings)
+    try:
+        replicas, error = relay.replicas(worker), None
+    except StreamsError as exc:
+        replicas, error = {}, str(exc)
+    finally:
+        relay.close()
+    if obj.settings.worker_name == worker:
+        if error is not None:
+            local.problems.append(f"redis unreachable: {error}")
+        return local
+    return role_health(worker, replicas, 0, error)
 
 
 @main.command()

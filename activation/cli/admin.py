@@ -6,6 +6,7 @@ cli.py registers these on ``main``; the helpers both share live in cli_support.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import click
 
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, print_json, setup_logging
 from activation.config import ORCHESTRATOR_MODES
-from activation.errors import ActivationError, ConfigError
+from activation.errors import ActivationError, ConfigError, Unavailable
 
 HTTP_TIMEOUT = 10.0
 F = TypeVar("F", bound=Callable[..., Any])
@@ -239,11 +240,8 @@ def dlq_retry(
     as_json: bool,
 ) -> None:
     """Put a dead letter's task back in its worker's inbox under the same id, keeping its history;
-    --description, --timeout and --meta fix the task first."""
-    from activation.cli import _parse_meta
-    from activation.orchestrator.dlq_fix import fix_dead_letter
-    from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
-
+    --description, --timeout and --meta fix the task first. In streams mode it is dispatched
+    again under its id (the outbox keeps it until its new result comes)."""
     if bool(dead_id) == retry_all:
         _fail("give one dead letter ID or --all", usage=True)
     fixes = description is not None or timeout is not None or bool(meta)
@@ -251,6 +249,36 @@ def dlq_retry(
         _fail("--description, --timeout and --meta fix one dead letter: give its ID, not --all", usage=True)
     context = _context()
     spool = context.spool
+    with _streams_relay(context) as relay:
+        _retry(context, spool, relay, dead_id, description, timeout, meta, fixes, as_json)
+
+
+def _streams_relay(context: Context) -> contextlib.AbstractContextManager[Any]:
+    """In streams mode, the relay a retried dead letter goes again through; else nothing."""
+    if context.settings.transport != "streams":
+        return contextlib.nullcontext()
+    from activation.orchestrator.relay import StreamsRelay
+
+    return contextlib.closing(StreamsRelay(context.spool, context.settings))
+
+
+def _retry(
+    context: Context,
+    spool: Any,
+    relay: Any,
+    dead_id: str | None,
+    description: str | None,
+    timeout: float | None,
+    meta: tuple[str, ...],
+    fixes: bool,
+    as_json: bool,
+) -> None:
+    from activation.cli import _parse_meta
+    from activation.orchestrator.dlq_fix import fix_dead_letter
+    from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
+    from activation.orchestrator.service import redispatcher
+
+    send = redispatcher(relay)
     if dead_id:
         if fixes:
             metadata = _parse_meta(meta)
@@ -262,7 +290,7 @@ def dlq_retry(
                 metadata=metadata,
                 max_timeout=context.settings.max_task_timeout,
             )
-        retried = retry_dead_letter(spool, dead_id)
+        retried = retry_dead_letter(spool, dead_id, send=send)
         if as_json:
             print_json(retried.as_dict())
         else:
@@ -273,8 +301,8 @@ def dlq_retry(
         if not letter.retryable:
             continue
         try:
-            done.append(retry_dead_letter(spool, letter.key).as_dict())
-        except DeadLetterError as exc:
+            done.append(retry_dead_letter(spool, letter.key, send=send).as_dict())
+        except (DeadLetterError, Unavailable) as exc:
             failed.append({"id": letter.key, "error": str(exc)})
     if as_json:
         print_json({"retried": done, "failed": failed})
@@ -325,6 +353,10 @@ def recover_command(dry_run: bool, as_json: bool) -> None:
     from activation.orchestrator.recovery import recover
 
     obj = _context()
+    if obj.settings.transport == "streams":
+        # This spool is the outbox; the replicas' claims are leases in Redis, reclaimed there.
+        click.echo("nothing to recover here: with ACTIVATION_TRANSPORT=streams, replicas reclaim lapsed leases")
+        return
     try:
         settings = obj.settings
         actions = recover(

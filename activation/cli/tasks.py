@@ -3,9 +3,10 @@ read live from the spool (spool.listing, spool.status); ``--watch`` redraws them
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +17,9 @@ from activation.spool.status import RECENT_CAP, LiveStatus, live_status
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+    from activation.config import Settings
+    from activation.spool.layout import Spool
 
 _STYLE = {
     "running": "bold cyan",
@@ -153,7 +157,46 @@ def tasks_command(
 # -- status ---------------------------------------------------------------------------------
 
 
-def status_lines(statuses: list[LiveStatus], root: object) -> list[str]:
+def streams_statuses(
+    statuses: list[LiveStatus], settings: Settings, spool: Spool
+) -> tuple[list[LiveStatus], dict[str, dict[str, dict[str, Any]]]]:
+    """In streams mode: each role's health from its replicas' heartbeats in Redis, and the replicas."""
+    from activation.orchestrator.relay import StreamsRelay, role_health
+    from activation.transport.streams.connect import StreamsError
+
+    relay = StreamsRelay(spool, settings)
+    replicas: dict[str, dict[str, dict[str, Any]]] = {}
+    error = None
+    shown = []
+    try:
+        for s in statuses:
+            found: dict[str, dict[str, Any]] = {}
+            if error is None:
+                try:
+                    found = relay.replicas(s.worker)
+                except StreamsError as exc:
+                    error = str(exc)
+            replicas[s.worker] = found
+            shown.append(dataclasses.replace(s, health=role_health(s.worker, found, s.health.dead_letters, error)))
+    finally:
+        relay.close()
+    return shown, replicas
+
+
+def replica_lines(replicas: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, state in sorted(replicas.items()):
+        programs = " ".join(f"{k}={v}" for k, v in sorted((state.get("programs") or {}).items()))
+        lines.append(
+            f"{'':<12} replica {name}: {state.get('state', '?')} task={state.get('current_task') or '-'} "
+            f"queue={state.get('queue_size', '?')}" + (f" {programs}" if programs else "")
+        )
+    return lines
+
+
+def status_lines(
+    statuses: list[LiveStatus], root: object, replicas: dict[str, dict[str, dict[str, Any]]] | None = None
+) -> list[str]:
     if not statuses:
         return [f"no workers in {root}"]
     lines = []
@@ -180,6 +223,8 @@ def status_lines(statuses: list[LiveStatus], root: object) -> list[str]:
                 f"{'':<12} refused a second tree: {h.refused.get('program')} "
                 f"on host {h.refused.get('host')} at {h.refused.get('at')}"
             )
+        if replicas is not None:
+            lines += replica_lines(replicas.get(h.worker, {}))
     return lines
 
 
@@ -236,12 +281,24 @@ def status_command(
     if worker is not None and worker not in spool.workers():
         fail(f"no worker {worker!r} in {spool.root} (known: {', '.join(spool.workers()) or 'none'})")
 
+    streams = settings.transport == "streams"
+    replicas: dict[str, dict[str, dict[str, Any]]] | None = None
+
     def statuses() -> list[LiveStatus]:
-        return live_status(spool, timeout=timeout, worker=worker, local=local)
+        nonlocal replicas
+        found = live_status(spool, timeout=timeout, worker=worker, local=local)
+        if streams:  # the heartbeats are the replicas' keys in Redis, not files in this spool
+            found, replicas = streams_statuses(found, settings, spool)
+        return found
 
     if as_json:
         shown = statuses()
-        print_json([s.as_dict() for s in shown])
+        print_json(
+            [
+                {**s.as_dict(), **({"replicas": replicas.get(s.worker, {})} if replicas is not None else {})}
+                for s in shown
+            ]
+        )
         if any(not s.health.healthy for s in shown):
             sys.exit(EXIT_FAILED)
         return
@@ -250,13 +307,13 @@ def status_command(
 
         run_watch(
             lambda: status_table(statuses(), spool.root),
-            lambda: status_lines(statuses(), spool.root),
+            lambda: status_lines(statuses(), spool.root, replicas),
             interval=interval,
             count=count,
         )
         return
     shown = statuses()
-    for line in status_lines(shown, spool.root):
+    for line in status_lines(shown, spool.root, replicas):
         click.echo(line)
     if any(not s.health.healthy for s in shown):
         sys.exit(EXIT_FAILED)

@@ -1,0 +1,205 @@
+"""The orchestrator and the CLI in streams mode: a real orchestrator program (supervisord), a real
+redis-server on a free port, and a stand-in replica in the test (a StreamsTransport consumer that
+receives and completes), so that what is tested is the orchestrator's side of the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from activation.orchestrator.endpoint import read_endpoint
+from activation.transport.streams.client import DONE, Delivery, StreamsTransport
+from activation.transport.streams.keys import StreamKeys
+from tests.conftest import wait_for
+from tests.harness import BIN, RedisServer, WorkerTree, new_orchestrator
+from tests.integration.test_orchestrator import call
+
+W = "marie"
+KEYS = StreamKeys(W)
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def orchestrator(tmp_path: Path, redis_server: RedisServer) -> Iterator[WorkerTree]:
+    tree = new_orchestrator(
+        tmp_path,
+        ACTIVATION_TRANSPORT="streams",
+        REDIS_URL=redis_server.url,
+        ACTIVATION_REDIS_BACKOFF_MAX="0.5",
+    )
+    tree.spool.init([W])
+    try:
+        tree.start()
+        wait_for(lambda: read_endpoint(tree.spool), 20, 0.1, "the orchestrator to publish its API in the spool")
+        yield tree
+    finally:
+        tree.kill_everything()
+
+
+def replica(client: redis.Redis, name: str = "standin-1") -> StreamsTransport:
+    return StreamsTransport(client, W, consumer=name, lease=30)
+
+
+def api(tree: WorkerTree) -> str:
+    url = read_endpoint(tree.spool)
+    assert url is not None
+    return url
+
+
+def receive(transport: StreamsTransport) -> Delivery:
+    return wait_for(lambda: transport.receive(0.2), 20, 0, "a task entry for the stand-in replica")
+
+
+def run(transport: StreamsTransport, delivery: Delivery, stdout: str = "ok\n") -> None:
+    result = {
+        "task_id": delivery.task_id,
+        "worker": W,
+        "status": "completed",
+        "exit_code": 0,
+        "duration_s": 0.01,
+        "attempts": delivery.attempt,
+        "stdout": stdout,
+        "stderr": "",
+    }
+    assert transport.complete(delivery, result).status == DONE
+
+
+def entries(client: redis.Redis) -> list[str]:
+    return [entry[1]["task_id"] for entry in client.xrange(KEYS.tasks)]
+
+
+def test_dispatch_by_cli_and_by_api_adds_one_entry_each_and_a_duplicate_id_adds_none(orchestrator, client):
+    by_cli = orchestrator.cli("dispatch", W, "from the cli", "--task-id", "cli-1", "--json")
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert json.loads(by_cli.stdout)["transport"] == "streams"
+    body = {"worker": W, "description": "by api", "task_id": "api-1"}
+    status, answer = call(api(orchestrator), "POST", "/tasks", body)
+    assert status == 202, answer
+    assert answer["transport"] == "streams"
+    assert sorted(entries(client)) == ["api-1", "cli-1"]
+    assert sorted(orchestrator.spool.inbox_names(W)) == ["api-1.json", "cli-1.json"]  # the outbox
+
+    again = orchestrator.cli("dispatch", W, "from the cli", "--task-id", "cli-1")
+    status, twice = call(api(orchestrator), "POST", "/tasks", body)
+    assert again.returncode == 1 and "already exists (pending" in again.stderr and "nothing was sent" in again.stderr
+    assert status == 409 and "nothing was sent again" in twice["error"]
+    assert sorted(entries(client)) == ["api-1", "cli-1"]
+
+    standin = replica(client)
+    run(standin, receive(standin))
+    run(standin, receive(standin))
+    assert standin.receive(0) is None  # one run per id
+    wait_for(lambda: sorted(p.stem for p in orchestrator.spool.results(W).glob("*.json")) == ["api-1", "cli-1"])
+    status, metrics = call(api(orchestrator), "GET", "/metrics")
+    assert 'dispatch_total{transport="streams",worker="marie"} 2.0' in metrics
+
+
+def test_a_replica_result_lands_in_the_results_folder_and_show_and_wait_see_it(orchestrator, client):
+    waiting = subprocess.Popen(
+        [str(BIN / "activation"), "dispatch", W, "hello", "--task-id", "r-1", "--wait", "--wait-timeout", "60"],
+        env=orchestrator.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        standin = replica(client)
+        delivery = receive(standin)
+        assert delivery.task_id == "r-1"
+        run(standin, delivery, stdout="hello back\n")
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 0, err
+    assert "r-1: completed" in out and "hello back" in out
+    shown = orchestrator.cli("show", "r-1", "--json")
+    assert json.loads(shown.stdout)["state"] == "done"
+    status, task = call(api(orchestrator), "GET", "/tasks/r-1")
+    assert status == 200 and task["state"] == "done" and task["result"]["stdout"] == "hello back\n"
+    assert orchestrator.spool.inbox_names(W) == []  # out of the outbox
+    audit = orchestrator.cli("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_after_a_redis_restart_without_persistence_the_outbox_is_sent_again(orchestrator, client, redis_server):
+    sent = orchestrator.cli("dispatch", W, "survive", "--task-id", "lost-1")
+    assert sent.returncode == 0, sent.stderr
+    assert entries(client) == ["lost-1"]
+    redis_server.restart()  # no persistence: streams, groups and task ids are gone
+    fresh = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        what = lambda: f"the re-sent entry; log:\n{orchestrator.log_tail()}"  # noqa: E731
+        wait_for(lambda: entries(fresh) == ["lost-1"], 30, 0.1, what)
+        standin = replica(fresh)
+        run(standin, receive(standin))
+        wait_for(lambda: orchestrator.spool.result_path(W, "lost-1").exists(), 20, 0.1, "the result mirrored")
+    finally:
+        fresh.close()
+    assert "re-sent 1 outbox task(s) of marie" in orchestrator.log.read_text()
+
+
+def test_a_dead_letter_is_mirrored_and_dlq_retry_sends_it_again_under_its_id(orchestrator, client):
+    sent = orchestrator.cli("dispatch", W, "doomed", "--task-id", "dead-1")
+    assert sent.returncode == 0, sent.stderr
+    standin = replica(client)
+    delivery = receive(standin)
+    assert standin.dead_letter(delivery, "agent_failed: the stand-in gave up").ok
+
+    def listed() -> list[dict[str, Any]]:
+        shown = orchestrator.cli("dlq", "list", "--json")
+        return [d for d in json.loads(shown.stdout) if d["task_id"] == "dead-1"]
+
+    letter = wait_for(listed, 20, 0.1, "the dead letter mirrored into the spool")[0]
+    assert letter["worker"] == W and letter["retryable"]
+    assert "the stand-in gave up" in letter["detail"] and "last owner standin-1" in letter["detail"]
+    assert orchestrator.spool.inbox_names(W) == []
+
+    retried = orchestrator.cli("dlq", "retry", letter["id"])
+    assert retried.returncode == 0, retried.stderr
+    assert entries(client) == ["dead-1"]
+    again = receive(standin)
+    assert again.task_id == "dead-1"
+    run(standin, again)
+    wait_for(lambda: orchestrator.spool.result_path(W, "dead-1").exists(), 20, 0.1, "the retried task's result")
+    assert json.loads(orchestrator.cli("show", "dead-1", "--json").stdout)["state"] == "done"
+
+
+def test_status_shows_each_replica_and_redis_down_is_one_line_and_an_honest_status(orchestrator, client, redis_server):
+    for name in ("standin-a", "standin-b"):
+        replica(client, name).beat({"worker": W, "state": "running", "current_task": None, "queue_size": 0}, ttl=60)
+    shown = orchestrator.cli("status")
+    assert "replica standin-a: running" in shown.stdout and "replica standin-b: running" in shown.stdout
+    status, answer = call(api(orchestrator), "GET", "/status")
+    assert sorted(answer["streams"]["replicas"][W]) == ["standin-a", "standin-b"]
+    assert orchestrator.cli("check", W).returncode == 0
+
+    redis_server.stop()
+    wait_for(lambda: "redis unreachable" in orchestrator.log.read_text(), 20, 0.1, "the outage logged")
+    status, answer = call(api(orchestrator), "GET", "/status")
+    assert status == 200 and answer["streams"]["redis"].startswith("unreachable")
+    assert answer["unhealthy"] == [W]
+    checked = orchestrator.cli("check", W)
+    assert checked.returncode == 1 and "redis unreachable" in checked.stderr and "Traceback" not in checked.stderr
+    down = orchestrator.cli("status")
+    assert down.returncode == 1 and "redis unreachable" in down.stdout and "Traceback" not in down.stderr
+
+    redis_server.start()  # the same port, empty
+    wait_for(lambda: "redis reachable again" in orchestrator.log.read_text(), 30, 0.1, "the orchestrator to recover")
+    log = orchestrator.log.read_text()
+    assert log.count("redis unreachable") == 1
+    assert "Traceback" not in log
