@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from activation.config import WORKER_NAME_PATTERN, Settings, redact_url
@@ -35,6 +36,7 @@ log = logging.getLogger("activation.orchestrator")
 REPLICAS_PATTERN = StreamKeys("x").replicas.replace("{activation:x}", "{activation:*}")
 ROLE_PREFIX, ROLE_SUFFIX = "{activation:", "}:replicas"
 ORCHESTRATOR_CONSUMER = "orchestrator"  # it never reads the task streams: the name is only a label
+ROLES_INTERVAL = 5.0  # seconds between SCANs for roles seen in Redis: a pass itself stays a few commands
 
 
 class StreamsRelay:
@@ -55,6 +57,8 @@ class StreamsRelay:
         )
         self._resend_all = True  # the first pass sends the outbox: a crash may have left tasks unsent
         self.passes = 0  # finished passes: tests wait on it
+        self._roles: list[str] = []
+        self._next_scan = 0.0
 
     # -- what the dispatcher and the views ask for ----------------------------------------------
 
@@ -70,6 +74,8 @@ class StreamsRelay:
                     max_attempts=self.settings.max_attempts,
                     retention=self.settings.stream_retention,
                 )
+            if worker not in self._roles:  # dispatched to before the next SCAN: serve it at once
+                self._roles = sorted({*self._roles, worker})
             return found
 
     def client(self) -> RedisClient:
@@ -143,7 +149,10 @@ class StreamsRelay:
             return 0
         mirrored = 0
         try:
-            for worker in self.roles():
+            if time.monotonic() >= self._next_scan or self._resend_all:
+                self._roles = self.roles()
+                self._next_scan = time.monotonic() + ROLES_INTERVAL
+            for worker in list(self._roles):
                 mirrored += self._serve(worker)
         except StreamsError as exc:
             self.outage.failed(str(exc))
@@ -189,7 +198,7 @@ def role_health(
 ) -> WorkerHealth:
     problems = []
     if redis_error is not None:
-        problems.append(f"cannot see its replicas: redis unreachable: {redis_error}")
+        problems.append(f"its replicas cannot be seen: redis unreachable ({redis_error})")
     elif not replicas:
         problems.append("no live replica: no heartbeat key in Redis")
     states = list(replicas.values())

@@ -203,3 +203,19 @@ def test_status_shows_each_replica_and_redis_down_is_one_line_and_an_honest_stat
     log = orchestrator.log.read_text()
     assert log.count("redis unreachable") == 1
     assert "Traceback" not in log
+
+
+def test_an_id_redis_knows_as_done_is_refused_even_when_the_spool_forgot_it(orchestrator, client):
+    """The spool's result was purged, Redis still records the id: one run, and the second call says so."""
+    sent = orchestrator.cli("dispatch", W, "once", "--task-id", "once-1")
+    assert sent.returncode == 0, sent.stderr
+    standin = replica(client)
+    run(standin, receive(standin))
+    result = orchestrator.spool.result_path(W, "once-1")
+    wait_for(result.exists, 20, 0.1, "the result mirrored")
+    result.unlink()  # as `results purge` would, while Redis keeps the id for ACTIVATION_STREAM_RETENTION
+    again = orchestrator.cli("dispatch", W, "once", "--task-id", "once-1")
+    assert again.returncode == 1
+    assert "was already dispatched to marie (done); nothing was sent again" in again.stderr
+    assert orchestrator.spool.inbox_names(W) == []  # no outbox file left waiting for a result that never comes
+    assert entries(client) == [] and standin.receive(0) is None
