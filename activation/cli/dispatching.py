@@ -9,7 +9,7 @@ refusal is the domain's error with the domain's message.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from activation.config import Settings
 from activation.errors import ActivationError
@@ -17,6 +17,10 @@ from activation.orchestrator.adaptive import Decision
 from activation.orchestrator.http import DOMAIN_STATUS
 from activation.orchestrator.submit import Dispatcher
 from activation.spool.layout import Spool
+
+if TYPE_CHECKING:
+    from activation.orchestrator.dispatch import EventPublisher
+    from activation.orchestrator.relay import StreamsRelay
 
 # The API's refusal as the domain said it: the inverse of the one mapping, in orchestrator/http.
 STATUS_ERROR: dict[int, type[ActivationError]] = {int(status): error for error, status in DOMAIN_STATUS.items()}
@@ -29,6 +33,9 @@ def submit(spool: Spool, settings: Settings, body: dict[str, Any], transport: st
 
         url = read_endpoint(spool)
         if url is not None:
+            # Refused here as the orchestrator would refuse it, and before anything travels: what
+            # JSON cannot carry (a lone surrogate from a non-UTF-8 argument) is named as such.
+            _dispatcher(spool, settings, None).validate(body)
             answer = _through_api(url, body, settings.admin_token)
             if answer is not None:
                 return {**answer, "via": url}
@@ -49,9 +56,26 @@ def _through_api(url: str, body: dict[str, Any], token: str | None) -> dict[str,
     return answer
 
 
-def _here(spool: Spool, settings: Settings, body: dict[str, Any], transport: str | None) -> dict[str, Any]:
+def _dispatcher(
+    spool: Spool,
+    settings: Settings,
+    transport: str | None,
+    publisher: EventPublisher | None = None,
+    relay: StreamsRelay | None = None,
+) -> Dispatcher:
     chosen = transport or "files"
     rule = f"--transport {transport}" if transport else "no orchestrator answers for this spool"
+    return Dispatcher(
+        spool,
+        settings,
+        decide=lambda worker: Decision(chosen, rule, rule),
+        publisher=publisher,
+        streams=relay.transport if relay is not None else None,
+    )
+
+
+def _here(spool: Spool, settings: Settings, body: dict[str, Any], transport: str | None) -> dict[str, Any]:
+    chosen = transport or "files"
     relay = None
     publisher = None
     if settings.transport == "streams":
@@ -62,13 +86,7 @@ def _here(spool: Spool, settings: Settings, body: dict[str, Any], transport: str
         from activation.orchestrator.dispatch import EventPublisher
 
         publisher = EventPublisher(settings.redis_url)
-    dispatcher = Dispatcher(
-        spool,
-        settings,
-        decide=lambda worker: Decision(chosen, rule, rule),
-        publisher=publisher,
-        streams=relay.transport if relay is not None else None,
-    )
+    dispatcher = _dispatcher(spool, settings, transport, publisher, relay)
     try:
         return dispatcher.submit(body).as_dict()
     finally:
