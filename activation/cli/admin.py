@@ -12,7 +12,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -242,6 +242,10 @@ def dlq_retry(
     """Put a dead letter's task back in its worker's inbox under the same id, keeping its history;
     --description, --timeout and --meta fix the task first. In streams mode it is dispatched
     again under its id (the outbox keeps it until its new result comes)."""
+    from activation.cli import _parse_meta
+    from activation.orchestrator.dlq_fix import fix_dead_letter
+    from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
+
     if bool(dead_id) == retry_all:
         _fail("give one dead letter ID or --all", usage=True)
     fixes = description is not None or timeout is not None or bool(meta)
@@ -249,61 +253,32 @@ def dlq_retry(
         _fail("--description, --timeout and --meta fix one dead letter: give its ID, not --all", usage=True)
     context = _context()
     spool = context.spool
-    with _streams_relay(context) as relay:
-        _retry(context, spool, relay, dead_id, description, timeout, meta, fixes, as_json)
-
-
-def _streams_relay(context: Context) -> contextlib.AbstractContextManager[Any]:
-    """In streams mode, the relay a retried dead letter goes again through; else nothing."""
-    if context.settings.transport != "streams":
-        return contextlib.nullcontext()
-    from activation.orchestrator.relay import StreamsRelay
-
-    return contextlib.closing(StreamsRelay(context.spool, context.settings))
-
-
-def _retry(
-    context: Context,
-    spool: Any,
-    relay: Any,
-    dead_id: str | None,
-    description: str | None,
-    timeout: float | None,
-    meta: tuple[str, ...],
-    fixes: bool,
-    as_json: bool,
-) -> None:
-    from activation.cli import _parse_meta
-    from activation.orchestrator.dlq_fix import fix_dead_letter
-    from activation.orchestrator.recovery import DeadLetterError, dead_letters, retry_dead_letter
-    from activation.orchestrator.service import redispatcher
-
-    send = redispatcher(relay)
-    if dead_id:
-        if fixes:
-            metadata = _parse_meta(meta)
-            fix_dead_letter(
-                spool,
-                dead_id,
-                description=description,
-                timeout=timeout,
-                metadata=metadata,
-                max_timeout=context.settings.max_task_timeout,
-            )
-        retried = retry_dead_letter(spool, dead_id, send=send)
-        if as_json:
-            print_json(retried.as_dict())
-        else:
-            click.echo(f"{retried.task_id} back in {retried.worker}'s inbox")
-        return
-    done, failed = [], []
-    for letter in dead_letters(spool):
-        if not letter.retryable:
-            continue
-        try:
-            done.append(retry_dead_letter(spool, letter.key, send=send).as_dict())
-        except (DeadLetterError, Unavailable) as exc:
-            failed.append({"id": letter.key, "error": str(exc)})
+    with _redispatch(context) as send:
+        if dead_id:
+            if fixes:
+                metadata = _parse_meta(meta)
+                fix_dead_letter(
+                    spool,
+                    dead_id,
+                    description=description,
+                    timeout=timeout,
+                    metadata=metadata,
+                    max_timeout=context.settings.max_task_timeout,
+                )
+            retried = retry_dead_letter(spool, dead_id, send=send)
+            if as_json:
+                print_json(retried.as_dict())
+            else:
+                click.echo(f"{retried.task_id} back in {retried.worker}'s inbox")
+            return
+        done, failed = [], []
+        for letter in dead_letters(spool):
+            if not letter.retryable:
+                continue
+            try:
+                done.append(retry_dead_letter(spool, letter.key, send=send).as_dict())
+            except (DeadLetterError, Unavailable) as exc:
+                failed.append({"id": letter.key, "error": str(exc)})
     if as_json:
         print_json({"retried": done, "failed": failed})
     else:
@@ -314,6 +289,22 @@ def _retry(
         click.echo(f"{len(done)} retried, {len(failed)} failed")
     if failed:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _redispatch(context: Context) -> Iterator[Callable[[str, dict[str, Any]], None] | None]:
+    """In streams mode, how a retried dead letter is dispatched again (its id kept); else None."""
+    if context.settings.transport != "streams":
+        yield None
+        return
+    from activation.orchestrator.relay import StreamsRelay
+    from activation.orchestrator.service import redispatcher
+
+    relay = StreamsRelay(context.spool, context.settings)
+    try:
+        yield redispatcher(relay)
+    finally:
+        relay.close()
 
 
 @dlq_group.command("purge")
