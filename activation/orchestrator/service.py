@@ -356,6 +356,7 @@ class Orchestrator(Program):
         overall = decide(mode, snapshot, self.thresholds)
         return {
             "mode": mode,
+            "transport": self.settings.transport,  # streams: every task goes by stream, whatever the mode
             "current_decision": overall.transport,
             "rule": overall.rule,
             "detail": overall.detail,
