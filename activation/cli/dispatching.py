@@ -79,6 +79,13 @@ def _here(spool: Spool, settings: Settings, body: dict[str, Any], transport: str
     relay = None
     publisher = None
     if settings.transport == "streams":
+        if settings.worker_name:
+            # A worker's spool is no outbox: its inbox is what the stream fills, and a task
+            # written there would run here and again wherever its entry is delivered.
+            raise ActivationError(
+                f"this is worker {settings.worker_name}'s own spool (WORKER_NAME is set): with "
+                "ACTIVATION_TRANSPORT=streams, dispatch on the orchestrator's host or through its API"
+            )
         from activation.orchestrator.relay import StreamsRelay
 
         relay = StreamsRelay(spool, settings)
