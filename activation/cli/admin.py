@@ -297,8 +297,7 @@ def _redispatch(context: Context) -> Iterator[Callable[[str, dict[str, Any]], No
     if context.settings.transport != "streams":
         yield None
         return
-    from activation.orchestrator.relay import StreamsRelay
-    from activation.orchestrator.service import redispatcher
+    from activation.orchestrator.relay import StreamsRelay, redispatcher
 
     relay = StreamsRelay(context.spool, context.settings)
     try:

@@ -20,9 +20,11 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from activation.config import WORKER_NAME_PATTERN, Settings, redact_url
+from activation.errors import Unavailable
 from activation.spool.health import WorkerHealth
 from activation.spool.layout import Spool
 from activation.transport.redis_link import Outage
@@ -214,3 +216,17 @@ def role_health(
         dead_letters=dead_letters,
         problems=problems,
     )
+
+
+def redispatcher(relay: StreamsRelay | None) -> Callable[[str, dict[str, Any]], None] | None:
+    """For recovery.retry_dead_letter in streams mode: send the revived task, dead id allowed."""
+    if relay is None:
+        return None
+
+    def send(worker: str, task: dict[str, Any]) -> None:
+        try:
+            relay.transport(worker).dispatch(task["task_id"], task, allow_dead=True)
+        except StreamsError as exc:
+            raise Unavailable(f"{exc}; the dead letter stays where it is") from None
+
+    return send

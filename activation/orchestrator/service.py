@@ -26,7 +26,7 @@ from activation.orchestrator.dispatch import EventPublisher
 from activation.orchestrator.endpoint import clear_endpoint, write_endpoint
 from activation.orchestrator.http import AdminApi, check_bind, parse_bind
 from activation.orchestrator.liveness import LivenessWatch
-from activation.orchestrator.relay import StreamsRelay
+from activation.orchestrator.relay import StreamsRelay, redispatcher
 from activation.orchestrator.submit import STREAMS, Dispatcher
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
@@ -476,18 +476,3 @@ class Orchestrator(Program):
     def _dispatchable(self) -> list[str]:
         return [w for w in self.spool.workers() if self.spool.inbox(w).is_dir()]
 
-
-def redispatcher(relay: StreamsRelay | None) -> Callable[[str, dict[str, Any]], None] | None:
-    """For recovery.retry_dead_letter in streams mode: send the revived task, dead id allowed."""
-    if relay is None:
-        return None
-
-    def send(worker: str, task: dict[str, Any]) -> None:
-        from activation.transport.streams.connect import StreamsError
-
-        try:
-            relay.transport(worker).dispatch(task["task_id"], task, allow_dead=True)
-        except StreamsError as exc:
-            raise Unavailable(f"{exc}; the dead letter stays where it is") from None
-
-    return send
