@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The project's fake agent: a stand-in for ``claude -p`` whose description says what it does.
 
-Usage: ``fake_agent.py [--output-format json] -p -- "<description>"``; with ``-p`` and no description
+Usage: ``fake_agent.py [--output-format json|stream-json] -p -- "<description>"``; with ``-p`` and no description
 it reads the description from stdin, as Claude Code does. The description is a list of
 space-separated directives; any other word is only echoed. By default it prints
 ``done: <description>`` and exits 0. Directives (acted on in this order, whatever their order):
@@ -18,6 +18,11 @@ space-separated directives; any other word is only echoed. By default it prints
   sleep=S                  sleep S seconds
   json / json-error        print a Claude Code style result envelope (is_error false / true); also
                            the default with --output-format json. json-error still exits 0.
+  stream=N                 print Claude Code's --output-format stream-json, one event per line:
+                           system init, then N turns (assistant text + a Bash tool_use, then the
+                           user's tool_result), one every gap=S seconds (default 0.3), then the
+                           final result event (cost, usage, duration). --output-format
+                           stream-json alone means stream=1. With json-error the result is_error.
   exit=N                   exit with status N
 
 Only the standard library, and only the modules a directive needs, so that it starts fast.
@@ -99,6 +104,79 @@ def flood(stream: object, size: int) -> None:
         os._exit(141)
 
 
+def stream_json(turns: int, gap: float, result: str, flags: set[str], started: float) -> None:
+    """Claude Code's stream-json: the events a real session prints, slowly, each flushed at once."""
+    import json
+
+    def emit(event: dict[str, object]) -> None:
+        print(json.dumps(event), flush=True)
+
+    session = "fake-session"
+    emit(
+        {
+            "type": "system",
+            "subtype": "init",
+            "session_id": session,
+            "model": "fake-model",
+            "cwd": os.getcwd(),
+            "tools": ["Bash", "Read"],
+        }
+    )
+    for turn in range(1, turns + 1):
+        tool_id = f"toolu_{turn:04d}"
+        emit(
+            {
+                "type": "assistant",
+                "session_id": session,
+                "message": {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": f"Turn {turn}: let me look."},
+                        {"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": f"echo turn {turn}"}},
+                    ],
+                },
+            }
+        )
+        time.sleep(gap)
+        emit(
+            {
+                "type": "user",
+                "session_id": session,
+                "message": {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": tool_id, "content": f"turn {turn}", "is_error": False},
+                    ],
+                },
+            }
+        )
+    emit(
+        {
+            "type": "assistant",
+            "session_id": session,
+            "message": {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": result},
+                ],
+            },
+        }
+    )
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": "json-error" in flags,
+            "result": result,
+            "session_id": session,
+            "num_turns": turns,
+            "duration_ms": int((time.monotonic() - started) * 1000),
+            "total_cost_usd": 0.0123 * turns,
+            "usage": {"input_tokens": 100 * turns, "output_tokens": 20 * turns, "cache_read_input_tokens": 5000},
+        }
+    )
+
+
 def main(argv: list[str]) -> int:
     started = time.monotonic()
     description, output_format = parse_args(argv)
@@ -149,7 +227,9 @@ def main(argv: list[str]) -> int:
         time.sleep(float(options["sleep"]))
 
     result = f"done: {description}"
-    if "json" in flags or "json-error" in flags or output_format == "json":
+    if "stream" in options or output_format == "stream-json":
+        stream_json(int(options.get("stream", "1")), float(options.get("gap", "0.3")), result, flags, started)
+    elif "json" in flags or "json-error" in flags or output_format == "json":
         import json
 
         envelope = {

@@ -140,6 +140,8 @@ def dispatch(
 
 
 def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
+    from activation.cli.explain import outcome_notes
+
     if state == "dead":
         click.echo(f"{outcome.get('task_id')}: dead letter ({outcome.get('reason')}: {outcome.get('detail')})")
         return
@@ -147,6 +149,8 @@ def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
         f"{outcome.get('task_id')}: {outcome.get('status')} (exit {outcome.get('exit_code')}, "
         f"{outcome.get('duration_s', 0):.3f}s, attempt {outcome.get('attempts')})"
     )
+    for note in outcome_notes(outcome):
+        click.echo(f"  {note}")
     if outcome.get("stdout"):
         click.echo(outcome["stdout"], nl=not str(outcome["stdout"]).endswith("\n"))
     if outcome.get("stderr"):
@@ -175,17 +179,24 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("task_id")
+@click.option("--no-wait", is_flag=True, help="A running task: only ask its executor, do not wait for the result.")
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="A running task: how long to wait for its cancelled result.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
-def cancel(obj: Context, task_id: str, as_json: bool) -> None:
-    """Cancel a pending TASK_ID: it gets a `cancelled` result and never runs."""
-    from activation.spool.cancel import cancel_pending
+def cancel(obj: Context, task_id: str, no_wait: bool, wait_timeout: float, as_json: bool) -> None:
+    """Cancel TASK_ID: a pending one never runs; a running one's tree is killed (SIGINT, grace, SIGKILL).
 
-    cancelled = cancel_pending(obj.spool, task_id, by="cli")
-    if as_json:
-        print_json(cancelled.as_dict())
-    else:
-        click.echo(f"{task_id}: cancelled (was pending for {cancelled.worker})")
+    Either way its result is `cancelled`. Files mode (one shared spool) only.
+    """
+    from activation.cli.cancelling import cancel_and_wait
+
+    cancel_and_wait(obj.spool, task_id, wait=not no_wait, timeout=wait_timeout, as_json=as_json)
 
 
 # -- the programs supervisord runs ------------------------------------------------------------
@@ -329,6 +340,7 @@ def up(obj: Context, workers: str) -> None:
 # -- the orchestrator and its admin commands ------------------------------------------------
 # Imported last: admin_cli uses this module's helpers (inside its functions).
 from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
+from activation.cli.logs import logs_command  # noqa: E402
 from activation.cli.results import results_group, where_command  # noqa: E402
 from activation.cli.tasks import status_command, tasks_command  # noqa: E402
 
@@ -340,3 +352,4 @@ main.add_command(tasks_command)
 main.add_command(status_command)
 main.add_command(results_group)
 main.add_command(where_command)
+main.add_command(logs_command)

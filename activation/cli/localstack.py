@@ -133,7 +133,9 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
     if orchestrator:
         say(f"activation: admin API on http://{settings.admin_bind} (`activation config get`)", err=True)
 
-    log_dir = _run_base(settings).parent / "log"
+    from activation.cli.logs import stack_log_dir
+
+    log_dir = stack_log_dir(settings.spool)  # where `activation logs --worker` reads them
     log_dir.mkdir(parents=True, exist_ok=True)
     children = []
     for name, conf, env in trees:

@@ -415,16 +415,19 @@ class Orchestrator(Program):
         return self.dispatcher.submit(body).as_dict()
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
-        """POST /tasks/<id>/cancel: a pending task becomes a cancelled result (spool.cancel)."""
-        from activation.spool.cancel import CannotCancel, cancel_pending
+        """POST /tasks/<id>/cancel (spool.cancel): a pending task becomes a cancelled result; a running
+        one's executor is asked to kill its tree, and the answer says ``cancelling`` (poll GET /tasks/<id>)."""
+        from activation.spool.cancel import CannotCancel, cancel_task
 
         try:
-            cancelled = cancel_pending(self.spool, task_id, by="api")
+            cancelled = cancel_task(self.spool, task_id, by="api")
         except CannotCancel as exc:
             raise (NotFound if exc.state is None else Conflict)(str(exc)) from None
         self.log.info(
-            "task %s cancelled while pending",
+            "task %s %s while %s",
             task_id,
+            "cancelled" if cancelled.status == "cancelled" else "cancel requested",
+            cancelled.was,
             extra={"worker": cancelled.worker, "task_id": task_id, "event": "task_cancelled"},
         )
         return cancelled.as_dict()

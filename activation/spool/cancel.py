@@ -1,21 +1,35 @@
-"""Cancelling a pending task: it becomes a ``cancelled`` result and never runs.
+"""Cancelling a task: a pending one becomes a ``cancelled`` result and never runs; a running one
+is asked to stop through a request file that its executor acts on.
 
-The cancel claims the task exactly as the executor would (a rename out of the inbox), so of a
-cancel and an executor racing for it exactly one wins; then it writes the result, which drops the
-claim. A crash in between leaves a claim that recovery requeues: the task may then run, but it
-is never lost. Cancelling a *running* task needs the executor (it owns the agent's tree).
+Pending: the cancel claims the task exactly as the executor would (a rename out of the inbox), so
+of a cancel and an executor racing for it exactly one wins; then it writes the result, which drops
+the claim. A crash in between leaves a claim that recovery requeues: the task may then run, but it
+is never lost.
+
+Running: the executor owns the agent's tree, so the cancel writes a request,
+``tasks/<worker>/.processing/<task_id>.cancel``, beside the claim. The executor's supervision loop
+looks for it every tick (one stat), kills the tree (SIGINT, the kill grace, SIGKILL) and writes a
+``cancelled`` result; then it deletes the request. A request for a task that finished meanwhile
+is deleted by whoever sees that first (the canceller just after writing it, or the executor's
+start), so it never cancels a later run by surprise. Files mode only: in streams mode the owning
+replica is on another host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from activation.clock import iso_now
 from activation.errors import ActivationError
-from activation.spool.atomic import read_json
+from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
+from activation.spool.task import is_valid_task_id
+
+CANCEL_SUFFIX = ".cancel"
 
 
 class CannotCancel(ActivationError):
@@ -31,9 +45,81 @@ class Cancelled:
     task_id: str
     worker: str
     path: str
+    status: str = "cancelled"  # or "cancelling": a running task, whose executor has been asked
+    was: str = "pending"  # what the task was when the cancel came: pending | running
 
     def as_dict(self) -> dict[str, str]:
-        return {"task_id": self.task_id, "worker": self.worker, "status": "cancelled", "path": self.path}
+        return {
+            "task_id": self.task_id,
+            "worker": self.worker,
+            "status": self.status,
+            "while": self.was,
+            "path": self.path,
+        }
+
+
+def cancel_task(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:
+    """Cancel ``task_id``: pending, at once; running, by a request its executor acts on."""
+    found = spool.locate(task_id)
+    if found is not None and found.state == "processing" and found.worker is not None:
+        return request_cancel(spool, found.worker, task_id, by=by)
+    try:
+        return cancel_pending(spool, task_id, by=by)
+    except CannotCancel as exc:
+        if exc.state != "processing":
+            raise
+    # it started running between looking and claiming
+    found = spool.locate(task_id)
+    if found is None or found.state != "processing" or found.worker is None:
+        raise CannotCancel(f"cannot cancel {task_id}: it has just finished", found.state if found else None)
+    return request_cancel(spool, found.worker, task_id, by=by)
+
+
+def request_path(spool: Spool, worker: str, task_id: str) -> Path:
+    return spool.processing(worker) / f"{task_id}{CANCEL_SUFFIX}"
+
+
+def request_cancel(spool: Spool, worker: str, task_id: str, *, by: str = "cli") -> Cancelled:
+    """Ask the executor running ``task_id`` to kill its tree; CannotCancel if it finished meanwhile."""
+    path = request_path(spool, worker, task_id)
+    atomic_write_json(path, {"task_id": task_id, "by": by, "at": iso_now()}, durable=False)
+    # The executor writes the result, then deletes any request: a result now means ours came late.
+    if spool.has_result(worker, task_id):
+        clear_request(spool, worker, task_id)
+        raise CannotCancel(f"cannot cancel {task_id}: it has just finished", "done")
+    return Cancelled(task_id, worker, str(path), status="cancelling", was="running")
+
+
+def cancel_requested(spool: Spool, worker: str, task_id: str) -> dict[str, Any] | None:
+    """The request to cancel ``task_id``, or None; cheap when there is none (one failed open)."""
+    try:
+        request = read_json(request_path(spool, worker, task_id))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        request = {}
+    return request if isinstance(request, dict) else {}
+
+
+def clear_request(spool: Spool, worker: str, task_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(request_path(spool, worker, task_id))
+
+
+def remove_stale_requests(spool: Spool, worker: str) -> int:
+    """At the executor's start: drop requests whose task is no longer claimed (it finished or moved)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(spool.processing(worker)) as it:
+        for entry in it:
+            if not entry.name.endswith(CANCEL_SUFFIX):
+                continue
+            task_id = entry.name[: -len(CANCEL_SUFFIX)]
+            if is_valid_task_id(task_id) and os.path.lexists(spool.claim_path(worker, task_id)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def cancel_pending(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:
@@ -43,7 +129,7 @@ def cancel_pending(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:
         raise CannotCancel(f"no task {task_id!r} in {spool.root}", None)
     if found.state != "pending" or found.worker is None:
         why = {
-            "processing": "it is running; cancelling a running task needs the executor, which does not do it yet",
+            "processing": "it is running (`activation cancel` stops it through its executor)",
             "done": "it has already finished",
             "dead": "it is in the dead letter (`activation dlq purge` deletes it)",
         }.get(found.state, found.state)

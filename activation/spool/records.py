@@ -55,6 +55,18 @@ class ResultRecord(TypedDict):
     resources: Resources
     agent: dict[str, Any] | None  # Claude Code's JSON envelope, when the agent printed one
     metadata: dict[str, Any]
+    # How the tree was stopped when activation stopped it (timeout or cancel), for `show`:
+    # {"reason": "timeout"|"cancelled", "timeout_s", "kill_grace_s", "signals": ["SIGINT", "SIGKILL"]}
+    kill: NotRequired[KillRecord]
+    cancelled: NotRequired[dict[str, Any]]  # {"at", "by", "while": "pending"|"running"}
+    output_limit: NotRequired[int]  # when truncated: bytes of each stream the result keeps
+
+
+class KillRecord(TypedDict):
+    reason: str
+    timeout_s: float
+    kill_grace_s: float
+    signals: list[str]
 
 
 class DeadLetterRecord(TypedDict):

@@ -1,4 +1,4 @@
-"""Result retention: deleting results older than ACTIVATION_RESULT_TTL.
+"""Result retention: deleting results older than ACTIVATION_RESULT_TTL, each with its agent log.
 
 Two ways in: ``purge`` (``activation results purge``), one full pass; and ``Sweeper``, the
 orchestrator's periodic work, which looks at a bounded number of entries per step and rests
@@ -13,9 +13,11 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from activation.spool.layout import Spool
 from activation.spool.task import is_task_name, task_id_of
+from activation.spool.tasklog import log_of_result
 
 log = logging.getLogger("activation.retention")
 DEFAULT_TTL = 7 * 86400.0
@@ -54,10 +56,13 @@ def _old(spool: Spool, worker: str, cutoff: float) -> Iterator[Purged]:
 
 
 def _delete(item: Purged) -> bool:
+    """Delete a result and the agent log kept beside it (spool.tasklog)."""
     try:
         os.unlink(item.path)
     except FileNotFoundError:
         return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(log_of_result(Path(item.path)))
     return True
 
 

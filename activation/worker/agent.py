@@ -55,6 +55,8 @@ RSS_SAMPLE_INTERVAL = 0.5
 GONE_CHECK_INTERVAL = 0.05  # during the grace: how often to look whether the tree is already gone
 PIPE_DRAIN_BOUND = 0.5  # after the tree is gone: how long a pipe may still stay open
 KILL_BOUND = 5.0  # SIGKILL rounds stop after this; only a process stuck in the kernel survives them
+# Past output_limit, stdout's last bytes are still kept: a stream-json run ends with its envelope.
+STDOUT_TAIL = 1024 * 1024
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _subreaper = False  # whether this process adopts orphans (and so may reap any zombie child)
@@ -142,6 +144,8 @@ class AgentRun:
     rss_peak_bytes: int
     killed_pids: list[int] = field(default_factory=list)
     pid: int | None = None  # None when the agent could not be started
+    stdout_tail: str = ""  # stdout's last STDOUT_TAIL bytes, only when stdout went past the limit
+    signals_sent: list[str] = field(default_factory=list)  # e.g. ["SIGINT", "SIGKILL"], in order
 
 
 def signal_name(exit_code: int) -> str | None:
@@ -165,6 +169,7 @@ def run_agent(
     cgroups: TaskCgroups | None = None,
     stdin_data: bytes | None = None,
     on_tick: Callable[[], None] | None = None,
+    on_output: Callable[[int, bytes], None] | None = None,
 ) -> AgentRun:
     """Run the agent to its end and leave nothing of its tree behind.
 
@@ -177,6 +182,8 @@ def run_agent(
     raises `activation.worker.spawn.CannotStart`, which says whether it is this task's fault.
     ``on_tick`` is called on every turn of the supervision loop (at least every 0.25 s while the
     agent runs, every 50 ms while its tree is being killed): the caller's proof of progress.
+    ``on_output(stream, chunk)`` gets every chunk read, past the limit too (0 stdout, 1 stderr):
+    the per-task log (spool.tasklog). An exception from it is logged once and the sink dropped.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     stdin: int = subprocess.DEVNULL
@@ -203,7 +210,7 @@ def run_agent(
             os.close(stdin)
     started_at_wall = time.time()
     started_mono = time.monotonic()
-    tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups)
+    tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups, on_output)
     try:
         tree.supervise(started_mono + timeout, should_abort, on_tick)
     finally:
@@ -229,6 +236,8 @@ def run_agent(
         rss_peak_bytes=max(tree.agent_maxrss, tree.sampled_rss_peak),
         killed_pids=list(tree.killed),
         pid=popen.pid,
+        stdout_tail=bytes(tree.tail).decode("utf-8", errors="replace") if tree.totals[0] > len(out) else "",
+        signals_sent=list(tree.signals_sent),
     )
 
 
@@ -261,7 +270,13 @@ class _Tree:
     """One agent and everything it spawns, watched from a single thread with one selector."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], started: float, kill_grace: float, limit: int, cgroups: TaskCgroups | None
+        self,
+        popen: subprocess.Popen[bytes],
+        started: float,
+        kill_grace: float,
+        limit: int,
+        cgroups: TaskCgroups | None,
+        on_output: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self.popen = popen
         self.cgroups = cgroups if cgroups is not None and cgroups.current is not None else None
@@ -276,6 +291,9 @@ class _Tree:
         self.killed: dict[int, psutil.Process] = {}  # every process signalled, in order
         self.buffers = (bytearray(), bytearray())
         self.totals = [0, 0]
+        self.tail = bytearray()  # stdout's last bytes, once past the limit
+        self.on_output = on_output
+        self.signals_sent: list[str] = []
         self.my_pid = os.getpid()
         self._me: psutil.Process | None = None
         # The agent's start time tells its re-parented descendants apart from older children of
@@ -390,6 +408,22 @@ class _Tree:
             room = self.limit - len(buffer)
             if room > 0:
                 buffer += chunk[:room]
+            if index == 0 and self.totals[0] > self.limit:
+                if not self.tail:  # just past the limit: the tail starts with what the buffer ends with
+                    self.tail += buffer[-STDOUT_TAIL:]
+                self.tail += chunk[max(room, 0) :]
+                if len(self.tail) > 2 * STDOUT_TAIL:  # trimmed rarely: amortised, not per chunk
+                    del self.tail[:-STDOUT_TAIL]
+            if self.on_output is not None:
+                self._feed(index, chunk)
+
+    def _feed(self, index: int, chunk: bytes) -> None:
+        assert self.on_output is not None
+        try:
+            self.on_output(index, chunk)
+        except Exception:  # the log is a convenience: the run goes on without it
+            log.exception("agent %d: its output sink failed; the output is still captured", self.pid)
+            self.on_output = None
 
     def close(self) -> None:
         self.selector.close()
@@ -506,6 +540,8 @@ class _Tree:
             os.waitpid(pid, os.WNOHANG)
 
     def _signal(self, procs: list[psutil.Process], sig: signal.Signals) -> None:
+        if procs and sig.name not in self.signals_sent:
+            self.signals_sent.append(sig.name)
         for proc in procs:
             try:
                 if proc.pid == self.pid and self.pidfd is not None and self.exit_code is None:
@@ -523,6 +559,8 @@ class _Tree:
         """SIGKILL the tree until a fresh snapshot finds nothing alive: late spawns die too."""
         give_up = time.monotonic() + KILL_BOUND
         if self.cgroups is not None and self.cgroups.agent_pids():
+            if "SIGKILL" not in self.signals_sent:
+                self.signals_sent.append("SIGKILL")
             self.cgroups.kill_agents()  # all at once: a fork racing the kill is born dead
         while True:
             alive = self._alive_tree()

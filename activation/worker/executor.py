@@ -24,13 +24,14 @@ from activation.config import Settings
 from activation.errors import ActivationError, BadTask, NotReady, QueueError
 from activation.lifecycle import Program, StopFlag
 from activation.observability.metrics import worker_metrics
-from activation.spool import codec
+from activation.spool import cancel as cancels
+from activation.spool import codec, tasklog
 from activation.spool import outcome as outcomes
 from activation.spool import task as tasks
 from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
-from activation.spool.records import ResultRecord, ResultStatus
+from activation.spool.records import KillRecord, ResultRecord, ResultStatus
 from activation.worker import liveness
 from activation.worker.agent import (
     AgentRun,
@@ -55,6 +56,7 @@ SPOOL_ERROR = "spool_error"
 COMPLETED: ResultStatus = "completed"
 FAILED: ResultStatus = "failed"
 TIMEOUT: ResultStatus = "timeout"
+CANCELLED: ResultStatus = "cancelled"
 EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
 
 
@@ -82,8 +84,16 @@ def iso_from(epoch: float) -> str:
 
 
 def parse_envelope(stdout: str) -> dict[str, Any] | None:
-    """Claude Code's ``--output-format json`` result envelope, when stdout is one."""
+    """Claude Code's result envelope: stdout itself (``--output-format json``), or its last line
+    when that is a ``result`` event (``--output-format stream-json``, one JSON event per line)."""
     text = stdout.strip()
+    envelope = _envelope_of(text)
+    if envelope is None and "\n" in text:
+        envelope = _envelope_of(text.rpartition("\n")[2].strip())
+    return envelope
+
+
+def _envelope_of(text: str) -> dict[str, Any] | None:
     if not text.startswith("{") or not text.endswith("}"):
         return None
     try:
@@ -124,7 +134,8 @@ class Executor(Program):
         # In JSON mode Claude Code always prints an envelope; exit 0 without one is a failed run
         # (it happens when claude is interrupted right after its first request).
         self._expects_envelope = any(
-            arg == "--output-format=json" or (arg == "--output-format" and nxt == "json")
+            arg in ("--output-format=json", "--output-format=stream-json")
+            or (arg == "--output-format" and nxt in ("json", "stream-json"))
             for arg, nxt in zip(probe, [*probe[1:], ""], strict=True)
         )
         self._program = probe[0]
@@ -146,6 +157,7 @@ class Executor(Program):
         self.condition = liveness.Condition(self.pulse, self.log, self.worker)
         self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
         self._unsettled: set[str] = set()  # claims that recovery could not settle yet
+        self._cancel: dict[str, Any] | None = None  # the cancel request of the running task, once seen
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -270,6 +282,8 @@ class Executor(Program):
         held = self._settle_outcomes()
         # A held outcome is written, never run again.
         self._settle_claims([task_id for task_id in self.spool.claimed_ids(self.worker) if task_id not in held])
+        tasklog.remove_stray_logs(self.spool, self.worker)
+        cancels.remove_stale_requests(self.spool, self.worker)
 
     def _settle_claims(self, task_ids: list[str]) -> None:
         """Recover each claim; one the spool cannot take yet (a full disk) is retried from loop()."""
@@ -390,6 +404,8 @@ class Executor(Program):
         env = agent_environment(self._environ, task_id, self.worker)
         env[STRAY_MARKER] = self._containment_id
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
+        self._cancel = None
+        output = tasklog.open_log(self.spool, self.worker, task_id)
         try:
             launch = plan_launch(self.settings.agent_command, task["description"], env, task_id=task_id)
             run = run_agent(
@@ -398,11 +414,12 @@ class Executor(Program):
                 timeout=timeout,
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
-                should_abort=self._past_drain,
+                should_abort=lambda: self._should_abort(task_id),
                 on_tick=self.pulse.beat,
                 cwd=self._cwd,
                 cgroups=self._cgroups,
                 stdin_data=launch.stdin,
+                on_output=output.write if output.open else None,
             )
         except CannotStart as exc:
             self._cannot_start(task, exc)
@@ -411,8 +428,10 @@ class Executor(Program):
             self._put_back(task_id)
             self._spool_trouble("cannot run the agent for", task_id, exc)
             return None
+        finally:
+            output.close()
         self.condition.started()
-        if run.aborted:
+        if run.aborted and self._cancel is None:
             # A drain is not the task's fault: back unchanged, same attempt count, no result.
             self._put_back(task_id)
             self.log.warning(
@@ -422,16 +441,52 @@ class Executor(Program):
             )
             return None
         result = self._result(task, run, attempts, visible_ns, source)
+        self._note_kill(result, run, timeout)
         failed = result["status"] == FAILED
         self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
+        tasklog.keep_log(self.spool, self.worker, task_id)  # before the result: a reader of it finds the whole log
         try:
             outcomes.finish_write(self.spool, self.worker, result)
         except OSError as exc:
             # The run is done and paid for: keep its outcome and retry only the write.
             self._hold(result, exc)
             return None
+        cancels.clear_request(self.spool, self.worker, task_id)  # one that came too late is harmless
         self._finished(result)
         return result
+
+    # -- stopping one run: the drain deadline, or an operator's cancel ----------------------
+
+    def _should_abort(self, task_id: str) -> bool:
+        """run_agent's abort check, each supervision tick: past the drain, or asked to cancel (one stat)."""
+        if self._cancel is None:
+            self._cancel = cancels.cancel_requested(self.spool, self.worker, task_id)
+            if self._cancel is not None:
+                self.log.warning(
+                    "task %s: cancel requested by %s; killing its tree",
+                    task_id,
+                    self._cancel.get("by", "?"),
+                    extra=self._extra(task_id, "task_cancelling"),
+                )
+        return self._cancel is not None or self._past_drain()
+
+    def _note_kill(self, result: ResultRecord, run: AgentRun, timeout: float) -> None:
+        """Say how activation stopped the tree, if it did; a cancelled run's result is ``cancelled``."""
+        if run.truncated:  # so that `show` can say how much was kept
+            result["output_limit"] = self.settings.output_limit
+        if run.aborted and self._cancel is not None:
+            result["status"] = CANCELLED
+            request = self._cancel
+            result["cancelled"] = {"at": request.get("at"), "by": request.get("by"), "while": "running"}
+        elif not run.timed_out:
+            return
+        kill: KillRecord = {
+            "reason": "cancelled" if result["status"] == CANCELLED else "timeout",
+            "timeout_s": timeout,
+            "kill_grace_s": self.settings.kill_grace,
+            "signals": list(run.signals_sent),
+        }
+        result["kill"] = kill
 
     def _finished(self, result: ResultRecord) -> None:
         """A result is on disk: announce it, count it, log it."""
@@ -445,7 +500,9 @@ class Executor(Program):
         self.metrics.activation_latency_seconds.labels(self.worker, str(result.get("source"))).observe(latency)
         if status == TIMEOUT:
             self.metrics.agent_timeouts.inc()
-        self.log.info(
+        level = logging.WARNING if status in (FAILED, TIMEOUT) else logging.INFO  # failures stand out
+        self.log.log(
+            level,
             "task %s %s (exit %s, %.3fs)",
             task_id,
             status,
@@ -454,10 +511,13 @@ class Executor(Program):
             extra=self._extra(task_id, "task_finished"),
         )
 
-    def _result(
-        self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str
-    ) -> ResultRecord:
-        envelope = None if run.truncated else parse_envelope(run.stdout)
+    def _result(self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str) -> ResultRecord:
+        # stdout past the limit: its tail still ends with a stream-json run's envelope
+        envelope = (
+            parse_envelope(run.stdout_tail)
+            if run.stdout_tail
+            else (None if run.truncated else parse_envelope(run.stdout))
+        )
         return {
             "task_id": task["task_id"],
             "worker": self.worker,
