@@ -82,6 +82,10 @@ class TaskLog:
         for pending in self._pending:
             if pending and self._fd is not None:
                 self._emit(bytes(pending) + (b"" if pending.endswith(b"\n") else b"\n"))
+        self._shut()
+
+    def _shut(self) -> None:
+        for pending in self._pending:
             pending.clear()
         if self._fd is not None:
             with contextlib.suppress(OSError):
@@ -103,7 +107,7 @@ class TaskLog:
             return
         self.written += len(data)
         if full:
-            self.close()
+            self._shut()
 
     def _give_up(self, exc: OSError) -> None:
         log.warning(
@@ -113,10 +117,7 @@ class TaskLog:
             exc.strerror or exc,
             extra={"task_id": self.task_id, "event": "task_log_failed"},
         )
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd = None
+        self._shut()
 
 
 def open_log(spool: Spool, worker: str, task_id: str) -> TaskLog:

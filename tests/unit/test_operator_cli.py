@@ -317,13 +317,83 @@ def test_cancel_a_pending_task_gives_a_cancelled_result(spool, cli):
     assert [r["task_id"] for r in rows] == ["later-1"]
 
 
-def test_cancel_refuses_what_is_not_pending_in_one_line(spool, cli):
-    _claimed(spool, "marie", "busy-1")
+def test_cancel_refuses_what_is_finished_or_unknown_in_one_line(spool, cli):
     _result(spool, "marie", "over-1", "completed")
-    for task_id, words in (("busy-1", "running"), ("over-1", "already finished"), ("nope", "no task")):
+    for task_id, words in (("over-1", "already finished"), ("nope", "no task")):
         out = cli("cancel", task_id)
         assert out.exit_code == 1 and words in out.output and out.output.count("\n") == 1, out.output
-    assert spool.claim_path("marie", "busy-1").exists()
+
+
+def test_cancel_of_a_running_task_asks_its_executor(spool, cli):
+    from activation.spool.cancel import request_path
+
+    _claimed(spool, "marie", "busy-1")
+    out = cli("cancel", "busy-1", "--no-wait", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {
+        "task_id": "busy-1",
+        "worker": "marie",
+        "status": "cancelling",
+        "while": "running",
+        "path": str(request_path(spool, "marie", "busy-1")),
+    }
+    assert json.loads(request_path(spool, "marie", "busy-1").read_text())["by"] == "cli"
+    assert spool.claim_path("marie", "busy-1").exists(), "only the executor ends a running task"
+    out = cli("cancel", "busy-1", "--wait-timeout", "0.1")  # no executor here to act on it
+    assert out.exit_code == 1 and "has not ended it within 0.1 s" in out.output and out.output.count("\n") == 1
+
+
+def test_logs_of_an_unknown_or_bad_id_is_one_line(cli):
+    for args, code in ((("logs", "nope"), 1), (("logs", "bad/id"), 2), (("logs",), 2), (("logs", "-f", "nope"), 1)):
+        out = cli(*args)
+        assert out.exit_code == code and out.output.count("\n") == 1 and "Traceback" not in out.output, out.output
+
+
+def test_logs_renders_a_finished_tasks_stream_json_and_passes_plain_lines(spool, cli):
+    from activation.spool.tasklog import finished_log_path
+
+    _result(spool, "marie", "talked-1", "completed")
+    events = [
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": "Hello there."}]}},
+        {"type": "result", "subtype": "success", "total_cost_usd": 0.5, "usage": {"output_tokens": 7}},
+    ]
+    lines = [json.dumps(e) for e in events[:1]] + ["a plain stderr line", json.dumps(events[1])]
+    finished_log_path(spool, "marie", "talked-1").write_text("\n".join(lines) + "\n")
+    out = cli("logs", "talked-1")
+    assert out.exit_code == 0
+    assert out.output.splitlines() == ["Hello there.", "a plain stderr line", "── done (success) · $0.5000 · tokens out 7"]
+    raw = cli("logs", "talked-1", "--raw")
+    assert raw.output.splitlines() == lines
+    followed = cli("logs", "-f", "talked-1")  # already finished: prints it all and exits 0
+    assert followed.exit_code == 0 and "Hello there." in followed.output
+
+
+def test_logs_of_a_result_without_a_log_shows_what_the_result_kept(spool, cli):
+    _result(spool, "marie", "old-1", "completed", stdout="the old output\n")
+    out = cli("logs", "old-1")
+    assert out.exit_code == 0 and out.output.splitlines()[-1] == "the old output"
+
+
+def test_logs_worker_prints_the_trees_log_from_var_log(spool, cli):
+    folder = spool.root.parent / "log"
+    folder.mkdir()
+    (folder / "marie.log").write_text("INFO executor started\n")
+    out = cli("logs", "--worker", "marie")
+    assert out.exit_code == 0 and out.output == "INFO executor started\n"
+    out = cli("logs", "--worker", "nobody")
+    assert out.exit_code == 1 and "there are: marie" in out.output and out.output.count("\n") == 1
+
+
+def test_purge_deletes_the_log_with_its_result(spool, cli):
+    from activation.spool.tasklog import finished_log_path
+
+    _result(spool, "marie", "old-2", "completed", age=8 * DAY)
+    finished_log_path(spool, "marie", "old-2").write_text("output\n")
+    _result(spool, "marie", "new-2", "completed")
+    finished_log_path(spool, "marie", "new-2").write_text("output\n")
+    assert cli("results", "purge", "--older-than", "7d").exit_code == 0
+    assert not finished_log_path(spool, "marie", "old-2").exists()
+    assert finished_log_path(spool, "marie", "new-2").exists()
 
 
 def test_sweeper_steps_at_most_once_per_interval(spool):
