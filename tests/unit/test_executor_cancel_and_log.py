@@ -73,16 +73,20 @@ def test_a_request_for_a_task_that_finished_is_cleaned_up(spool: Spool, make_exe
     assert not cancels.request_path(spool, WORKER, "quick").exists()
 
 
-def test_the_agents_output_is_in_its_log_while_it_runs_and_beside_the_result_after(
-    spool: Spool, make_executor
-) -> None:
+def test_the_agents_output_is_in_its_log_while_it_runs_and_beside_the_result_after(spool: Spool, make_executor) -> None:
     put_task(spool, "talks", "stream=3 gap=0.2")
     running = tasklog.running_log_path(spool, WORKER, "talks")
     seen: list[bytes] = []
 
     def watch() -> None:
-        seen.append(wait_for(lambda: running.exists() and b'"tool_use"' in running.read_bytes() and
-                             running.read_bytes(), 10, 0.01, "the first events in the log"))  # fmt: skip
+        seen.append(
+            wait_for(
+                lambda: running.exists() and b'"tool_use"' in running.read_bytes() and running.read_bytes(),
+                10,
+                0.01,
+                "the first events in the log",
+            )
+        )
 
     helper = in_background(watch)
     try:
@@ -119,8 +123,11 @@ def test_failures_and_timeouts_log_at_warning(spool: Spool, make_executor, caplo
     executor = make_executor(kill_grace=0.2)
     for task_id in ("bad", "slow", "fine"):
         executor.process(task_id)
-    levels = {r.getMessage().split()[1]: r.levelno for r in caplog.records if r.getMessage().startswith("task ")
-              and "(exit" in r.getMessage()}  # fmt: skip
+    levels = {
+        r.getMessage().split()[1]: r.levelno
+        for r in caplog.records
+        if r.getMessage().startswith("task ") and "(exit" in r.getMessage()
+    }
     assert levels == {"bad": logging.WARNING, "slow": logging.WARNING, "fine": logging.INFO}
     slow = json.loads(spool.result_path(WORKER, "slow").read_text())
     assert slow["kill"] == {"reason": "timeout", "timeout_s": 0.3, "kill_grace_s": 0.2, "signals": ["SIGINT"]}

@@ -361,7 +361,8 @@ def test_logs_renders_a_finished_tasks_stream_json_and_passes_plain_lines(spool,
     finished_log_path(spool, "marie", "talked-1").write_text("\n".join(lines) + "\n")
     out = cli("logs", "talked-1")
     assert out.exit_code == 0
-    assert out.output.splitlines() == ["Hello there.", "a plain stderr line", "── done (success) · $0.5000 · tokens out 7"]
+    rendered = ["Hello there.", "a plain stderr line", "── done (success) · $0.5000 · tokens out 7"]
+    assert out.output.splitlines() == rendered
     raw = cli("logs", "talked-1", "--raw")
     assert raw.output.splitlines() == lines
     followed = cli("logs", "-f", "talked-1")  # already finished: prints it all and exits 0

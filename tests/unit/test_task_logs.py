@@ -64,8 +64,14 @@ def test_stream_json_events_render_as_text_tool_calls_results_and_cost() -> None
 def test_a_failed_result_and_a_failed_tool_say_so() -> None:
     lines = render_line(json.dumps({**RESULT, "is_error": True, "result": "API error"}).encode())
     assert lines[0].text.startswith("── failed") and lines[0].style == "error" and lines[1].text == "API error"
-    bad = {"type": "user", "message": {"content": [{"type": "tool_result", "content": [{"type": "text",
-           "text": "no such file"}], "is_error": True}]}}  # fmt: skip
+    bad = {
+        "type": "user",
+        "message": {
+            "content": [
+                {"type": "tool_result", "content": [{"type": "text", "text": "no such file"}], "is_error": True}
+            ]
+        },
+    }
     assert texts(bad) == ["✗ no such file"]
 
 
@@ -101,8 +107,22 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     st.sampled_from(["system", "assistant", "user", "result", "other"]),
-    st.dictionaries(st.sampled_from(["message", "content", "usage", "subtype", "is_error", "total_cost_usd",
-                                     "duration_ms", "num_turns", "session_id"]), json_values),  # fmt: skip
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "message",
+                "content",
+                "usage",
+                "subtype",
+                "is_error",
+                "total_cost_usd",
+                "duration_ms",
+                "num_turns",
+                "session_id",
+            ]
+        ),
+        json_values,
+    ),
     st.lists(st.dictionaries(st.sampled_from(["type", "text", "name", "input", "content", "is_error"]), json_values)),
 )
 def test_any_event_shape_renders_without_raising(kind: str, fields: dict, blocks: list) -> None:
