@@ -23,6 +23,8 @@ space-separated directives; any other word is only echoed. By default it prints
                            user's tool_result), one every gap=S seconds (default 0.3), then the
                            final result event (cost, usage, duration). --output-format
                            stream-json alone means stream=1. With json-error the result is_error.
+  gate=PATH                with stream: after the first turn, wait until PATH exists (at most 60 s),
+                           so a test can look at a run that has certainly not ended yet
   exit=N                   exit with status N
 
 Only the standard library, and only the modules a directive needs, so that it starts fast.
@@ -104,7 +106,7 @@ def flood(stream: object, size: int) -> None:
         os._exit(141)
 
 
-def stream_json(turns: int, gap: float, result: str, flags: set[str], started: float) -> None:
+def stream_json(turns: int, gap: float, result: str, flags: set[str], started: float, gate: str | None) -> None:
     """Claude Code's stream-json: the events a real session prints, slowly, each flushed at once."""
     import json
 
@@ -138,6 +140,10 @@ def stream_json(turns: int, gap: float, result: str, flags: set[str], started: f
             }
         )
         time.sleep(gap)
+        if gate and turn == 1:
+            give_up = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < give_up:
+                time.sleep(0.02)
         emit(
             {
                 "type": "user",
@@ -228,7 +234,8 @@ def main(argv: list[str]) -> int:
 
     result = f"done: {description}"
     if "stream" in options or output_format == "stream-json":
-        stream_json(int(options.get("stream", "1")), float(options.get("gap", "0.3")), result, flags, started)
+        gap = float(options.get("gap", "0.3"))
+        stream_json(int(options.get("stream", "1")), gap, result, flags, started, options.get("gate"))
     elif "json" in flags or "json-error" in flags or output_format == "json":
         import json
 
