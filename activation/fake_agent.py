@@ -23,8 +23,8 @@ space-separated directives; any other word is only echoed. By default it prints
                            user's tool_result), one every gap=S seconds (default 0.3), then the
                            final result event (cost, usage, duration). --output-format
                            stream-json alone means stream=1. With json-error the result is_error.
-  gate=PATH                with stream: after the first turn, wait until PATH exists (at most 60 s),
-                           so a test can look at a run that has certainly not ended yet
+  gate=PATH                wait until PATH exists (at most 60 s) before the result (with stream:
+                           after the first turn), so a test can look at a run that has not ended
   exit=N                   exit with status N
 
 Only the standard library, and only the modules a directive needs, so that it starts fast.
@@ -106,6 +106,12 @@ def flood(stream: object, size: int) -> None:
         os._exit(141)
 
 
+def wait_for(path: str, bound: float = 60.0) -> None:
+    give_up = time.monotonic() + bound
+    while not os.path.exists(path) and time.monotonic() < give_up:
+        time.sleep(0.02)
+
+
 def stream_json(turns: int, gap: float, result: str, flags: set[str], started: float, gate: str | None) -> None:
     """Claude Code's stream-json: the events a real session prints, slowly, each flushed at once."""
     import json
@@ -141,9 +147,7 @@ def stream_json(turns: int, gap: float, result: str, flags: set[str], started: f
         )
         time.sleep(gap)
         if gate and turn == 1:
-            give_up = time.monotonic() + 60
-            while not os.path.exists(gate) and time.monotonic() < give_up:
-                time.sleep(0.02)
+            wait_for(gate)
         emit(
             {
                 "type": "user",
@@ -231,6 +235,8 @@ def main(argv: list[str]) -> int:
         flood(sys.stderr, int(options["flood-err"]))
     if "sleep" in options:
         time.sleep(float(options["sleep"]))
+    if "gate" in options and "stream" not in options and output_format != "stream-json":
+        wait_for(options["gate"])
 
     result = f"done: {description}"
     if "stream" in options or output_format == "stream-json":

@@ -129,7 +129,12 @@ def dispatch(
             click.echo(sent["task_id"])
         return
     redis_url = settings.redis_url if settings.transport != "streams" else None
-    location = dispatching.wait_for_outcome(obj.spool, worker, sent["task_id"], wait_timeout, redis_url=redis_url)
+    from activation.cli.progress import WaitProgress
+
+    task_id = sent["task_id"]
+    progress = WaitProgress(obj.spool, worker, task_id) if not as_json else contextlib.nullcontext()
+    with progress:
+        location = dispatching.wait_for_outcome(obj.spool, worker, task_id, wait_timeout, redis_url=redis_url)
     outcome = dispatching.read_outcome(location)
     if as_json:
         print_json(outcome)

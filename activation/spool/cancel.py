@@ -138,6 +138,18 @@ def cancel_pending(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:
     claim = spool.claim(worker, task_id)
     if claim is None:  # the executor took it first
         raise CannotCancel(f"cannot cancel {task_id}: it has just started running", "processing")
+    return settle_cancelled_claim(spool, worker, task_id, by=by, was="pending")
+
+
+def settle_cancelled_claim(
+    spool: Spool, worker: str, task_id: str, *, by: str, was: str, at: str | None = None
+) -> Cancelled:
+    """Give a claim that will not run (again) its ``cancelled`` result, which drops the claim.
+
+    Used for a pending task just claimed by a cancel, and by the executor's recovery for a claim
+    whose cancel request came while no executor was there to act on it.
+    """
+    claim = spool.claim_path(worker, task_id)
     task: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         loaded = read_json(claim)
@@ -157,8 +169,9 @@ def cancel_pending(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:
         "stdout": "",
         "stderr": "",
         "truncated": False,
-        "cancelled": {"at": now, "by": by, "while": "pending"},
+        "cancelled": {"at": at or now, "by": by, "while": was},
         "metadata": task.get("metadata") if isinstance(task.get("metadata"), dict) else {},
     }
     path = spool.write_result(worker, result)
-    return Cancelled(task_id, worker, str(path))
+    clear_request(spool, worker, task_id)
+    return Cancelled(task_id, worker, str(path), was=was)

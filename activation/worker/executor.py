@@ -316,6 +316,8 @@ class Executor(Program):
         return set(self._held.results)
 
     def _recover_claim(self, task_id: str) -> None:
+        if self._cancelled_while_away(task_id):
+            return
         action = settle_claim(
             self.spool,
             self.worker,
@@ -456,6 +458,22 @@ class Executor(Program):
         return result
 
     # -- stopping one run: the drain deadline, or an operator's cancel ----------------------
+
+    def _cancelled_while_away(self, task_id: str) -> bool:
+        """Recovery: a claim whose cancel came while no executor ran is cancelled, not run again."""
+        request = cancels.cancel_requested(self.spool, self.worker, task_id)
+        if request is None or self.spool.has_result(self.worker, task_id):
+            return False
+        by = str(request.get("by") or "?")
+        at = request.get("at") if isinstance(request.get("at"), str) else None
+        cancels.settle_cancelled_claim(self.spool, self.worker, task_id, by=by, was="running", at=at)
+        self.log.warning(
+            "recovery: %s was cancelled (by %s) while its executor was down; it does not run again",
+            task_id,
+            by,
+            extra=self._extra(task_id, "recovered"),
+        )
+        return True
 
     def _should_abort(self, task_id: str) -> bool:
         """run_agent's abort check, each supervision tick: past the drain, or asked to cancel (one stat)."""

@@ -115,3 +115,35 @@ def test_logs_follow_renders_a_running_stream_json_agent_to_its_end(make_tree, t
     # After the run, `logs` prints the same from the log kept beside the result.
     again = tree.cli("logs", "talker")
     assert again.returncode == 0 and again.stdout.splitlines() == seen + lines
+
+
+def test_dispatch_wait_shows_the_task_move_from_state_to_state(make_tree, tmp_path):
+    tree: WorkerTree = make_tree()
+    gate = tmp_path / "finish"
+    waiter = subprocess.Popen(
+        [str(BIN / "activation"), "dispatch", "w1", f"gate={gate}", "--task-id", "moving-1", "--wait"],
+        env=tree.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiter.stderr is not None
+        progress: list[str] = []
+        while not any(": running" in line for line in progress):
+            line = waiter.stderr.readline()
+            assert line, f"dispatch --wait ended early: {progress}"
+            progress.append(line.rstrip("\n"))
+        assert tree.result("moving-1") is None  # the agent waits at its gate
+        gate.touch()
+        out, rest = waiter.communicate(timeout=30)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait(10)
+    progress += rest.splitlines()
+    assert waiter.returncode == 0 and out.startswith("moving-1: completed"), (out, progress)
+    assert all(line.startswith("moving-1: ") for line in progress), progress
+    states = [line.removeprefix("moving-1: ").split()[0] for line in progress]
+    assert states[-2:] == ["running", "finished"] and set(states) <= {"queued", "running", "finished"}, progress
+    assert " s running (" in progress[-1] and progress[-1].endswith(" s in all)")

@@ -131,3 +131,16 @@ def test_failures_and_timeouts_log_at_warning(spool: Spool, make_executor, caplo
     assert levels == {"bad": logging.WARNING, "slow": logging.WARNING, "fine": logging.INFO}
     slow = json.loads(spool.result_path(WORKER, "slow").read_text())
     assert slow["kill"] == {"reason": "timeout", "timeout_s": 0.3, "kill_grace_s": 0.2, "signals": ["SIGINT"]}
+
+
+def test_a_claim_cancelled_while_no_executor_ran_is_cancelled_at_recovery_not_run(spool: Spool, make_executor) -> None:
+    from tests.unit.test_executor import put_claim
+
+    put_claim(spool, "orphan", attempts=1, metadata={"k": "v"})
+    cancels.request_cancel(spool, WORKER, "orphan", by="api")
+    make_executor().recover()
+    result = json.loads(spool.result_path(WORKER, "orphan").read_text())
+    assert result["status"] == "cancelled" and result["cancelled"]["by"] == "api"
+    assert result["cancelled"]["while"] == "running" and result["metadata"] == {"k": "v"}
+    assert not spool.claim_path(WORKER, "orphan").exists() and not spool.task_path(WORKER, "orphan").exists()
+    assert not cancels.request_path(spool, WORKER, "orphan").exists()
