@@ -9,6 +9,7 @@ read per interval), which works on every filesystem the spool may be on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -49,7 +50,8 @@ def logs_command(
     if (task_id is None) == (worker is None):
         fail("give a TASK_ID, or --worker WORKER (not both)", EXIT_USAGE)
     if worker is not None:
-        _worker_logs(stack_log_dir(obj.spool.root), worker, follow, interval)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a follow of a worker ends
+            _worker_logs(stack_log_dir(obj.spool.root), worker, follow, interval)
         return
     assert task_id is not None
     if not is_valid_task_id(task_id):
@@ -63,7 +65,8 @@ def logs_command(
     assert found.worker is not None
     echo = _echo(raw)
     if follow:
-        TaskFollower(spool, found.worker, task_id, echo, interval).run()
+        with contextlib.suppress(KeyboardInterrupt):  # the task runs on; only the reader stops
+            TaskFollower(spool, found.worker, task_id, echo, interval).run()
         return
     path = tasklog.find_log(spool, found.worker, task_id)
     if path is not None:

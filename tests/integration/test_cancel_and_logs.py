@@ -5,6 +5,7 @@ against a real orchestrator tree."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -147,3 +148,30 @@ def test_dispatch_wait_shows_the_task_move_from_state_to_state(make_tree, tmp_pa
     states = [line.removeprefix("moving-1: ").split()[0] for line in progress]
     assert states[-2:] == ["running", "finished"] and set(states) <= {"queued", "running", "finished"}, progress
     assert " s running (" in progress[-1] and progress[-1].endswith(" s in all)")
+
+
+def test_logs_worker_follow_prints_what_up_appends_to_var_log(tmp_path):
+    from activation.spool.layout import Spool
+
+    spool = Spool(tmp_path / "var" / "spool")
+    spool.init(["marie"])
+    log = tmp_path / "var" / "log" / "marie.log"
+    log.parent.mkdir()
+    log.write_text("INFO listener started\n")
+    follower = subprocess.Popen(
+        [str(BIN / "activation"), "logs", "--worker", "marie", "-f", "--interval", "0.05"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("ACTIVATION_")},
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "INFO listener started\n"
+        with open(log, "a") as handle:
+            handle.write("WARNING task fix-42 failed (exit 1, 0.2s)\n")
+        assert follower.stdout.readline() == "WARNING task fix-42 failed (exit 1, 0.2s)\n"
+    finally:
+        follower.terminate()
+        follower.wait(10)
