@@ -27,7 +27,6 @@ from activation.clock import iso_now
 from activation.errors import ActivationError
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
-from activation.spool.task import is_valid_task_id
 
 CANCEL_SUFFIX = ".cancel"
 
@@ -108,18 +107,7 @@ def clear_request(spool: Spool, worker: str, task_id: str) -> None:
 
 def remove_stale_requests(spool: Spool, worker: str) -> int:
     """At the executor's start: drop requests whose task is no longer claimed (it finished or moved)."""
-    removed = 0
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(spool.processing(worker)) as it:
-        for entry in it:
-            if not entry.name.endswith(CANCEL_SUFFIX):
-                continue
-            task_id = entry.name[: -len(CANCEL_SUFFIX)]
-            if is_valid_task_id(task_id) and os.path.lexists(spool.claim_path(worker, task_id)):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    return removed
+    return spool.remove_unclaimed(worker, CANCEL_SUFFIX)
 
 
 def cancel_pending(spool: Spool, task_id: str, *, by: str = "cli") -> Cancelled:

@@ -134,6 +134,26 @@ class Spool:
             return sorted(task_id_of(e.name) for e in it if is_task_name(e.name))
         return []
 
+    def remove_unclaimed(self, worker: str, suffix: str) -> int:
+        """Delete the ``<task_id><suffix>`` files in ``.processing/`` whose claim is gone.
+
+        The executor's start calls it for what it keeps beside a claim (a task's log, a cancel
+        request): once the claim was requeued, dead-lettered or finished, they belong to no run.
+        """
+        removed = 0
+        folder = self.processing(worker)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as it:
+            for entry in it:
+                if not entry.name.endswith(suffix):
+                    continue
+                task_id = entry.name[: -len(suffix)]
+                if is_valid_task_id(task_id) and os.path.lexists(self.claim_path(worker, task_id)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
     def has_result(self, worker: str, task_id: str) -> bool:
         return self.result_path(worker, task_id).exists()
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from activation.spool.layout import Spool
-from activation.spool.task import TASK_SUFFIX, is_valid_task_id
+from activation.spool.task import TASK_SUFFIX
 
 log = logging.getLogger("activation.executor")
 
@@ -132,19 +132,7 @@ def keep_log(spool: Spool, worker: str, task_id: str) -> None:
 
 def remove_stray_logs(spool: Spool, worker: str) -> int:
     """At the executor's start: drop logs in ``.processing/`` whose claim is gone (requeued, dead)."""
-    removed = 0
-    folder = spool.processing(worker)
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as it:
-        for entry in it:
-            if not entry.name.endswith(LOG_SUFFIX):
-                continue
-            task_id = entry.name[: -len(LOG_SUFFIX)]
-            if is_valid_task_id(task_id) and os.path.lexists(spool.claim_path(worker, task_id)):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    return removed
+    return spool.remove_unclaimed(worker, LOG_SUFFIX)
 
 
 def find_log(spool: Spool, worker: str, task_id: str) -> Path | None:

@@ -14,6 +14,7 @@ import psutil
 
 from tests.harness import BIN, fake_agent_command, new_orchestrator, wait_until
 from tests.integration.conftest import WorkerTree
+from tests.integration.test_security import api_answers
 
 
 def alive(pid: int) -> bool:
@@ -58,6 +59,8 @@ def test_cancel_a_running_task_over_the_api(make_tree, tmp_path):
         tree.write_task("api-runaway", f"grandchild=120 pidfile={pidfile} sleep=120")
         pids = running_tree(tree, "api-runaway", pidfile)
         url = f"http://{orchestrator.env['ACTIVATION_ADMIN_BIND']}"
+        # RUNNING (startsecs=1) comes before the API listens on a loaded machine: wait for it.
+        wait_until(lambda: api_answers(f"{url}/config"), 20, 0.1, "the admin API to listen")
         request = urllib.request.Request(f"{url}/tasks/api-runaway/cancel", data=b"", method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200

@@ -9,26 +9,17 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from activation.config import Settings
 from activation.spool import cancel as cancels
 from activation.spool import tasklog
 from activation.spool.layout import Spool
-from activation.worker.executor import Executor
 from tests.conftest import WORKER, wait_for
+from tests.unit import test_executor
 from tests.unit.test_executor import gone, put_task
 
-
-@pytest.fixture
-def make_executor(make_settings: Callable[..., Settings]) -> Callable[..., Executor]:
-    def make(**overrides: Any) -> Executor:
-        overrides.setdefault("kill_grace", 0.5)
-        return Executor(make_settings(**overrides))
-
-    return make
+make_executor = test_executor.make_executor  # the same fixture as the executor's own tests
 
 
 def in_background(target: Callable[[], None]) -> threading.Thread:
