@@ -31,6 +31,9 @@ from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
 from activation.spool.records import ResultRecord, ResultStatus
+from activation.transport.streams.client import DEAD
+from activation.transport.streams.connect import StreamsError
+from activation.transport.streams.lease import LeaseKeeper
 from activation.worker import liveness
 from activation.worker.agent import (
     AgentRun,
@@ -42,6 +45,7 @@ from activation.worker.agent import (
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 from activation.worker.done_events import DoneEvents
 from activation.worker.spawn import CannotStart, plan_launch, preflight
+from activation.worker.stream_feed import IDLE_BLOCK, NOT_STREAMED, PUT_BACK, StreamFeed
 from activation.worker.supervision import check_drain_fits
 
 QUEUE_BACKOFF_MIN = 0.05
@@ -146,6 +150,10 @@ class Executor(Program):
         self.condition = liveness.Condition(self.pulse, self.log, self.worker)
         self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
         self._unsettled: set[str] = set()  # claims that recovery could not settle yet
+        # ACTIVATION_TRANSPORT=streams: this executor is its replica's consumer of the task stream.
+        self._feed = (
+            StreamFeed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -193,6 +201,9 @@ class Executor(Program):
                 return
         if self.condition.trouble is not None and not self._trouble_over():
             return
+        if self._feed is not None:
+            self._streams_step(self._feed)
+            return
         if self._client is None:
             self.connect()
         assert self._client is not None
@@ -212,6 +223,9 @@ class Executor(Program):
 
     def shutdown(self) -> None:
         self._flush_held()
+        if self._feed is not None:
+            self._feed.give_back_inbox()
+            self._feed.close()
         if self._cgroups is not None:
             self._cgroups.close()
         if self._client is not None:
@@ -276,8 +290,9 @@ class Executor(Program):
         for task_id in task_ids:
             self.pulse.beat()
             try:
-                self._recover_claim(task_id)
-            except OSError as exc:
+                if self._feed is None or not self._feed.recover_claim(task_id):
+                    self._recover_claim(task_id)
+            except (OSError, StreamsError) as exc:
                 self._unsettled.add(task_id)
                 self._spool_trouble("cannot recover the claim of", task_id, exc)
                 continue
@@ -287,6 +302,10 @@ class Executor(Program):
         """Finish the result writes a previous executor could not; the ids still waiting for theirs."""
         for task_id in outcomes.saved_outcomes(self.spool, self.worker):
             self.pulse.beat()
+            saved = None if self._feed is None else self._feed.saved_outcome(task_id)
+            if saved is not None:
+                self._held.hold(saved, saved=True)  # completed on the stream first, then written
+                continue
             try:
                 result = outcomes.settle_outcome(self.spool, self.worker, task_id)
             except outcomes.UnwrittenOutcome as exc:
@@ -387,8 +406,15 @@ class Executor(Program):
         task_id: str = task["task_id"]
         attempts = int(task.get("attempts") or 0) + 1
         timeout = float(task.get("timeout") or self.settings.task_timeout)
-        env = agent_environment(self._environ, task_id, self.worker)
+        env = agent_environment(self._environ, task_id, self.worker, attempt=attempts)
         env[STRAY_MARKER] = self._containment_id
+        hold = NOT_STREAMED if self._feed is None else self._feed.hold(task)
+        if hold == PUT_BACK:  # not to run here now: another replica's turn, or Redis is away
+            self._put_back(task_id)
+        if isinstance(hold, str) and hold != NOT_STREAMED:
+            return None
+        lease = hold if isinstance(hold, LeaseKeeper) else None  # None: a task that never was on the stream
+        should_abort = self._past_drain if lease is None else (lambda: lease.should_abort() or self._past_drain())
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         try:
             launch = plan_launch(self.settings.agent_command, task["description"], env, task_id=task_id)
@@ -398,7 +424,7 @@ class Executor(Program):
                 timeout=timeout,
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
-                should_abort=self._past_drain,
+                should_abort=should_abort,
                 on_tick=self.pulse.beat,
                 cwd=self._cwd,
                 cgroups=self._cgroups,
@@ -412,6 +438,9 @@ class Executor(Program):
             self._spool_trouble("cannot run the agent for", task_id, exc)
             return None
         self.condition.started()
+        if run.aborted and self._feed is not None and lease is not None and lease.lost is not None:
+            self._feed.drop_local(task_id)  # the keeper logged why; submit nothing, keep nothing
+            return None
         if run.aborted:
             # A drain is not the task's fault: back unchanged, same attempt count, no result.
             self._put_back(task_id)
@@ -424,6 +453,8 @@ class Executor(Program):
         result = self._result(task, run, attempts, visible_ns, source)
         failed = result["status"] == FAILED
         self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
+        if lease is not None:
+            return self._finish_streamed(result)
         try:
             outcomes.finish_write(self.spool, self.worker, result)
         except OSError as exc:
@@ -544,6 +575,9 @@ class Executor(Program):
 
     def _write_held(self) -> bool:
         """Try to write every held result once; True when none is left."""
+        if self._feed is not None and not self._feed.complete_held(self._held):
+            self.stopping.wait(min(max(self._feed.pause_left(), 0.01), self._queue_wait))
+            return False
         written, failure = self._held.flush()
         for result in written:
             self.log.info(
@@ -573,6 +607,8 @@ class Executor(Program):
 
     def _put_back(self, task_id: str) -> None:
         """Return a claim to the inbox unchanged. If even that fails, the next start recovers it."""
+        if self._feed is not None and self._feed.give_back(task_id):
+            return
         try:
             self.spool.requeue(self.worker, task_id)
         except FileNotFoundError:
@@ -587,6 +623,12 @@ class Executor(Program):
 
     def _dead_letter(self, task_id: str, reason: str, detail: str, task: dict[str, Any] | None = None) -> bool:
         """Move the claim to the dead letter; False (and degraded) when the spool refuses."""
+        if self._feed is not None:
+            verdict = self._feed.dead_letter_claim(task_id, reason, detail)
+            if verdict != NOT_STREAMED:
+                if verdict == DEAD:
+                    self.metrics.tasks_dead_lettered.labels(self.worker, reason).inc()
+                return verdict is not None
         claim = self.spool.claim_path(self.worker, task_id)
         try:
             self.spool.dead_letter(claim, reason=reason, detail=detail, worker=self.worker, task=task)
@@ -610,3 +652,54 @@ class Executor(Program):
 
     def _extra(self, task_id: str, event: str) -> dict[str, str]:
         return {"worker": self.worker, "task_id": task_id, "event": event}
+
+    # -- the streams transport (stream_feed.py): this executor is its replica's consumer ------
+
+    def _streams_step(self, feed: StreamFeed) -> None:
+        """One free step: a task from the local inbox first (put back, or written by hand), else one entry.
+
+        No prefetch: an entry is taken only now, with no task running, because its lease clock
+        starts at delivery. The short block on the stream is the idle executor's SIGTERM notice.
+        """
+        if not feed.ready():  # Redis is away: wait out the pause (beating), never spin on it
+            self.stopping.wait(min(max(feed.pause_left(), 0.01), self._queue_wait))
+            return
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        try:
+            item = self._client.get(timeout=0)
+        except QueueError as exc:
+            self._queue_unreachable(exc)  # the listener restarts; the stream can still be served
+            item = None
+        else:
+            if self._queue_down:
+                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
+                self._queue_down, self._backoff = False, 0.0
+        if item is not None:
+            self.process(item.task_id, source=item.source, seen_at=item.seen_at)
+            return
+        try:
+            delivery = feed.take(IDLE_BLOCK)
+        except OSError as exc:  # the entry was handed back; the spool's trouble is reported
+            self._spool_trouble("cannot write a task from the stream into", self.spool.inbox(self.worker).name, exc)
+            return
+        if delivery is None:
+            self._idle_check()
+        elif self.stopping.is_set():
+            feed.give_back(delivery.task_id, claimed=False)
+        else:
+            self.process(delivery.task_id, source="streams", seen_at=time.time())
+
+    def _finish_streamed(self, result: ResultRecord) -> ResultRecord | None:
+        """Hold the outcome (saved beside its claim), complete it on the stream, then write it locally.
+
+        From the hold on, nothing runs the agent again: a crash, or Redis away, only delays the
+        completion, which is retried until Redis confirms or refuses it (StreamFeed.complete_held).
+        """
+        assert self._feed is not None
+        task_id = result["task_id"]
+        self._held.hold(result)
+        if not self._write_held() or task_id in self._held.results or self._feed.was_late(task_id):
+            return None
+        return result

@@ -88,6 +88,19 @@ def consumer_name(*, host: str | None = None, pid: int | None = None) -> str:
     return f"{host}/{_boot_id()[:8]}/{pid}-{_start_ticks(pid)}-{_NONCE}"
 
 
+def replica_name(*, host: str | None = None) -> str:
+    """The consumer name of this worker tree: one per supervisord process start, shared by its programs.
+
+    listener, executor and heartbeat are children of one supervisord, so its pid and start time
+    (their parent's) name the replica for all three; a restarted program keeps the name (its
+    tree's tokens stay its own), a new tree start gets a new one (a predecessor's late completion
+    is refused). No per-interpreter nonce here: the three programs must agree.
+    """
+    host = host or socket.gethostname() or "host"
+    parent = os.getppid()
+    return f"{host}/{_boot_id()[:8]}/{parent}-{_start_ticks(parent)}"
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "") or "noboot"
