@@ -25,6 +25,7 @@ from activation.transport.streams.client import StreamsTransport
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
 from tests.harness import ROOT, RedisServer, WorkerTree, new_tree
+from tests.redis_topologies import DurableRedisServer
 
 WORKER = "marie"
 KEYS = StreamKeys(WORKER)
@@ -244,3 +245,56 @@ def os_kill(pid: int, sig: int) -> None:
     import os
 
     os.kill(pid, sig)
+
+
+def heartbeat_of(tree: WorkerTree) -> dict[str, Any]:
+    try:
+        return dict(json.loads(tree.spool.heartbeat_path(WORKER).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def test_each_replica_publishes_its_state_in_redis_and_leaves_at_a_clean_stop(client, orchestrator, replica):
+    a, b = replica("a"), replica("b")
+    wait_for(lambda: len(orchestrator.replicas()) == 2, 20, 0.05, "two replicas in Redis")
+    states = orchestrator.replicas()
+    assert {name for name in states if consumer_of(a) in name or consumer_of(b) in name} == set(states)
+    for name, state in states.items():
+        assert state["replica"] == name and state["worker"] == WORKER and state["state"] == "running"
+        assert state["redis"] == "up" and "programs" in state
+    a.stop()
+    wait_for(lambda: len(orchestrator.replicas()) == 1, 20, 0.05, "a gone from the replicas")
+    [left] = orchestrator.replicas()
+    assert consumer_of(b) in left
+
+
+def test_redis_away_degrades_the_worker_then_it_recovers_by_itself_and_loses_nothing(tmp_path, replica):
+    server = DurableRedisServer(tmp_path / "durable").start()
+    connection = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        orchestrator = StreamsTransport(connection, WORKER, consumer="orchestrator")
+        orchestrator.ensure_groups()
+        # A lease long enough that the run outlives the outage: its completion is what waits.
+        a = replica("a", url=server.url, ACTIVATION_LEASE="30", STREAMS_AGENT_SLEEP="2")
+        dispatch(orchestrator, "mid-1")
+        wait_for(lambda: agent_of(a), 30, 0.02, "a running mid-1")
+        server.stop()
+        outcome = a.spool.processing(WORKER) / "mid-1.outcome"
+        wait_for(outcome.exists, 30, 0.05, lambda: f"mid-1's outcome held; a:\n{a.log_tail()}")
+        wait_for(lambda: heartbeat_of(a).get("redis") == "down", 20, 0.05, "the heartbeat saying redis is down")
+        check = wait_for(lambda: (c := a.cli("check", WORKER)).returncode == 1 and c, 30, 0.2, "check unhealthy")
+        assert "task stream is unreachable" in check.stderr
+        assert a.states() == {"listener": "RUNNING", "executor": "RUNNING", "heartbeat": "RUNNING"}
+        server.start()  # the same port, the same AOF
+        wait_for(lambda: a.cli("check", WORKER).returncode == 0, 60, 0.2, lambda: f"check healthy; a:\n{a.log_tail()}")
+        wait_for(lambda: results_of(connection, "mid-1"), 30, 0.05, "mid-1's completion, once Redis is back")
+        dispatch(orchestrator, "after-1")
+        wait_for(lambda: results_of(connection, "after-1"), 30, 0.05, "a task dispatched after the outage")
+        assert [r["task_id"] for r in results(connection)] == ["mid-1", "after-1"]
+        assert not outcome.exists() and sorted(a.result_ids()) == ["after-1", "mid-1"]
+        log = log_of(a)
+        assert log.count("(task stream): ") == 1  # one line when the outage starts, none per retry
+        assert "reachable again at" in log
+    finally:
+        connection.close()
+        server.stop()
