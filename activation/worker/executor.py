@@ -688,6 +688,8 @@ class Executor(Program):
             self._idle_check()
         elif self.stopping.is_set():
             feed.give_back(delivery.task_id, claimed=False)
+        elif self.spool.has_result(self.worker, delivery.task_id):
+            feed.complete_again(delivery)  # sent again (after Redis lost it): the run is done, only its record goes
         else:
             self.process(delivery.task_id, source="streams", seen_at=time.time())
 

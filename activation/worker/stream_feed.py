@@ -223,6 +223,40 @@ class StreamFeed:
             )
         return True
 
+    def complete_again(self, delivery: Delivery) -> None:
+        """A delivery of a task id that already has a local result: complete it with that result.
+
+        The orchestrator re-sends what Redis lost (a restart without persistence); a run this
+        replica finished is not run again, its result is recorded on the stream again, under the
+        new delivery's token. While Redis is away the inbox file stays, and the executor drops it
+        as a duplicate later (the entry's lease then lapses to another replica, which does the same).
+        """
+        task_id = delivery.task_id
+        try:
+            result = read_json(self.spool.result_path(self.worker, task_id))
+        except (OSError, ValueError):
+            return
+        if not isinstance(result, dict) or result.get("task_id") != task_id:
+            return
+        metadata = dict(result.get("metadata") or {})
+        metadata[STREAM_METADATA] = {
+            "entry_id": delivery.entry_id,
+            "consumer": delivery.token.consumer,
+            "deliveries": delivery.token.deliveries,
+        }
+        result["metadata"] = metadata
+        verdict = self._call(self.link, lambda t: t.complete(delivery, result))
+        if verdict is None:
+            return
+        self.drop_local(task_id, claimed=False)
+        self.log.info(
+            "%s already ran here: its result went to the stream again (delivery %d, %s)",
+            task_id,
+            delivery.attempt,
+            verdict.status,
+            extra={"worker": self.worker, "task_id": task_id, "event": "completed_again"},
+        )
+
     def was_late(self, task_id: str) -> bool:
         """Whether ``task_id``'s completion was refused (asked once, after `complete_held`)."""
         if task_id in self._late:

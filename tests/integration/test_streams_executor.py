@@ -162,3 +162,27 @@ def test_a_task_whose_lease_another_replica_took_is_dropped_without_running(spoo
     assert ex.process("t1", source="streams") is None
     assert not spool.claim_path(WORKER, "t1").exists() and not spool.has_result(WORKER, "t1")
     assert results(client) == []  # nothing submitted; the other host's delivery holds the task
+
+
+class EmptyQueue:
+    """The listener's work queue with nothing in it."""
+
+    def get(self, timeout: float) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_task_sent_again_after_it_ran_here_is_completed_with_its_local_result_not_run_again(
+    spool, client, transport, executor
+):
+    spool.write_result(WORKER, {"task_id": "t1", "worker": WORKER, "status": "completed", "stdout": "ran once"})
+    dispatched(transport, "t1")  # the orchestrator re-sending what Redis lost
+    ex = executor("this-tree")
+    ex._client = EmptyQueue()
+    assert ex._feed is not None
+    ex._streams_step(ex._feed)
+    [result] = results(client)
+    assert json.loads(result["result"])["stdout"] == "ran once" and result["consumer"] == "this-tree"
+    assert not spool.task_path(WORKER, "t1").exists() and client.xlen(KEYS.tasks) == 0
