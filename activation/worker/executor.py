@@ -212,10 +212,7 @@ class Executor(Program):
         except QueueError as exc:
             self._queue_unreachable(exc)
             return
-        if self._queue_down_since is not None:
-            if self._queue_down:
-                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
-            self._queue_down, self._queue_down_since, self._backoff = False, None, 0.0
+        self._queue_reachable()
         if item is not None:
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
         else:
@@ -244,6 +241,12 @@ class Executor(Program):
     def _past_drain(self) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
+
+    def _queue_reachable(self) -> None:
+        if self._queue_down_since is not None:
+            if self._queue_down:
+                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
+            self._queue_down, self._queue_down_since, self._backoff = False, None, 0.0
 
     def _queue_unreachable(self, exc: QueueError) -> None:
         # The listener is down or restarting: say so once per outage, not once per attempt, and
@@ -673,9 +676,7 @@ class Executor(Program):
             self._queue_unreachable(exc)  # the listener restarts; the stream can still be served
             item = None
         else:
-            if self._queue_down:
-                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
-                self._queue_down, self._backoff = False, 0.0
+            self._queue_reachable()
         if item is not None:
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
             return
