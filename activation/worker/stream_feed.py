@@ -176,9 +176,18 @@ class StreamFeed:
         if verdict is None or not verdict.ok:
             return verdict
         leases = self.leases.transport
-        return LeaseKeeper(
-            lambda: leases.renew(delivery), self.lease, held_since=sent, margin=self.margin, task_id=delivery.task_id
-        )
+
+        def renew() -> Verdict:
+            # The keeper retries on its own schedule and logs; here only the condition follows.
+            try:
+                answer = leases.renew(delivery)
+            except StreamsError as exc:
+                self.condition.dependency_down(STREAMS_UNREACHABLE, f"lease renewals fail ({exc})")
+                raise
+            self.condition.dependency_up()
+            return answer
+
+        return LeaseKeeper(renew, self.lease, held_since=sent, margin=self.margin, task_id=delivery.task_id)
 
     # -- giving up a delivery -------------------------------------------------------------------
 

@@ -100,6 +100,10 @@ def holder(client: redis.Redis) -> tuple[str, int] | None:
     return (entries[0]["consumer"], entries[0]["times_delivered"]) if entries else None
 
 
+def consumers(client: redis.Redis) -> list[str]:
+    return [str(c["name"]) for c in client.xinfo_consumers(KEYS.tasks, KEYS.group)]
+
+
 def consumer_of(tree: WorkerTree) -> str:
     """The tree's replica name ends in its supervisord's pid and start (keys.replica_name)."""
     assert tree.process is not None
@@ -164,6 +168,10 @@ def test_after_a_sigkill_of_a_whole_tree_mid_task_the_other_replica_runs_it_at_d
     assert result["record"]["attempts"] == 2
     assert result["record"]["stdout"].strip() == "ran k1 attempt 2"
     wait_for(lambda: stream_settled(client), 10, 0.05, "the task stream empty")
+    # The dead replica's consumer holds nothing now: b's heartbeat removes it once it has idled
+    # PRUNE_IDLE_LEASES leases; b's own consumer stays.
+    wait_for(lambda: not any(consumer_of(a) in c for c in consumers(client)), 60, 0.2, "a's consumer pruned")
+    assert any(consumer_of(b) in c for c in consumers(client))
 
 
 def test_an_executor_stopped_past_its_lease_kills_its_agent_and_submits_nothing(client, orchestrator, replica):
