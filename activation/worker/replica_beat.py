@@ -25,7 +25,7 @@ PRUNE_EVERY_LEASES = 1  # how often one replica looks
 
 class ReplicaBeat:
     def __init__(self, settings: Settings, log: logging.Logger, *, consumer: str | None = None) -> None:
-        self.consumer = consumer or replica_name()
+        self.consumer = consumer or replica_name(run_dir=settings.run_dir)
         self.log = log
         self.ttl = max(1.0, math.ceil(BEATS_PER_TTL * settings.heartbeat_interval))
         self.lease = settings.lease

@@ -86,7 +86,7 @@ class StreamFeed:
         self.log = log
         self.lease = settings.lease
         self.max_timeout = settings.max_task_timeout
-        self.consumer = consumer or replica_name()
+        self.consumer = consumer or replica_name(run_dir=settings.run_dir)
         consequence = "no task is taken or completed until it is back; finished outcomes are held"
         self.link = StreamsLink(settings, consumer=self.consumer, log=log, what="task stream", consequence=consequence)
         # Renewals get a client of their own with a socket timeout well under the lease: a renewal

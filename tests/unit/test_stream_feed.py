@@ -72,6 +72,12 @@ def test_the_programs_of_one_tree_share_one_replica_name_and_another_tree_gets_a
     assert replica_name(host="box") != sibling.strip()  # this process's own parent is another start
 
 
+def test_two_trees_whose_supervisord_has_the_same_pid_and_start_differ_by_their_run_folder(tmp_path: Path) -> None:
+    one, other = tmp_path / "one", tmp_path / "other"
+    assert replica_name(host="box", run_dir=one) == replica_name(host="box", run_dir=one)
+    assert replica_name(host="box", run_dir=one) != replica_name(host="box", run_dir=other)
+
+
 def test_the_agent_gets_its_attempt_number_in_files_mode_too(
     spool: Spool, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
