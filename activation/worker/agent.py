@@ -17,7 +17,8 @@ What the agent gets:
   ``REDIS_URL``, ``REDIS_PASSWORD``, ``ACTIVATION_QUEUE_KEY``, any ``ACTIVATION_*_TOKEN``,
   ``*_PASSWORD`` or ``*_KEY``, and the ``*_FILE`` variables naming them), minus the ways into the
   worker (``ACTIVATION_RUN_DIR``, supervisord's ``SUPERVISOR_*``) and ``PROMETHEUS_MULTIPROC_DIR``;
-  plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_WORKER`` and
+  plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_ATTEMPT`` (the run's number: attempts + 1 in files mode,
+  the delivery count in streams mode, the same number), ``ACTIVATION_WORKER`` and
   ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
   executor without cgroups finds what a SIGKILLed one left running).
   Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
@@ -112,8 +113,12 @@ HIDDEN_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR", "ACTIVATION_RUN_DIR"})
 HIDDEN_PREFIXES = ("SUPERVISOR_",)
 
 
-def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dict[str, str]:
-    """The agent's environment: ``base`` without activation's secrets, plus the task's identity."""
+def agent_environment(base: Mapping[str, str], task_id: str, worker: str, *, attempt: int = 1) -> dict[str, str]:
+    """The agent's environment: ``base`` without activation's secrets, plus the task's identity.
+
+    ``attempt`` (ACTIVATION_ATTEMPT, 1 for the first run) and ACTIVATION_TASK_ID let an agent make
+    its side effects idempotent: delivery is at least once, in both transports.
+    """
     env = {
         k: v
         for k, v in base.items()
@@ -121,6 +126,7 @@ def agent_environment(base: Mapping[str, str], task_id: str, worker: str) -> dic
     }
     env["ACTIVATION_TASK_ID"] = task_id
     env["ACTIVATION_WORKER"] = worker
+    env["ACTIVATION_ATTEMPT"] = str(attempt)
     return env
 
 

@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,9 @@ from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
 from activation.spool.records import KillRecord, ResultRecord, ResultStatus
+from activation.transport.streams.client import DEAD
+from activation.transport.streams.connect import StreamsError
+from activation.transport.streams.lease import LeaseKeeper
 from activation.worker import liveness
 from activation.worker.agent import (
     AgentRun,
@@ -43,6 +46,7 @@ from activation.worker.agent import (
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 from activation.worker.done_events import DoneEvents
 from activation.worker.spawn import CannotStart, plan_launch, preflight
+from activation.worker.stream_feed import IDLE_BLOCK, NOT_STREAMED, PUT_BACK, StreamFeed
 from activation.worker.supervision import check_drain_fits
 
 QUEUE_BACKOFF_MIN = 0.05
@@ -158,6 +162,10 @@ class Executor(Program):
         self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
         self._unsettled: set[str] = set()  # claims that recovery could not settle yet
         self._cancel: dict[str, Any] | None = None  # the cancel request of the running task, once seen
+        # ACTIVATION_TRANSPORT=streams: this executor is its replica's consumer of the task stream.
+        self._feed = (
+            StreamFeed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -205,6 +213,9 @@ class Executor(Program):
                 return
         if self.condition.trouble is not None and not self._trouble_over():
             return
+        if self._feed is not None:
+            self._streams_step(self._feed)
+            return
         if self._client is None:
             self.connect()
         assert self._client is not None
@@ -213,10 +224,7 @@ class Executor(Program):
         except QueueError as exc:
             self._queue_unreachable(exc)
             return
-        if self._queue_down_since is not None:
-            if self._queue_down:
-                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
-            self._queue_down, self._queue_down_since, self._backoff = False, None, 0.0
+        self._queue_reachable()
         if item is not None:
             self.process(item.task_id, source=item.source, seen_at=item.seen_at)
         else:
@@ -224,6 +232,9 @@ class Executor(Program):
 
     def shutdown(self) -> None:
         self._flush_held()
+        if self._feed is not None:
+            self._feed.give_back_inbox()
+            self._feed.close()
         if self._cgroups is not None:
             self._cgroups.close()
         if self._client is not None:
@@ -242,6 +253,12 @@ class Executor(Program):
     def _past_drain(self) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
+
+    def _queue_reachable(self) -> None:
+        if self._queue_down_since is not None:
+            if self._queue_down:
+                self.log.info("work queue reachable again", extra={"worker": self.worker, "event": "queue_up"})
+            self._queue_down, self._queue_down_since, self._backoff = False, None, 0.0
 
     def _queue_unreachable(self, exc: QueueError) -> None:
         # The listener is down or restarting: say so once per outage, not once per attempt, and
@@ -290,8 +307,9 @@ class Executor(Program):
         for task_id in task_ids:
             self.pulse.beat()
             try:
-                self._recover_claim(task_id)
-            except OSError as exc:
+                if self._feed is None or not self._feed.recover_claim(task_id):
+                    self._recover_claim(task_id)
+            except (OSError, StreamsError) as exc:
                 self._unsettled.add(task_id)
                 self._spool_trouble("cannot recover the claim of", task_id, exc)
                 continue
@@ -301,6 +319,10 @@ class Executor(Program):
         """Finish the result writes a previous executor could not; the ids still waiting for theirs."""
         for task_id in outcomes.saved_outcomes(self.spool, self.worker):
             self.pulse.beat()
+            saved = None if self._feed is None else self._feed.saved_outcome(task_id)
+            if saved is not None:
+                self._held.hold(saved, saved=True)  # completed on the stream first, then written
+                continue
             try:
                 result = outcomes.settle_outcome(self.spool, self.worker, task_id)
             except outcomes.UnwrittenOutcome as exc:
@@ -403,8 +425,20 @@ class Executor(Program):
         task_id: str = task["task_id"]
         attempts = int(task.get("attempts") or 0) + 1
         timeout = float(task.get("timeout") or self.settings.task_timeout)
-        env = agent_environment(self._environ, task_id, self.worker)
+        env = agent_environment(self._environ, task_id, self.worker, attempt=attempts)
         env[STRAY_MARKER] = self._containment_id
+        hold = NOT_STREAMED if self._feed is None else self._feed.hold(task)
+        if hold == PUT_BACK:  # not to run here now: another replica's turn, or Redis is away
+            self._put_back(task_id)
+        if isinstance(hold, str) and hold != NOT_STREAMED:
+            return None
+        lease = hold if isinstance(hold, LeaseKeeper) else None  # None: a task that never was on the stream
+        # Each supervision tick: a lost lease, a cancel request, the drain deadline.
+        should_abort: Callable[[], bool] = (
+            (lambda: self._should_abort(task_id))
+            if lease is None
+            else (lambda: lease.should_abort() or self._should_abort(task_id))
+        )
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         self._cancel = None
         output = tasklog.open_log(self.spool, self.worker, task_id)
@@ -416,7 +450,7 @@ class Executor(Program):
                 timeout=timeout,
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
-                should_abort=lambda: self._should_abort(task_id),
+                should_abort=should_abort,
                 on_tick=self.pulse.beat,
                 cwd=self._cwd,
                 cgroups=self._cgroups,
@@ -433,6 +467,9 @@ class Executor(Program):
         finally:
             output.close()
         self.condition.started()
+        if run.aborted and self._feed is not None and lease is not None and lease.lost is not None:
+            self._feed.drop_local(task_id)  # the keeper logged why; submit nothing, keep nothing
+            return None
         if run.aborted and self._cancel is None:
             # A drain is not the task's fault: back unchanged, same attempt count, no result.
             self._put_back(task_id)
@@ -447,6 +484,9 @@ class Executor(Program):
         failed = result["status"] == FAILED
         self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
         tasklog.keep_log(self.spool, self.worker, task_id)  # before the result: a reader of it finds the whole log
+        if lease is not None:
+            cancels.clear_request(self.spool, self.worker, task_id)
+            return self._finish_streamed(result)
         try:
             outcomes.finish_write(self.spool, self.worker, result)
         except OSError as exc:
@@ -622,6 +662,9 @@ class Executor(Program):
 
     def _write_held(self) -> bool:
         """Try to write every held result once; True when none is left."""
+        if self._feed is not None and not self._feed.complete_held(self._held):
+            self.stopping.wait(min(max(self._feed.pause_left(), 0.01), self._queue_wait))
+            return False
         written, failure = self._held.flush()
         for result in written:
             self.log.info(
@@ -651,6 +694,8 @@ class Executor(Program):
 
     def _put_back(self, task_id: str) -> None:
         """Return a claim to the inbox unchanged. If even that fails, the next start recovers it."""
+        if self._feed is not None and self._feed.give_back(task_id):
+            return
         try:
             self.spool.requeue(self.worker, task_id)
         except FileNotFoundError:
@@ -665,6 +710,12 @@ class Executor(Program):
 
     def _dead_letter(self, task_id: str, reason: str, detail: str, task: dict[str, Any] | None = None) -> bool:
         """Move the claim to the dead letter; False (and degraded) when the spool refuses."""
+        if self._feed is not None:
+            verdict = self._feed.dead_letter_claim(task_id, reason, detail)
+            if verdict != NOT_STREAMED:
+                if verdict == DEAD:
+                    self.metrics.tasks_dead_lettered.labels(self.worker, reason).inc()
+                return verdict is not None
         claim = self.spool.claim_path(self.worker, task_id)
         try:
             self.spool.dead_letter(claim, reason=reason, detail=detail, worker=self.worker, task=task)
@@ -688,3 +739,54 @@ class Executor(Program):
 
     def _extra(self, task_id: str, event: str) -> dict[str, str]:
         return {"worker": self.worker, "task_id": task_id, "event": event}
+
+    # -- the streams transport (stream_feed.py): this executor is its replica's consumer ------
+
+    def _streams_step(self, feed: StreamFeed) -> None:
+        """One free step: a task from the local inbox first (put back, or written by hand), else one entry.
+
+        No prefetch: an entry is taken only now, with no task running, because its lease clock
+        starts at delivery. The short block on the stream is the idle executor's SIGTERM notice.
+        """
+        if not feed.ready():  # Redis is away: wait out the pause (beating), never spin on it
+            self.stopping.wait(min(max(feed.pause_left(), 0.01), self._queue_wait))
+            return
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        try:
+            item = self._client.get(timeout=0)
+        except QueueError as exc:
+            self._queue_unreachable(exc)  # the listener restarts; the stream can still be served
+            item = None
+        else:
+            self._queue_reachable()
+        if item is not None:
+            self.process(item.task_id, source=item.source, seen_at=item.seen_at)
+            return
+        try:
+            delivery = feed.take(IDLE_BLOCK)
+        except OSError as exc:  # the entry was handed back; the spool's trouble is reported
+            self._spool_trouble("cannot write a task from the stream into", self.spool.inbox(self.worker).name, exc)
+            return
+        if delivery is None:
+            self._idle_check()
+        elif self.stopping.is_set():
+            feed.give_back(delivery.task_id, claimed=False)
+        elif self.spool.has_result(self.worker, delivery.task_id):
+            feed.complete_again(delivery)  # sent again (after Redis lost it): the run is done, only its record goes
+        else:
+            self.process(delivery.task_id, source="streams", seen_at=time.time())
+
+    def _finish_streamed(self, result: ResultRecord) -> ResultRecord | None:
+        """Hold the outcome (saved beside its claim), complete it on the stream, then write it locally.
+
+        From the hold on, nothing runs the agent again: a crash, or Redis away, only delays the
+        completion, which is retried until Redis confirms or refuses it (StreamFeed.complete_held).
+        """
+        assert self._feed is not None
+        task_id = result["task_id"]
+        self._held.hold(result)
+        if not self._write_held() or task_id in self._held.results or self._feed.was_late(task_id):
+            return None
+        return result

@@ -2,7 +2,8 @@
 
 Every interval it writes ``heartbeats/<worker>.json`` atomically, with the state of its sibling
 programs (read over supervisord's XML-RPC socket) and the listener's own report (over the work
-queue's socket). It serves the whole worker's Prometheus metrics.
+queue's socket). It serves the whole worker's Prometheus metrics. In streams mode it also publishes
+the same record as this replica's heartbeat in Redis (replica_beat.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_
 from activation.spool.layout import Spool
 from activation.spool.records import HeartbeatRecord
 from activation.worker import liveness
+from activation.worker.replica_beat import ReplicaBeat
 from activation.worker.supervision import (
     SUPERVISOR_SOCKET,
     program_infos,
@@ -67,6 +69,8 @@ class Heartbeat(Program):
         self._metrics_error: str | None = None
         self._metrics_retry_at = 0.0
         self._executor_info = liveness.ExecutorInfo()
+        # ACTIVATION_TRANSPORT=streams: one heartbeat per replica in Redis, and the consumer pruning.
+        self._replica = ReplicaBeat(settings, self.log) if settings.transport == "streams" else None
 
     def initialize(self) -> None:
         damaged = self.spool.try_init([self.worker])
@@ -118,8 +122,11 @@ class Heartbeat(Program):
 
     def shutdown(self) -> None:
         self.metrics.worker_up.set(0)
+        last_word = self._last_word()
         with contextlib.suppress(OSError):
-            self.beat(state=self._last_word())
+            self.beat(state=last_word)
+        if self._replica is not None:
+            self._replica.close(leave=last_word == "stopped")
         if self._queue_client is not None:
             self._queue_client.close()
         if self._redis is not None:
@@ -132,7 +139,10 @@ class Heartbeat(Program):
 
     def beat(self, state: str = "running") -> HeartbeatRecord:
         report = self.report(state)
-        report["redis"] = self._publish(report) if self.settings.redis_url else None
+        if self._replica is not None:
+            report["redis"] = self._replica.publish(report)
+        else:
+            report["redis"] = self._publish(report) if self.settings.redis_url else None
         atomic_write_json(self.path, report)
         return report
 

@@ -162,6 +162,9 @@ class Condition:
         self.worker = worker
         self.trouble: Trouble | None = None
         self.streak = 0  # failed runs in a row, each shorter than FAST_FAIL_S
+        # A dependency that is down (Redis, in streams mode): reported like a trouble, but it does
+        # not gate the loop; its owner backs off on its own schedule (redis_link.Outage) and logs.
+        self.outage: tuple[str, str] | None = None
 
     def degrade(self, reason: str, detail: str, *, static: bool = False, task_id: str | None = None) -> None:
         """Report degraded (the heartbeat passes it on to `check`) and back off; logged once per cause."""
@@ -179,8 +182,24 @@ class Condition:
             )
             self.log.error("degraded: %s; %s", detail, retry, extra=extra)
 
+    def dependency_down(self, reason: str, detail: str) -> None:
+        """Report degraded because a dependency is down, until `dependency_up`; logs nothing."""
+        self.outage = (reason, detail)
+        if self.trouble is None:
+            self.pulse.set_state(DEGRADED, reason, detail)
+
+    def dependency_up(self) -> None:
+        if self.outage is None:
+            return
+        self.outage = None
+        if self.trouble is None:
+            self.pulse.set_state(OK)
+
     def recovered(self) -> None:
         trouble, self.trouble = self.trouble, None
+        if self.outage is not None:  # the trouble is over, the dependency is still down
+            self.pulse.set_state(DEGRADED, *self.outage)
+            return
         if self.pulse.set_state(OK) and trouble is not None:
             extra = {"worker": self.worker, "event": "ok"}
             self.log.info("no longer degraded (%s is over)", trouble.reason, extra=extra)

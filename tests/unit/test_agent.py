@@ -95,13 +95,14 @@ def test_agent_environment_strips_activation_secrets_and_adds_the_task() -> None
         "ACTIVATION_SOME_TOKEN": "s5",
         "PROMETHEUS_MULTIPROC_DIR": "/run/metrics",
     }
-    env = agent_environment(base, "t-1", "w1")
+    env = agent_environment(base, "t-1", "w1", attempt=2)
     assert env == {
         "PATH": "/usr/bin",
         "ANTHROPIC_API_KEY": "the agent needs this one",
         "ACTIVATION_SPOOL": "/spool",
         "ACTIVATION_TASK_ID": "t-1",
         "ACTIVATION_WORKER": "w1",
+        "ACTIVATION_ATTEMPT": "2",
     }
     assert base["ACTIVATION_ADMIN_TOKEN"] == "s1"  # the caller's mapping is left alone
 

@@ -99,6 +99,7 @@ def test_the_agent_gets_no_secret_no_secret_file_and_no_way_into_the_worker() ->
         "HOME": "/home/agent",
         "ACTIVATION_TASK_ID": "t1",
         "ACTIVATION_WORKER": "w1",
+        "ACTIVATION_ATTEMPT": "1",
     }
     assert is_secret("ACTIVATION_QUEUE_KEY") and is_secret("REDIS_URL_FILE") and not is_secret("ANTHROPIC_API_KEY")
 

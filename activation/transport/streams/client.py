@@ -239,8 +239,12 @@ class StreamsTransport:
             log.warning("late result refused task=%s entry=%s: %s", delivery.task_id, delivery.entry_id, verdict.detail)
         return verdict
 
-    def hand_back(self, delivery: Delivery) -> Verdict:
-        """Give a held entry back for immediate pickup by another consumer, counting no delivery."""
+    def hand_back(self, delivery: Delivery, *, count_delivery: bool = False) -> Verdict:
+        """Give a held entry back for immediate pickup by another consumer, counting no delivery.
+
+        ``count_delivery``: the delivery was an attempt after all (its run was cut short by a
+        crash), so the next claim counts one more, as after a lapsed lease, but at once.
+        """
         reply = self._run(
             "hand_back",
             [self.keys.tasks],
@@ -250,6 +254,7 @@ class StreamsTransport:
                 delivery.token.consumer,
                 delivery.token.deliveries,
                 HANDBACK_CONSUMER,
+                "1" if count_delivery else "0",
             ],
         )
         return _verdict(reply)

@@ -8,6 +8,7 @@ attempt number is the delivery count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
 from activation.spool.task import INVALID_FIELD, MAX_TASK_BYTES, TOO_LARGE, parse_task
 from activation.transport.streams.client import Delivery, StreamsTransport, Token
+from activation.transport.streams.connect import StreamsError
 
 log = logging.getLogger("activation.listener")
 
@@ -66,6 +68,7 @@ def take_one(
 
     A payload that is no valid task goes to the stream's dead letter with the BadTask reason,
     and nothing is written: the worker tree never sees it. None when there was nothing to take.
+    An OSError (the local spool cannot take the file) hands the entry back first, then raises.
     """
     while True:
         delivery = transport.receive(block)
@@ -73,6 +76,11 @@ def take_one(
             return None
         try:
             write_to_inbox(spool, worker, delivery, max_timeout=max_timeout)
+        except OSError:
+            # The local spool cannot take it (a full disk): give it back at once, uncounted.
+            with contextlib.suppress(StreamsError):
+                transport.hand_back(delivery)
+            raise
         except BadTask as exc:
             transport.dead_letter(delivery, f"{exc.reason}: {exc.detail}")
             log.warning("task %s from the stream is bad input, dead-lettered: %s", delivery.task_id, exc)

@@ -88,6 +88,31 @@ def consumer_name(*, host: str | None = None, pid: int | None = None) -> str:
     return f"{host}/{_boot_id()[:8]}/{pid}-{_start_ticks(pid)}-{_NONCE}"
 
 
+def replica_name(*, host: str | None = None, run_dir: Path | None = None) -> str:
+    """The consumer name of this worker tree: one per supervisord process start, shared by its programs.
+
+    listener, executor and heartbeat are children of one supervisord, so its pid and start time
+    (their parent's) name the replica for all three; a restarted program keeps the name (its
+    tree's tokens stay its own), a new tree start gets a new one (a predecessor's late completion
+    is refused). No per-interpreter nonce here: the three programs must agree. Instead the tree's
+    id from its run folder (spool/ownership.py) tells apart two same-named containers whose
+    supervisord is pid 1 and started in one clock tick.
+    """
+    host = host or socket.gethostname() or "host"
+    parent = os.getppid()
+    name = f"{host}/{_boot_id()[:8]}/{parent}-{_start_ticks(parent)}"
+    if run_dir is not None:
+        from activation.spool.ownership import tree_id
+
+        try:
+            tree = tree_id(run_dir)
+        except OSError:
+            tree = None  # an unwritable run folder: the programs refuse to start anyway
+        if tree:
+            name += f"-{tree[:6]}"
+    return name
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "") or "noboot"

@@ -167,18 +167,22 @@ return {'dead', did}
 """
 )
 
-# KEYS: tasks.  ARGV: group, entry id, consumer, deliveries, the hand-back consumer.
+# KEYS: tasks.  ARGV: group, entry id, consumer, deliveries, the hand-back consumer, whether the
+# delivery counts (0/1).
 # For a drain: parks the entry on the hand-back consumer with its delivery time at the epoch
 # (so it is past any lease at once) and its count set one lower, so that the claim that takes it
-# next counts it back to where it was: no delivery is counted for the hand-back. A nudge entry
-# wakes one reader blocked on the stream, which then claims it.
+# next counts it back to where it was: no delivery is counted for the hand-back. A run that was
+# cut short by a crash (the executor's recovery) keeps its count instead: it was an attempt, and
+# the next claim counts the next one, without waiting a lease. A nudge entry wakes one reader
+# blocked on the stream, which then claims it.
 HAND_BACK = (
     _PRELUDE
     + r"""
 local refusal = holder_check(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 if refusal then return refusal end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], 0, ARGV[2], 'TIME', 1,
-  'RETRYCOUNT', tonumber(ARGV[4]) - 1, 'JUSTID')
+local count = tonumber(ARGV[4]) - 1
+if ARGV[6] == '1' then count = tonumber(ARGV[4]) end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], 0, ARGV[2], 'TIME', 1, 'RETRYCOUNT', count, 'JUSTID')
 redis.call('XADD', KEYS[1], '*', 'nudge', ARGV[2])
 return {'handed_back', ARGV[2]}
 """
