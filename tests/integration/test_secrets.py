@@ -39,6 +39,28 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def checkout_reachable() -> Iterator[None]:
+    """Let UID walk to the checkout and its virtualenv: a clone in a private folder (``mktemp -d``
+    makes one 0700) would hide the package from the tree. Only the search bit (o+x) is added,
+    to the folders on the way that lack it (not under /root: see as_unprivileged_user), and
+    taken back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    for place in (ROOT, Path(sys.prefix)):
+        for folder in [place, *place.parents]:
+            if folder.is_relative_to("/root"):
+                continue
+            mode = folder.stat().st_mode
+            if not mode & 0o001 and (folder, mode) not in changed:
+                changed.append((folder, mode))
+                folder.chmod((mode & 0o7777) | 0o001)
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(changed):
+            folder.chmod(mode & 0o7777)
+
+
 def chown_tree(path: Path) -> None:
     os.chown(path, UID, UID)
     for child in path.rglob("*"):
@@ -71,7 +93,9 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the tree as an unprivileged user")
-def test_the_agent_reads_no_secret_from_any_process_or_the_run_folder(tmp_path: Path, base: Path) -> None:
+def test_the_agent_reads_no_secret_from_any_process_or_the_run_folder(
+    tmp_path: Path, base: Path, checkout_reachable: None
+) -> None:
     redis = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD).start()
     spool = Spool(base / "spool")
     spool.init(["w1"])
