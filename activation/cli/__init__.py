@@ -197,11 +197,14 @@ def show(obj: Context, task_id: str, as_json: bool) -> None:
 def cancel(obj: Context, task_id: str, no_wait: bool, wait_timeout: float, as_json: bool) -> None:
     """Cancel TASK_ID: a pending one never runs; a running one's tree is killed (SIGINT, grace, SIGKILL).
 
-    Either way its result is `cancelled`. Files mode (one shared spool) only.
+    Either way its result is `cancelled`. In streams mode, from the orchestrator's spool: through
+    Redis, to the replica that holds it.
     """
     from activation.cli.cancelling import cancel_and_wait
 
-    cancel_and_wait(obj.spool, task_id, wait=not no_wait, timeout=wait_timeout, as_json=as_json)
+    cancel_and_wait(
+        obj.spool, task_id, wait=not no_wait, timeout=wait_timeout, as_json=as_json, settings=obj.settings
+    )
 
 
 # -- the programs supervisord runs ------------------------------------------------------------

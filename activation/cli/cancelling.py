@@ -8,16 +8,24 @@ import time
 import click
 
 from activation.cli.support import fail, print_json
+from activation.config import Settings
 from activation.spool.atomic import read_json
-from activation.spool.cancel import CannotCancel, cancel_task, clear_request
+from activation.spool.cancel import Cancelled, CannotCancel, cancel_task, clear_request
 from activation.spool.layout import Spool
 
 POLL = 0.05
 
 
-def cancel_and_wait(spool: Spool, task_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
+def cancel_and_wait(
+    spool: Spool, task_id: str, *, wait: bool, timeout: float, as_json: bool, settings: Settings | None = None
+) -> None:
+    """``settings`` with ACTIVATION_TRANSPORT=streams: the cancel goes through Redis (this is the
+    orchestrator's spool, the task in its outbox), and a running task's holder is asked there."""
     try:
-        cancelled = cancel_task(spool, task_id, by="cli")
+        if settings is not None and settings.transport == "streams":
+            cancelled = _cancel_streamed(settings, spool, task_id)
+        else:
+            cancelled = cancel_task(spool, task_id, by="cli")
     except CannotCancel as exc:
         fail(str(exc))
     if cancelled.status == "cancelled":
@@ -31,7 +39,7 @@ def cancel_and_wait(spool: Spool, task_id: str, *, wait: bool, timeout: float, a
         if as_json:
             print_json(cancelled.as_dict())
         else:
-            click.echo(f"{task_id}: cancel requested; {worker}'s executor kills its tree within a tick")
+            click.echo(f"{task_id}: cancel requested; {worker}'s executor kills its tree within moments")
         return
     deadline = time.monotonic() + timeout
     path = spool.result_path(worker, task_id)
@@ -57,3 +65,22 @@ def cancel_and_wait(spool: Spool, task_id: str, *, wait: bool, timeout: float, a
 
     how = how_killed(result.get("kill"))
     click.echo(f"{task_id}: cancelled (was running on {worker}" + (f"; {how})" if how else ")"))
+
+
+def _cancel_streamed(settings: Settings, spool: Spool, task_id: str) -> Cancelled:
+    from activation.transport.streams import outbox
+    from activation.transport.streams.client import StreamsTransport
+    from activation.transport.streams.connect import StreamsError, connect
+
+    found = spool.locate(task_id)
+    if found is None or found.worker is None:
+        raise CannotCancel(f"no task {task_id!r} in {spool.root}", None)
+    if found.state != "pending":
+        raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({found.state})", found.state)
+    try:
+        transport = StreamsTransport(
+            connect(settings), found.worker, lease=settings.lease, retention=settings.stream_retention
+        )
+        return outbox.cancel(transport, spool, found.worker, task_id, by="cli")
+    except StreamsError as exc:
+        fail(f"cannot cancel {task_id} now: {exc}")

@@ -29,10 +29,12 @@ from activation.orchestrator.liveness import LivenessWatch
 from activation.orchestrator.relay import StreamsRelay, redispatcher
 from activation.orchestrator.submit import STREAMS, Dispatcher
 from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.cancel import Cancelled
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
 from activation.spool.retention import Sweeper
 from activation.transport.pubsub import EventsError
+from activation.transport.streams.connect import StreamsError
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
@@ -420,9 +422,14 @@ class Orchestrator(Program):
         from activation.spool.cancel import CannotCancel, cancel_task
 
         try:
-            cancelled = cancel_task(self.spool, task_id, by="api")
+            if self.relay is not None:
+                cancelled = self._cancel_streamed(task_id)
+            else:
+                cancelled = cancel_task(self.spool, task_id, by="api")
         except CannotCancel as exc:
             raise (NotFound if exc.state is None else Conflict)(str(exc)) from None
+        except StreamsError as exc:
+            raise Unavailable(f"cannot cancel {task_id} now: {exc}") from None
         self.log.info(
             "task %s %s while %s",
             task_id,
@@ -431,6 +438,19 @@ class Orchestrator(Program):
             extra={"worker": cancelled.worker, "task_id": task_id, "event": "task_cancelled"},
         )
         return cancelled.as_dict()
+
+    def _cancel_streamed(self, task_id: str) -> Cancelled:
+        """Streams mode: the task is in this spool's outbox until its result comes back."""
+        from activation.spool.cancel import CannotCancel
+        from activation.transport.streams import outbox
+
+        assert self.relay is not None
+        found = self.spool.locate(task_id)
+        if found is None or found.worker is None:
+            raise CannotCancel(f"no task {task_id!r} in {self.spool.root}", None)
+        if found.state != "pending":
+            raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({found.state})", found.state)
+        return outbox.cancel(self.relay.transport(found.worker), self.spool, found.worker, task_id, by="api")
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         for _ in range(3):  # it may move between finding it and reading it: look again

@@ -137,13 +137,27 @@ def settle_cancelled_claim(
     Used for a pending task just claimed by a cancel, and by the executor's recovery for a claim
     whose cancel request came while no executor was there to act on it.
     """
-    claim = spool.claim_path(worker, task_id)
-    task: dict[str, Any] = {}
+    result = cancelled_record(task_id, worker, read_task(spool.claim_path(worker, task_id)), by=by, was=was, at=at)
+    path = spool.write_result(worker, result)
+    clear_request(spool, worker, task_id)
+    return Cancelled(task_id, worker, str(path), was=was)
+
+
+def read_task(path: Path) -> dict[str, Any]:
+    """The task a claim or an outbox file holds, as far as it can be read ({} otherwise)."""
     with contextlib.suppress(OSError, ValueError):
-        loaded = read_json(claim)
-        task = loaded if isinstance(loaded, dict) else {}
+        loaded = read_json(path)
+        if isinstance(loaded, dict):
+            return loaded
+    return {}
+
+
+def cancelled_record(
+    task_id: str, worker: str, task: dict[str, Any], *, by: str, was: str, at: str | None = None
+) -> dict[str, Any]:
+    """The ``cancelled`` result of a task that did not run (again): what a cancel records."""
     now = iso_now()
-    result = {
+    return {
         "task_id": task_id,
         "worker": worker,
         "status": "cancelled",
@@ -160,6 +174,3 @@ def settle_cancelled_claim(
         "cancelled": {"at": at or now, "by": by, "while": was},
         "metadata": task.get("metadata") if isinstance(task.get("metadata"), dict) else {},
     }
-    path = spool.write_result(worker, result)
-    clear_request(spool, worker, task_id)
-    return Cancelled(task_id, worker, str(path), was=was)

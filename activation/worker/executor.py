@@ -162,6 +162,7 @@ class Executor(Program):
         self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
         self._unsettled: set[str] = set()  # claims that recovery could not settle yet
         self._cancel: dict[str, Any] | None = None  # the cancel request of the running task, once seen
+        self._streamed_run = False  # the running task came from the stream (a cancel may come that way)
         # ACTIVATION_TRANSPORT=streams: this executor is its replica's consumer of the task stream.
         self._feed = (
             StreamFeed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
@@ -441,6 +442,7 @@ class Executor(Program):
         )
         self.log.debug("task %s started (attempt %d)", task_id, attempts, extra=self._extra(task_id, "task_started"))
         self._cancel = None
+        self._streamed_run = lease is not None
         output = tasklog.open_log(self.spool, self.worker, task_id)
         try:
             launch = plan_launch(self.settings.agent_command, task["description"], env, task_id=task_id)
@@ -519,6 +521,9 @@ class Executor(Program):
         """run_agent's abort check, each supervision tick: past the drain, or asked to cancel (one stat)."""
         if self._cancel is None:
             self._cancel = cancels.cancel_requested(self.spool, self.worker, task_id)
+            if self._cancel is None and self._streamed_run:
+                assert self._feed is not None
+                self._cancel = self._feed.cancel_request(task_id)  # streams: the orchestrator's, via Redis
             if self._cancel is not None:
                 self.log.warning(
                     "task %s: cancel requested by %s; killing its tree",

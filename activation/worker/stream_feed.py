@@ -38,6 +38,7 @@ from activation.worker.liveness import Condition
 T = TypeVar("T")
 
 IDLE_BLOCK = 0.25  # seconds an idle executor blocks on the stream: how soon it notices SIGTERM
+CANCEL_POLL = 1.0  # seconds between looks for an orchestrator's cancel of the running task
 STREAMS_UNREACHABLE = "streams_unreachable"
 REFUSED = "refused"  # metadata.stream.refused of a local result whose completion was refused
 # What `hold` and `dead_letter_claim` answer besides a lease or a verdict:
@@ -105,6 +106,7 @@ class StreamFeed:
         self.margin = min(settings.kill_grace + self.renew_timeout, settings.lease / 2)
         self._completed: set[str] = set()  # held results whose completion Redis confirmed
         self._late: set[str] = set()  # results whose completion was refused: another run is the role's
+        self._next_cancel_poll = 0.0
 
     @property
     def down(self) -> bool:
@@ -188,6 +190,19 @@ class StreamFeed:
             return answer
 
         return LeaseKeeper(renew, self.lease, held_since=sent, margin=self.margin, task_id=delivery.task_id)
+
+    def cancel_request(self, task_id: str) -> dict[str, Any] | None:
+        """The orchestrator's request to cancel the running ``task_id`` (its task key says so),
+        looked for once a CANCEL_POLL on the renewals' client; None meanwhile, or unreachable
+        (a lost Redis is the lease keeper's business)."""
+        now = time.monotonic()
+        if now < self._next_cancel_poll:
+            return None
+        self._next_cancel_poll = now + CANCEL_POLL
+        try:
+            return self.leases.transport.cancel_requested(task_id)
+        except StreamsError:
+            return None
 
     # -- giving up a delivery -------------------------------------------------------------------
 

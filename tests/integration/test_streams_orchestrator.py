@@ -219,3 +219,26 @@ def test_an_id_redis_knows_as_done_is_refused_even_when_the_spool_forgot_it(orch
     assert "was already dispatched to marie (done); nothing was sent again" in again.stderr
     assert orchestrator.spool.inbox_names(W) == []  # no outbox file left waiting for a result that never comes
     assert entries(client) == [] and standin.receive(0) is None
+
+
+def test_cancel_over_the_api_and_the_cli_in_streams_mode(orchestrator, client):
+    # Not received yet: cancelled at once by the API, and the entry is gone from the stream.
+    status, _ = call(api(orchestrator), "POST", "/tasks", {"worker": W, "description": "x", "task_id": "c-1"})
+    assert status == 202
+    status, answer = call(api(orchestrator), "POST", "/tasks/c-1/cancel")
+    assert status == 200 and answer["status"] == "cancelled", answer
+    assert entries(client) == []
+    status, task = call(api(orchestrator), "GET", "/tasks/c-1")
+    assert task["state"] == "done" and task["result"]["status"] == "cancelled"
+    # Held by a replica: the CLI asks it through Redis; the holder's cancelled result comes back.
+    assert orchestrator.cli("dispatch", W, "long", "--task-id", "c-2").returncode == 0
+    standin = replica(client)
+    delivery = receive(standin)
+    asked = orchestrator.cli("cancel", "c-2", "--no-wait")
+    assert asked.returncode == 0 and "cancel requested" in asked.stdout, asked.stderr
+    assert standin.cancel_requested("c-2") is not None  # what the holder's executor polls for
+    # Finished ones are refused, in one line.
+    run(standin, delivery, stdout="")
+    wait_for(lambda: orchestrator.spool.result_path(W, "c-2").exists(), 20, 0.05, "c-2's result mirrored")
+    late = orchestrator.cli("cancel", "c-2")
+    assert late.returncode == 1 and "already finished" in late.stderr and len(late.stderr.splitlines()) == 1

@@ -21,6 +21,10 @@ import pytest
 import redis
 
 from activation.clock import iso_now
+from activation.spool.atomic import read_json
+from activation.spool.cancel import CannotCancel
+from activation.spool.layout import Spool
+from activation.transport.streams import outbox
 from activation.transport.streams.client import StreamsTransport
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
@@ -308,3 +312,70 @@ def test_redis_away_degrades_the_worker_then_it_recovers_by_itself_and_loses_not
     finally:
         connection.close()
         server.stop()
+
+
+# -- cancel: a task not received yet never runs; a running one's holder is told through Redis,
+# kills its agent's tree and completes with a `cancelled` result; a finished one stays. The
+# orchestrator's side is outbox.cancel on its own spool (the outbox), as `activation cancel` and
+# POST /tasks/<id>/cancel call it.
+
+
+@pytest.fixture
+def outbox_spool(tmp_path) -> Spool:
+    spool = Spool(tmp_path / "orchestrator-spool")
+    spool.init([WORKER])
+    return spool
+
+
+def send(transport: StreamsTransport, spool: Spool, task_id: str) -> None:
+    outbox.send(transport, spool, WORKER, {"task_id": task_id, "description": "work", "created_at": iso_now()})
+
+
+def test_a_task_not_received_yet_is_cancelled_at_once_and_never_runs(client, orchestrator, replica, outbox_spool):
+    send(orchestrator, outbox_spool, "p1")
+    cancelled = outbox.cancel(orchestrator, outbox_spool, WORKER, "p1", by="cli")
+    assert cancelled.status == "cancelled" and cancelled.was == "pending"
+    # Here at once: the outbox file became the cancelled result.
+    assert not outbox_spool.task_path(WORKER, "p1").exists()
+    assert read_json(outbox_spool.result_path(WORKER, "p1"))["status"] == "cancelled"
+    # In Redis: retired as a completion retires, its cancelled result on the result stream.
+    assert stream_settled(client)
+    [result] = results_of(client, "p1")
+    assert result["record"]["status"] == "cancelled" and result["consumer"] == "cancel"
+    # A replica that starts now runs nothing of it, and the id cannot go again.
+    a = replica("a")
+    send(orchestrator, outbox_spool, "after")
+    wait_for(lambda: results_of(client, "after"), 30, 0.05, "the next task's result")
+    assert a.result_ids() == ["after"]
+    assert orchestrator.dispatch("p1", {"task_id": "p1", "description": "again"}).status == "duplicate"
+
+
+def test_a_running_task_is_cancelled_by_its_holder_and_its_tree_is_gone(client, orchestrator, replica, outbox_spool):
+    a = replica("a", STREAMS_AGENT_SLEEP=SLOW)
+    send(orchestrator, outbox_spool, "r1")
+    wait_for(lambda: held_by(client, a), 30, 0.02, "a holding r1")
+    agent = wait_for(lambda: agent_of(a), 30, 0.02, "a's agent running r1")
+    cancelled = outbox.cancel(orchestrator, outbox_spool, WORKER, "r1", by="api")
+    assert cancelled.status == "cancelling" and cancelled.was == "running"
+    wait_for(lambda: results_of(client, "r1"), 30, 0.05, lambda: f"a's cancelled result; a:\n{a.log_tail()}")
+    [result] = results_of(client, "r1")
+    record = result["record"]
+    assert record["status"] == "cancelled" and record["cancelled"]["by"] == "api"
+    assert record["kill"]["reason"] == "cancelled"
+    assert not agent.is_running()
+    assert stream_settled(client)
+    # The orchestrator's mirror lands it in its spool like any result.
+    outbox.mirror(orchestrator, outbox_spool, WORKER)
+    assert read_json(outbox_spool.result_path(WORKER, "r1"))["status"] == "cancelled"
+    assert not outbox_spool.task_path(WORKER, "r1").exists()
+    assert client.hget(KEYS.task("r1"), "state") == "done"
+
+
+def test_a_finished_task_cannot_be_cancelled(client, orchestrator, replica, outbox_spool):
+    replica("a")
+    send(orchestrator, outbox_spool, "f1")
+    wait_for(lambda: results_of(client, "f1"), 30, 0.05, "f1's result")
+    with pytest.raises(CannotCancel, match="already finished"):
+        outbox.cancel(orchestrator, outbox_spool, WORKER, "f1", by="cli")
+    [result] = results_of(client, "f1")
+    assert result["record"]["status"] == "completed"

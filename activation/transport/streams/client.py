@@ -44,6 +44,10 @@ ALREADY_DONE = "already_done"
 HANDED_BACK = "handed_back"
 DEAD = "dead"
 REFUSED = "refused"
+CANCELLED = "cancelled"
+REQUESTED = "requested"
+FINISHED = "finished"
+UNKNOWN = "unknown"
 # Dead-letter reasons given here
 MAX_DELIVERIES = "max_deliveries"
 
@@ -276,6 +280,34 @@ class StreamsTransport:
             ],
         )
         return _verdict(reply)
+
+    def cancel(self, task_id: str, result: Mapping[str, Any], request: Mapping[str, Any]) -> Verdict:
+        """Cancel a queued task id: CANCELLED (retired now, ``result`` recorded), REQUESTED (the
+        holder, named in ``detail``, is asked), FINISHED (``detail``: done or dead) or UNKNOWN."""
+        reply = self._run(
+            "cancel",
+            [self.keys.tasks, self.keys.results, self.keys.task(task_id)],
+            [
+                self.keys.group,
+                task_id,
+                json.dumps(result, sort_keys=True),
+                self.retention_ms,
+                HANDBACK_CONSUMER,
+                json.dumps(request, sort_keys=True),
+            ],
+        )
+        return _verdict(reply)
+
+    def cancel_requested(self, task_id: str) -> dict[str, Any] | None:
+        """The cancel request a holder of ``task_id`` must act on, or None."""
+        raw = self._redis(lambda: self.client.hget(self.keys.task(task_id), "cancel"))
+        if raw is None:
+            return None
+        try:
+            request = json.loads(raw)
+        except ValueError:
+            request = None
+        return request if isinstance(request, dict) else {"by": "?"}
 
     def prune_consumers(self, idle: float) -> list[str]:
         """Remove consumers idle over ``idle`` seconds that hold nothing pending; their names."""

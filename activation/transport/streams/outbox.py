@@ -13,11 +13,21 @@ import json
 import logging
 from typing import Any
 
+from activation.clock import iso_now
 from activation.errors import BadTask
 from activation.spool.atomic import atomic_write_json
+from activation.spool.cancel import Cancelled, CannotCancel, cancelled_record, read_task
 from activation.spool.layout import Spool
 from activation.spool.task import load_task, task_id_of
-from activation.transport.streams.client import DUPLICATE, Dispatched, Outcome, StreamsTransport
+from activation.transport.streams.client import (
+    CANCELLED,
+    DUPLICATE,
+    REQUESTED,
+    UNKNOWN,
+    Dispatched,
+    Outcome,
+    StreamsTransport,
+)
 
 log = logging.getLogger("activation.orchestrator")
 
@@ -65,6 +75,36 @@ def mirror(transport: StreamsTransport, spool: Spool, worker: str, *, block: flo
         _land_dead_letter(spool, worker, outcome)
     transport.ack_dead_letters([o.stream_id for o in dead])
     return len(results) + len(dead)
+
+
+def cancel(transport: StreamsTransport, spool: Spool, worker: str, task_id: str, *, by: str) -> Cancelled:
+    """Cancel a task dispatched to ``worker`` (its outbox file is here), in streams mode.
+
+    Not received yet: Redis retires its entry and records the ``cancelled`` result, which lands
+    here at once (and again, identical, when mirrored). Held by a replica: Redis keeps the
+    request, the holder kills the agent and its ``cancelled`` result comes back as any result.
+    A task Redis lost (a restart without persistence, not re-sent yet) is cancelled here; the
+    cancel is sent once more in case the outbox re-send raced it. StreamsError: unreachable.
+    """
+    outbox = spool.task_path(worker, task_id)
+    record = cancelled_record(task_id, worker, read_task(outbox), by=by, was="pending")
+    request = {"by": by, "at": iso_now()}
+    verdict = transport.cancel(task_id, record, request)
+    if verdict.status == UNKNOWN and outbox.exists():
+        path = spool.write_result(worker, record)
+        outbox.unlink(missing_ok=True)
+        verdict = transport.cancel(task_id, record, request)
+        if verdict.status in (UNKNOWN, CANCELLED):
+            return Cancelled(task_id, worker, str(path), was="pending")
+    if verdict.status == CANCELLED:
+        path = spool.write_result(worker, record)
+        outbox.unlink(missing_ok=True)
+        return Cancelled(task_id, worker, str(path), was="pending")
+    if verdict.status == REQUESTED:
+        return Cancelled(task_id, worker, str(outbox), status="cancelling", was="running")
+    if verdict.status == UNKNOWN:
+        raise CannotCancel(f"cannot cancel {task_id}: the stream of {worker} does not know it", None)
+    raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({verdict.detail})", "done")
 
 
 def _land_result(spool: Spool, worker: str, outcome: Outcome) -> None:

@@ -188,6 +188,36 @@ return {'handed_back', ARGV[2]}
 """
 )
 
+# KEYS: tasks, results, task key.  ARGV: group, task_id, cancelled result JSON, retention ms,
+# the hand-back consumer, the request JSON (who, when).
+# Cancels a queued task id. An entry no replica holds (not delivered yet, or parked for a taker
+# after a hand-back) is retired at once as a completion would retire it, with the cancelled
+# result on the result stream: nobody can receive it after this script. An entry a replica
+# holds gets the request in its task key instead; the holder polls for it, kills the agent and
+# completes with its own cancelled result (its token still fences it).
+CANCEL = (
+    _PRELUDE
+    + r"""
+local state = redis.call('HGET', KEYS[3], 'state')
+if not state then return {'unknown', ''} end
+if state ~= 'queued' then return {'finished', state} end
+local entry = redis.call('HGET', KEYS[3], 'entry')
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1)
+if #p > 0 and p[1][2] ~= ARGV[5] then
+  redis.call('HSET', KEYS[3], 'cancel', ARGV[6])
+  return {'requested', p[1][2]}
+end
+local rid = redis.call('XADD', KEYS[2], 'MINID', age_cutoff(ARGV[4]), '*', 'task_id', ARGV[2],
+  'result', ARGV[3], 'consumer', 'cancel', 'deliveries', '0', 'entry', entry)
+redis.call('HSET', KEYS[3], 'state', 'done', 'consumer', 'cancel', 'deliveries', '0', 'result', ARGV[3],
+  'result_entry', rid, 'cancel', ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+if #p > 0 then redis.call('XACK', KEYS[1], ARGV[1], entry) end
+redis.call('XDEL', KEYS[1], entry)
+return {'cancelled', rid}
+"""
+)
+
 # KEYS: tasks.  ARGV: group, entry id.  Drops a nudge (or any non-task entry) once read.
 DROP = r"""
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -245,6 +275,7 @@ ALL = {
     "complete": COMPLETE,
     "dead_letter": DEAD_LETTER,
     "hand_back": HAND_BACK,
+    "cancel": CANCEL,
     "drop": DROP,
     "prune_consumers": PRUNE_CONSUMERS,
     "beat": BEAT,
