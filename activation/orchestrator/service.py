@@ -33,6 +33,7 @@ from activation.spool.cancel import Cancelled
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
 from activation.spool.retention import Sweeper
+from activation.spool.status import live
 from activation.transport.pubsub import EventsError
 from activation.transport.streams.connect import StreamsError
 
@@ -402,8 +403,14 @@ class Orchestrator(Program):
 
     def get_status(self) -> dict[str, Any]:
         healths = self.healths(dead_letter_counts(self.spool))
+        if self.relay is None:
+            # As `activation status` shows it: the spool's facts (claim, inbox, results) read now,
+            # over the heartbeat's judgement, so the answer never lags by a heartbeat interval.
+            workers = [live(self.spool, h).as_dict() for h in healths]
+        else:
+            workers = [h.as_dict() for h in healths]  # the replicas' own state: their spools are theirs
         answer = {
-            "workers": [h.as_dict() for h in healths],
+            "workers": workers,
             "unhealthy": [h.worker for h in healths if not h.healthy],
             "mode": self._mode,
             "transport": self.settings.transport,

@@ -382,6 +382,21 @@ def test_status_flags_stale_heartbeats_and_programs_not_running(start, spool):
     assert sorted(body["unhealthy"]) == ["w2", "w3"]
 
 
+def test_status_over_the_api_is_the_spools_live_view_not_the_last_heartbeat(start, spool):
+    beat(spool, W, programs=RUNNING, queue_size=0, current_task=None)  # an idle worker, as it last said
+    orch = start()
+    task_file(spool, "now-running", claim=True)
+    task_file(spool, "waiting-1")
+    task_file(spool, "waiting-2")
+    results(spool, 3, 50.0)
+    status, body = orch.call("GET", "/status")
+    assert status == 200
+    [worker] = [w for w in body["workers"] if w["worker"] == W]
+    assert worker["current_task"] == "now-running" and worker["running"] == ["now-running"]
+    assert worker["queue_size"] == 2 and worker["results_total"] == 3
+    assert worker["heartbeat_current_task"] is None and worker["heartbeat_queue_size"] == 0
+
+
 def test_metrics_expose_heartbeat_ages_and_the_mode(start, spool):
     beat(spool, W, age=500)
     clock = ManualClock()
