@@ -46,6 +46,10 @@ class NotReady(ActivationError):
 # What the orchestrator's domain refuses, by kind; only orchestrator/http.py maps them to statuses.
 
 
+class StreamsError(ActivationError):
+    """Redis could not be reached, or answered the streams transport in a way it cannot use."""
+
+
 class Invalid(ActivationError):
     """The request itself is wrong: a missing or ill-typed field, a bad mode."""
 

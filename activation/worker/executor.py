@@ -17,11 +17,11 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from activation.clock import iso_now
 from activation.config import Settings
-from activation.errors import ActivationError, BadTask, NotReady, QueueError
+from activation.errors import ActivationError, BadTask, NotReady, QueueError, StreamsError
 from activation.lifecycle import Program, StopFlag
 from activation.observability.metrics import worker_metrics
 from activation.spool import cancel as cancels
@@ -32,8 +32,6 @@ from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
 from activation.spool.records import KillRecord, ResultRecord, ResultStatus
-from activation.transport.streams.client import DEAD
-from activation.transport.streams.connect import StreamsError
 from activation.transport.streams.lease import LeaseKeeper
 from activation.worker import liveness
 from activation.worker.agent import (
@@ -46,8 +44,11 @@ from activation.worker.agent import (
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 from activation.worker.done_events import DoneEvents
 from activation.worker.spawn import CannotStart, plan_launch, preflight
-from activation.worker.stream_feed import IDLE_BLOCK, NOT_STREAMED, PUT_BACK, StreamFeed
+from activation.worker.stream_answers import DEAD_LETTERED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
 from activation.worker.supervision import check_drain_fits
+
+if TYPE_CHECKING:
+    from activation.worker.stream_feed import StreamFeed
 
 QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
@@ -123,6 +124,13 @@ def result_status(
     return COMPLETED
 
 
+def _stream_feed(settings: Settings, spool: Spool, log: logging.Logger, condition: liveness.Condition) -> StreamFeed:
+    """The streams side, imported only in streams mode: redis (and asyncio) stay out of files mode."""
+    from activation.worker.stream_feed import StreamFeed
+
+    return StreamFeed(settings, spool, log, condition)
+
+
 class Executor(Program):
     """One task at a time: claim by rename, run the agent, write the result, drop the claim."""
 
@@ -165,7 +173,7 @@ class Executor(Program):
         self._streamed_run = False  # the running task came from the stream (a cancel may come that way)
         # ACTIVATION_TRANSPORT=streams: this executor is its replica's consumer of the task stream.
         self._feed = (
-            StreamFeed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
+            _stream_feed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -718,7 +726,7 @@ class Executor(Program):
         if self._feed is not None:
             verdict = self._feed.dead_letter_claim(task_id, reason, detail)
             if verdict != NOT_STREAMED:
-                if verdict == DEAD:
+                if verdict == DEAD_LETTERED:
                     self.metrics.tasks_dead_lettered.labels(self.worker, reason).inc()
                 return verdict is not None
         claim = self.spool.claim_path(self.worker, task_id)

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import xmlrpc.client
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from activation import __version__
 from activation.clock import iso_now
@@ -35,7 +35,6 @@ from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_
 from activation.spool.layout import Spool
 from activation.spool.records import HeartbeatRecord
 from activation.worker import liveness
-from activation.worker.replica_beat import ReplicaBeat
 from activation.worker.supervision import (
     SUPERVISOR_SOCKET,
     program_infos,
@@ -49,6 +48,17 @@ __all__ = ["SUPERVISOR_SOCKET", "Heartbeat", "program_states", "supervisor_socke
 
 SETTLING_INTERVAL = 1.0  # seconds between beats while a sibling program is not RUNNING
 METRICS_RETRY = 5.0  # seconds between attempts to bind a metrics port that was taken
+
+
+if TYPE_CHECKING:
+    from activation.worker.replica_beat import ReplicaBeat
+
+
+def _replica_beat(settings: Settings, log: logging.Logger) -> ReplicaBeat:
+    """The replica's state in Redis, imported only in streams mode (redis stays out of files mode)."""
+    from activation.worker.replica_beat import ReplicaBeat
+
+    return ReplicaBeat(settings, log)
 
 
 class Heartbeat(Program):
@@ -70,7 +80,7 @@ class Heartbeat(Program):
         self._metrics_retry_at = 0.0
         self._executor_info = liveness.ExecutorInfo()
         # ACTIVATION_TRANSPORT=streams: one heartbeat per replica in Redis, and the consumer pruning.
-        self._replica = ReplicaBeat(settings, self.log) if settings.transport == "streams" else None
+        self._replica = _replica_beat(settings, self.log) if settings.transport == "streams" else None
 
     def initialize(self) -> None:
         damaged = self.spool.try_init([self.worker])

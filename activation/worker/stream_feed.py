@@ -34,17 +34,13 @@ from activation.transport.streams.keys import replica_name
 from activation.transport.streams.lease import LeaseKeeper
 from activation.transport.streams.link import StreamsLink
 from activation.worker.liveness import Condition
+from activation.worker.stream_answers import DROPPED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
 
 T = TypeVar("T")
 
-IDLE_BLOCK = 0.25  # seconds an idle executor blocks on the stream: how soon it notices SIGTERM
 CANCEL_POLL = 1.0  # seconds between looks for an orchestrator's cancel of the running task
 STREAMS_UNREACHABLE = "streams_unreachable"
 REFUSED = "refused"  # metadata.stream.refused of a local result whose completion was refused
-# What `hold` and `dead_letter_claim` answer besides a lease or a verdict:
-NOT_STREAMED = "not_streamed"  # a task that never was on the stream: the spool's own rules apply
-PUT_BACK = "put_back"  # not to run now (a predecessor's delivery, or Redis is away): put it back
-DROPPED = "dropped"  # its lease is gone: the local copy was dropped, nothing runs
 
 
 def streamed(record: dict[str, Any] | ResultRecord) -> Delivery | None:

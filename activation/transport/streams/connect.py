@@ -19,7 +19,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from activation.config import Settings, redact_url
-from activation.errors import ActivationError
+from activation.errors import StreamsError as StreamsError  # raised here; defined without redis
 from activation.transport.pubsub import describe
 
 RedisClient = redis.Redis | RedisCluster
@@ -30,10 +30,6 @@ REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 # Long enough for the longest blocking read the transport makes (client.MAX_BLOCK), plus slack.
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 2.0
-
-
-class StreamsError(ActivationError):
-    """Redis could not be reached, or answered the streams transport in a way it cannot use."""
 
 
 def connect(settings: Settings, *, socket_timeout: float = SOCKET_TIMEOUT) -> RedisClient:

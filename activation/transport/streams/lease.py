@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from activation.transport.streams.client import Verdict
-from activation.transport.streams.connect import StreamsError
+from activation.errors import StreamsError
+
+if TYPE_CHECKING:  # the executor imports this in files mode too, where redis stays unimported
+    from activation.transport.streams.client import Verdict
 
 log = logging.getLogger("activation.executor")
 
