@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from activation.clock import iso_now, parse_iso
+from activation.spool.task import is_task_name
 from tests.harness import WorkerTree, new_tree, wait_until
 
 AGENT = "true -- {description}"  # exits at once: what is left is the wrapper's own cost; "--" as the config requires
@@ -98,7 +99,8 @@ class OurTree:
         return None if result is None else parse_iso(result.get("started_at"))
 
     def done(self) -> int:
-        return len(os.listdir(self.results))
+        # Results only: a task's log (<id>.log) and the listing index (.index) live there too.
+        return sum(1 for name in os.listdir(self.results) if is_task_name(name))
 
     def runs(self) -> Counter[str]:
         counts: Counter[str] = Counter()

@@ -43,7 +43,11 @@ def log_of_result(result_path: Path) -> Path:
 
 
 class TaskLog:
-    """One run's log file, written as the output arrives; ``write`` is agent.py's ``on_output``."""
+    """One run's log file, written as the output arrives; ``write`` is agent.py's ``on_output``.
+
+    The file is made at the first byte of output: a run that prints nothing costs no file (and
+    the task's activation no create on its way to the agent's start).
+    """
 
     def __init__(self, path: Path, *, limit: int = TASK_LOG_LIMIT, task_id: str = "") -> None:
         self.path = path
@@ -52,21 +56,23 @@ class TaskLog:
         self.written = 0
         self._pending = (bytearray(), bytearray())
         self._fd: int | None = None
+        self._done = False  # closed, full, or given up: nothing more is written
         # A new file, never the old one truncated: a follower of an earlier attempt sees the inode change.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             self._give_up(exc)
 
     @property
     def open(self) -> bool:
-        return self._fd is not None
+        """Whether output written now still reaches the log."""
+        return not self._done
 
     def write(self, stream: int, chunk: bytes) -> None:
         """Take a chunk of stream 0 (stdout) or 1 (stderr); write every whole line it completes."""
-        if self._fd is None:
+        if self._done:
             return
         pending = self._pending[stream]
         pending += chunk
@@ -80,11 +86,12 @@ class TaskLog:
     def close(self) -> None:
         """Write what is left of each stream's last line, and close."""
         for pending in self._pending:
-            if pending and self._fd is not None:
+            if pending and not self._done:
                 self._emit(bytes(pending) + (b"" if pending.endswith(b"\n") else b"\n"))
         self._shut()
 
     def _shut(self) -> None:
+        self._done = True
         for pending in self._pending:
             pending.clear()
         if self._fd is not None:
@@ -93,7 +100,12 @@ class TaskLog:
             self._fd = None
 
     def _emit(self, data: bytes) -> None:
-        assert self._fd is not None
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                self._give_up(exc)
+                return
         room = self.limit - self.written
         full = len(data) > room
         if full:

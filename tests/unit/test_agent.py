@@ -215,6 +215,21 @@ def test_a_grandchild_left_behind_by_a_fast_agent_is_killed(subreaper: None, tmp
     assert gone(grandchild)
 
 
+def test_a_run_leaves_no_zombie_child_behind(subreaper: None, tmp_path: Path) -> None:
+    """The background subshell exits while the agent runs; when the agent exits, its zombie is
+    re-parented to us (a subreaper), a child nobody else waits for. The run reaps it, so the
+    executor's cheap "any zombie?" check (waitid WNOWAIT) finds none afterwards."""
+    marker = tmp_path / "slept"
+    script = f"(sleep 0.2; touch {marker}) & sleep 1; exit 0"
+    result = run_agent(["sh", "-c", script], env=dict(os.environ), timeout=10, kill_grace=0.5, output_limit=1 << 16)
+    assert result.exit_code == 0 and marker.exists()
+    try:
+        leftover = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        leftover = None
+    assert leftover is None, f"a zombie child was left: pid {leftover.si_pid}"
+
+
 def test_without_subreaper_a_leftover_holding_the_pipe_does_not_block_the_run(tmp_path: Path) -> None:
     # Not a subreaper: the orphan goes to PID 1, out of reach; the run must still end promptly.
     pidfile = tmp_path / "pids"

@@ -164,18 +164,30 @@ def test_the_log_stops_at_its_limit_with_one_marker(spool: Spool) -> None:
 
 def test_a_log_that_cannot_be_written_never_fails_the_run(tmp_path: Path, caplog) -> None:
     log = tasklog.TaskLog(tmp_path / "missing" / "t.log", task_id="t")
+    log.write(0, b"anything\n")  # the file is made at the first output: here it cannot be
     assert not log.open
-    log.write(0, b"anything\n")
+    log.write(0, b"more\n")
     log.close()
-    assert "cannot write its log" in caplog.text
+    assert caplog.text.count("cannot write its log") == 1
+
+
+def test_a_run_that_prints_nothing_leaves_no_log_file(spool: Spool) -> None:
+    quiet = tasklog.open_log(spool, WORKER, "quiet")
+    quiet.close()
+    assert not tasklog.running_log_path(spool, WORKER, "quiet").exists()
+    tasklog.keep_log(spool, WORKER, "quiet")  # nothing to keep: no error
+    assert tasklog.find_log(spool, WORKER, "quiet") is None
 
 
 def test_a_new_attempt_writes_a_new_file(spool: Spool) -> None:
     first = tasklog.open_log(spool, WORKER, "again")
+    first.write(0, b"first attempt\n")
     first.close()
     inode = os.stat(tasklog.running_log_path(spool, WORKER, "again")).st_ino
     with open(tasklog.running_log_path(spool, WORKER, "again"), "rb"):  # a follower holds the old one
         second = tasklog.open_log(spool, WORKER, "again")
+        assert not tasklog.running_log_path(spool, WORKER, "again").exists()  # the old one is gone at once
+        second.write(1, b"second attempt\n")
         second.close()
         assert os.stat(tasklog.running_log_path(spool, WORKER, "again")).st_ino != inode
 
