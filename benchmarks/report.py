@@ -200,6 +200,9 @@ def burst(r: dict[str, Any]) -> list[str]:
     ]
 
 
+INDEXED = ("status", "tasks")  # the commands that read the result index: their first run rebuilds it
+
+
 def history(r: dict[str, Any]) -> list[str]:
     h = r.get("history")
     if not h or not h["rows"]:
@@ -267,6 +270,10 @@ def history(r: dict[str, Any]) -> list[str]:
             elif kind == "wall":
                 line = line.rsplit("   ", 1)[0] + "   (load)"
             lines.append(line)
+        if name in INDEXED and all("first_cpu_ms" in row["commands"][name] for row in rows):
+            values = [row["commands"][name]["first_cpu_ms"] for row in rows]
+            line = series("  first run after growth (CPU)", values, "ms", outputs)
+            lines.append(line.rsplit("   ", 1)[0] + "   (index stale)")
     lines.append(
         "    (activation commands, best of 5 each: judged on CPU time, which the load moves less than the wall"
         " time beside it; --version is their floor)"

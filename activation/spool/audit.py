@@ -41,15 +41,15 @@ class _Scan:
     """
 
     violations: list[Violation] = field(default_factory=list)
-    _listed: dict[Path, list[os.DirEntry[str]]] = field(default_factory=dict)
+    _listed: dict[Path, list[str]] = field(default_factory=dict)
 
-    def entries(self, folder: Path) -> list[os.DirEntry[str]]:
+    def names(self, folder: Path) -> list[str]:
+        """The names in ``folder`` (os.listdir: plain strings, the cheapest listing there is)."""
         listed = self._listed.get(folder)
         if listed is not None:
             return listed
         try:
-            with os.scandir(folder) as it:
-                listed = list(it)
+            listed = os.listdir(folder)
         except FileNotFoundError:
             listed = []
         except OSError as exc:
@@ -61,9 +61,7 @@ class _Scan:
     def json_ids(self, folder: Path) -> list[str]:
         """The task ids of the ``.json`` files in ``folder`` (dot files excluded)."""
         cut = -len(TASK_SUFFIX)
-        return [
-            e.name[:cut] for e in self.entries(folder) if e.name.endswith(TASK_SUFFIX) and not e.name.startswith(".")
-        ]
+        return [name[:cut] for name in self.names(folder) if name.endswith(TASK_SUFFIX) and not name.startswith(".")]
 
 
 def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float | None = None) -> list[Violation]:
@@ -92,8 +90,10 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
         folders += [inbox, processing, results]
         for folder, state in ((inbox, "pending"), (processing, "processing"), (results, "done")):
             where = f"{state}@{worker}"
-            for task_id in scan.json_ids(folder):
-                seen(task_id, where)
+            for task_id in scan.json_ids(folder):  # seen(), inlined: this loop runs once per file
+                first = place.setdefault(task_id, where)
+                if first != where:
+                    more.setdefault(task_id, [first]).append(where)
         # A claim beside its result is a leftover the result wins over (allowed below).
         claims = [task_id for task_id in scan.json_ids(processing) if not spool.has_result(worker, task_id)]
         # A claim is a dead worker's when its executor is provably gone (its lock is free), as
@@ -108,10 +108,10 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
                     )
                 )
     dead_sources: dict[str, set[tuple[str, str]]] = defaultdict(set)  # task id -> {(source, dead_at)}
-    for entry in scan.entries(spool.dead_letter_dir):
-        if not is_task_name(entry.name):
+    for name in scan.names(spool.dead_letter_dir):
+        if not is_task_name(name):
             continue
-        path = Path(entry.path)
+        path = spool.dead_letter_dir / name
         try:
             record = read_json(path)
         except (OSError, ValueError) as exc:
@@ -134,11 +134,15 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
     for task_id, places in sorted(more.items()):
         if not _allowed(spool, task_id, places, dead_sources.get(task_id, set())):
             violations.append(Violation("duplicate", task_id, f"in {len(places)} places: {', '.join(sorted(places))}"))
-    for entry in (e for folder in folders for e in scan.entries(folder) if e.name.startswith(TEMP_PREFIX)):
-        with contextlib.suppress(OSError):
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-            if age > temp_age:
-                violations.append(Violation("stale_temp", None, f"{entry.path} is {age:.0f}s old"))
+    for folder in folders:
+        for name in scan.names(folder):
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            temp = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                age = now - os.lstat(temp).st_mtime
+                if age > temp_age:
+                    violations.append(Violation("stale_temp", None, f"{temp} is {age:.0f}s old"))
     return violations
 
 
