@@ -19,9 +19,10 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
-from activation.spool.atomic import atomic_write_bytes
+from activation.spool.atomic import TEMP_PREFIX, atomic_write_bytes
 from activation.spool.layout import Spool
 from activation.spool.task import is_task_name
 
@@ -29,6 +30,7 @@ INDEX_DIR = ".index"  # under results/: a dot folder, which nothing takes for a 
 FORMAT = b"activation-result-index/1"
 # A folder mtime younger than this when a listing starts may hide an entry added in the same tick.
 MTIME_GUARD_NS = 2_000_000_000
+STALE_TEMP_NS = 600_000_000_000  # an index temp file this old was left by a writer that died
 
 Row = tuple[float, str, str]  # (mtime as os.stat gives it, name, path), as a reader wants it
 
@@ -138,7 +140,19 @@ class ResultIndex:
         # A cache: no fsync; a crash leaves it absent, old or whole, and the stamp tells which.
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(exist_ok=True)
+            _remove_stale_temps(self.path.parent, listed_at)
             atomic_write_bytes(self.path, os.fsencode(text), durable=False)
+
+
+def _remove_stale_temps(folder: Path, now_ns: int) -> None:
+    """A writer killed mid-write leaves its temp file; one older than a write could take is that.
+    (Removing a live writer's temp only makes its rename fail, which costs it nothing: a cache.)"""
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime_ns < now_ns - STALE_TEMP_NS:
+                        os.unlink(entry.path)
 
 
 def _header(line: bytes) -> tuple[int, int, int] | None:

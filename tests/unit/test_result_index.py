@@ -160,3 +160,18 @@ def test_listing_merges_workers_newest_first_and_keeps_the_limit(spool):
     assert [(r.task_id, r.worker, r.state) for r in rows] == [("b", W, "failed"), ("c", "w2", "timeout")]
     rows = list(finished(spool, Query(states=("done",), limit=None)))
     assert [r.task_id for r in rows] == ["a"]
+
+
+def test_a_temp_file_a_killed_writer_left_is_removed_by_the_next_write(spool):
+    write(spool, "a", 10)
+    settle(spool)
+    folder = spool.results_dir / ".index"
+    folder.mkdir()
+    left, live = folder / f".tmp_{W}.dead", folder / f".tmp_{W}.live"
+    for path, age in ((left, 3600), (live, 0)):
+        path.write_text("half")
+        when = time.time() - age
+        os.utime(path, (when, when))
+    assert ids(ResultIndex(spool, W).newest()) == ["a"]
+    assert not left.exists()
+    assert live.exists()  # maybe another writer's, still writing
