@@ -13,9 +13,11 @@ import os
 import resource
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from activation.spool.layout import Spool
 from benchmarks.idle import process_usage
 from tests.harness import WorkerTree, new_orchestrator, wait_until
 
@@ -153,6 +155,7 @@ def measure(tree: WorkerTree, size: int, window: float, settle: float) -> dict[s
     usage = process_usage(orchestrator, window)
     config_ms = min(_get(f"{url}/config") for _ in range(5))  # best of 5, like the CLI
     commands = {name: (_cli(tree, argv) if argv else None) for name, argv in COMMANDS.items()}
+    work = in_process(tree.spool)
     return {
         "results": size,
         "ready_s": ready_s,
@@ -161,6 +164,35 @@ def measure(tree: WorkerTree, size: int, window: float, settle: float) -> dict[s
         "resolution_percent": usage["resolution_percent"],
         "get_config_ms": config_ms,
         "commands": commands,
+        "in_process": work,
+    }
+
+
+def _cpu_ms(work: Callable[[], object], runs: int = CLI_RUNS) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        began = time.process_time()
+        work()
+        best = min(best, time.process_time() - began)
+    return best * 1000
+
+
+def in_process(spool: Spool) -> dict[str, float]:
+    """What ``status``, ``tasks`` and ``audit`` do, called in this process: CPU ms, best of
+    CLI_RUNS, without the interpreter's start that dominates (and, loaded, blurs) a command's
+    figure. ``status_stale_ms`` is one run with the result index gone, as after any change."""
+    from activation.spool.audit import audit
+    from activation.spool.listing import Query, list_tasks
+    from activation.spool.result_index import ResultIndex
+    from activation.spool.status import live_status
+
+    ResultIndex(spool, WORKER).path.unlink(missing_ok=True)
+    stale = _cpu_ms(lambda: live_status(spool, timeout=30.0), runs=1)
+    return {
+        "status_stale_ms": stale,
+        "status_ms": _cpu_ms(lambda: live_status(spool, timeout=30.0)),
+        "tasks_ms": _cpu_ms(lambda: list_tasks(spool, Query())),
+        "audit_ms": _cpu_ms(lambda: audit(spool, heartbeat_timeout=30.0, temp_age=3600.0)),
     }
 
 
