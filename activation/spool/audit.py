@@ -18,7 +18,7 @@ from pathlib import Path
 from activation.spool import ownership
 from activation.spool.atomic import TEMP_PREFIX, read_json
 from activation.spool.layout import Spool
-from activation.spool.task import DUPLICATE, TASK_SUFFIX, is_task_name, task_id_of
+from activation.spool.task import DUPLICATE, TASK_SUFFIX, is_task_name
 
 
 @dataclass(frozen=True)
@@ -33,22 +33,35 @@ class Violation:
 
 @dataclass
 class _Scan:
-    """What one audit found so far; a folder it cannot list is a violation, not an exception."""
+    """What one audit found so far; a folder it cannot list is a violation, not an exception.
+
+    Each folder is listed once (its task names and its temp files both come from that listing),
+    and nothing per entry is made beyond its name: audit is O(spool), so its cost per file is
+    what it keeps small.
+    """
 
     violations: list[Violation] = field(default_factory=list)
+    _listed: dict[Path, list[str]] = field(default_factory=dict)
 
-    def entries(self, folder: Path) -> list[os.DirEntry[str]]:
+    def names(self, folder: Path) -> list[str]:
+        """The names in ``folder`` (os.listdir: plain strings, the cheapest listing there is)."""
+        listed = self._listed.get(folder)
+        if listed is not None:
+            return listed
         try:
-            with os.scandir(folder) as it:
-                return list(it)
+            listed = os.listdir(folder)
         except FileNotFoundError:
-            return []
+            listed = []
         except OSError as exc:
             self.violations.append(Violation("unreadable", None, f"cannot list {folder}: {exc.strerror or exc}"))
-            return []
+            listed = []
+        self._listed[folder] = listed
+        return listed
 
-    def json_names(self, folder: Path) -> list[str]:
-        return [e.name for e in self.entries(folder) if e.name.endswith(TASK_SUFFIX) and not e.name.startswith(".")]
+    def json_ids(self, folder: Path) -> list[str]:
+        """The task ids of the ``.json`` files in ``folder`` (dot files excluded)."""
+        cut = -len(TASK_SUFFIX)
+        return [name[:cut] for name in self.names(folder) if name.endswith(TASK_SUFFIX) and not name.startswith(".")]
 
 
 def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float | None = None) -> list[Violation]:
@@ -56,8 +69,16 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
     now = time.time() if now is None else now
     scan = _Scan()
     violations = scan.violations
-    places: dict[str, list[str]] = defaultdict(list)
-    paths: dict[str, str] = {}  # "<task_id> <place>@<worker>" -> the file, to match a dead letter's source
+    # task id -> its place ("<state>@<worker>" or "dead"); the ids in more than one, apart. Most
+    # ids have one place: one str each, no list, and no path until a second place needs one.
+    place: dict[str, str] = {}
+    more: dict[str, list[str]] = {}
+
+    def seen(task_id: str, where: str) -> None:
+        first = place.setdefault(task_id, where)
+        if first != where:
+            more.setdefault(task_id, [first]).append(where)
+
     try:
         workers = spool.workers()
     except OSError as exc:
@@ -68,11 +89,13 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
         inbox, processing, results = spool.inbox(worker), spool.processing(worker), spool.results(worker)
         folders += [inbox, processing, results]
         for folder, state in ((inbox, "pending"), (processing, "processing"), (results, "done")):
-            for name in scan.json_names(folder):
-                places[task_id_of(name)].append(f"{state}@{worker}")
-                paths[f"{task_id_of(name)} {state}@{worker}"] = str(folder / name)
+            where = f"{state}@{worker}"
+            for task_id in scan.json_ids(folder):  # seen(), inlined: this loop runs once per file
+                first = place.setdefault(task_id, where)
+                if first != where:
+                    more.setdefault(task_id, [first]).append(where)
         # A claim beside its result is a leftover the result wins over (allowed below).
-        claims = [task_id_of(n) for n in scan.json_names(processing) if not spool.has_result(worker, task_id_of(n))]
+        claims = [task_id for task_id in scan.json_ids(processing) if not spool.has_result(worker, task_id)]
         # A claim is a dead worker's when its executor is provably gone (its lock is free), as
         # recovery judges it: no heartbeat timestamp is compared with this host's clock.
         if claims and ownership.holder(spool, worker, "executor") is None:
@@ -85,10 +108,10 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
                     )
                 )
     dead_sources: dict[str, set[tuple[str, str]]] = defaultdict(set)  # task id -> {(source, dead_at)}
-    for entry in scan.entries(spool.dead_letter_dir):
-        if not is_task_name(entry.name):
+    for name in scan.names(spool.dead_letter_dir):
+        if not is_task_name(name):
             continue
-        path = Path(entry.path)
+        path = spool.dead_letter_dir / name
         try:
             record = read_json(path)
         except (OSError, ValueError) as exc:
@@ -103,26 +126,27 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
             violations.append(Violation("dead_letter_without_reason", dead_id, f"{path} has no reason"))
         # A refused copy of a task that has a result is no second place of that task.
         if dead_id is not None and record.get("reason") != DUPLICATE:
-            if "dead" not in places[dead_id]:  # several dead letters of one id are one place
-                places[dead_id].append("dead")
+            if "dead" not in more.get(dead_id, (place.get(dead_id),)):  # several dead letters of one id are one place
+                seen(dead_id, "dead")
             source = record.get("source")
             if isinstance(source, str):
                 dead_sources[dead_id].add((source, str(record.get("dead_at"))))
-    for task_id, where in sorted(places.items()):
-        if len(where) > 1 and not _allowed(task_id, where, paths, dead_sources.get(task_id, set())):
-            violations.append(Violation("duplicate", task_id, f"in {len(where)} places: {', '.join(sorted(where))}"))
+    for task_id, places in sorted(more.items()):
+        if not _allowed(spool, task_id, places, dead_sources.get(task_id, set())):
+            violations.append(Violation("duplicate", task_id, f"in {len(places)} places: {', '.join(sorted(places))}"))
     for folder in folders:
-        for entry in scan.entries(folder):
-            if not entry.name.startswith(TEMP_PREFIX):
+        for name in scan.names(folder):
+            if not name.startswith(TEMP_PREFIX):
                 continue
+            temp = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                age = now - entry.stat(follow_symlinks=False).st_mtime
+                age = now - os.lstat(temp).st_mtime
                 if age > temp_age:
-                    violations.append(Violation("stale_temp", None, f"{entry.path} is {age:.0f}s old"))
+                    violations.append(Violation("stale_temp", None, f"{temp} is {age:.0f}s old"))
     return violations
 
 
-def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources: set[tuple[str, str]]) -> bool:
+def _allowed(spool: Spool, task_id: str, where: list[str], dead_sources: set[tuple[str, str]]) -> bool:
     """Two places that a crash between two steps leaves, and that the next step settles by itself.
 
     - a result plus the claim of the same worker: recovery drops the claim;
@@ -137,10 +161,17 @@ def _allowed(task_id: str, where: list[str], paths: dict[str, str], dead_sources
     if first.startswith("done@") and second == "processing@" + first.removeprefix("done@"):
         return True
     if "dead" in where:
-        path = paths.get(f"{task_id} {first if second == 'dead' else second}")
+        path = _place_path(spool, task_id, first if second == "dead" else second)
         deaths = {dead_at for source, dead_at in dead_sources if source == path}
         return path is not None and bool(deaths) and _retried_from(Path(path)) not in deaths
     return False
+
+
+def _place_path(spool: Spool, task_id: str, where: str) -> str | None:
+    """The file of ``task_id`` at a place ``<state>@<worker>``; None for "dead"."""
+    state, _, worker = where.partition("@")
+    folder = {"pending": spool.inbox, "processing": spool.processing, "done": spool.results}.get(state)
+    return None if folder is None else os.path.join(folder(worker), f"{task_id}{TASK_SUFFIX}")
 
 
 def _retried_from(path: Path) -> str | None:

@@ -2,15 +2,17 @@
 cancelled, dead), newest first, computed from the folders themselves (inbox, claims, results,
 dead letter) so that it is live and needs no index.
 
-Cost: a listing reads at most ``limit`` result files. It still lists and stats every entry of
-the results folders it must look at (a directory has no order to stop early in), which is the
-floor a plain folder allows; the retention TTL keeps that folder bounded.
+Cost: a listing reads at most ``limit`` result files, and finds the newest results through each
+worker's result index (result_index.py), which costs only the rows read while the results folder
+is unchanged; after a change the next listing lists the folder again, names only, and stats just
+the new entries. Inboxes, claims and the dead letter are small and are listed each time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -21,6 +23,7 @@ from typing import Any
 from activation.clock import iso_from_epoch
 from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.result_index import ResultIndex
 from activation.spool.task import is_task_name, task_id_of
 
 PENDING = "pending"
@@ -168,13 +171,11 @@ def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
     wanted = set(query.states) & set(FINISHED)
     if not wanted:
         return
-    candidates: list[tuple[float, str, str, str]] = []
-    for worker in _workers(spool, query):
-        candidates.extend((e.mtime, e.name, e.path, worker) for e in _entries(spool.results(worker), query.since))
+    # Each worker's index is newest first and read lazily: merged, they stop where the caller does.
+    streams = [_newest_results(spool, worker, query.since) for worker in _workers(spool, query)]
+    ordered: Iterable[tuple[float, str, str, str]] = heapq.merge(*streams, reverse=True)
     if wanted == set(FINISHED) and query.limit is not None:
-        ordered: Iterable[tuple[float, str, str, str]] = heapq.nlargest(query.limit, candidates)
-    else:
-        ordered = sorted(candidates, reverse=True)
+        ordered = itertools.islice(ordered, query.limit)
     for mtime, name, path, worker in ordered:
         result = _peek(path)
         if result is None:
@@ -193,6 +194,11 @@ def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
             description=_short(result.get("description")),
             path=path,
         )
+
+
+def _newest_results(spool: Spool, worker: str, since: float | None) -> Iterator[tuple[float, str, str, str]]:
+    for mtime, name, path in ResultIndex(spool, worker).newest(since):
+        yield mtime, name, path, worker
 
 
 def dead(spool: Spool, query: Query) -> Iterator[TaskRow]:

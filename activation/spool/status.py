@@ -5,8 +5,6 @@ from the results folder. Nothing here lags by a heartbeat interval.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 from activation.spool.health import WorkerHealth, all_health, worker_health
 from activation.spool.layout import Spool
 from activation.spool.listing import FINISHED, Query, finished
-from activation.spool.task import is_task_name
+from activation.spool.result_index import ResultIndex
 
 RECENT_WINDOW_S = 3600.0  # the window whose results `status` counts by status
 RECENT_CAP = 1000  # ... reading at most this many (the newest): `status` stays cheap at any rate
@@ -54,10 +52,8 @@ class LiveStatus:
 
 
 def count_results(spool: Spool, worker: str) -> int:
-    """Result files of ``worker``: one scandir, no stat and no read."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(spool.results(worker)) as it:
-        return sum(1 for e in it if is_task_name(e.name))
-    return 0
+    """Result files of ``worker``: the result index's count while it is valid, else one scandir (no stat, no read)."""
+    return ResultIndex(spool, worker).count()
 
 
 def live(spool: Spool, health: WorkerHealth, *, now: float | None = None) -> LiveStatus:

@@ -154,3 +154,18 @@ def test_an_unchanged_old_folder_is_not_even_listed(spool, monkeypatch):
     window.refresh()
     assert str(spool.results(W)) not in listed
     assert window.snapshot().task_rate_per_min == 5
+
+
+def test_a_result_older_than_those_held_still_counts_and_expires_in_its_turn(spool):
+    clock = {"offset": 0}
+    window = ResultWindow(spool, clock_ns=lambda: time.time_ns() + clock["offset"])
+    write_results(spool, "w2", 2, 10, prefix="early")
+    time.sleep(0.05)  # later ctimes for the next batch, even on a coarse filesystem clock
+    write_results(spool, W, 3, 10, prefix="late")
+    window.refresh([W])
+    window.refresh(["w2"])  # found after newer ones: the window stays in time order
+    assert window.snapshot().task_rate_per_min == 5
+    early = max(p.stat().st_ctime_ns for p in spool.results("w2").iterdir())
+    late = min(p.stat().st_ctime_ns for p in spool.results(W).iterdir())
+    clock["offset"] = 60 * 1_000_000_000 + (early + late) // 2 - time.time_ns()  # the early ones' minute is over
+    assert window.snapshot().task_rate_per_min == 3
