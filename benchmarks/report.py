@@ -352,6 +352,20 @@ def streams(r: dict[str, Any]) -> list[str]:
                 lat["p50"] <= 2.0,
             ),
             _row("7", "streams: p99", ms(lat["p99"]), f"{times(lat['p99'], files['p99'])} files p99", "", "reported"),
+        ]
+        local = s.get("latency_local") or {}
+        if local.get("n"):
+            lines.append(
+                _row(
+                    "7",
+                    "  of which taken -> agent started, p50/p99",
+                    f"{ms(local['p50'])} / {ms(local['p99'])}",
+                    f"XADD -> taken {ms(lat['p50'] - local['p50'])}",
+                    "(result's field)",
+                    "",
+                )
+            )
+        lines += [
             _row(
                 "7",
                 "  files mode, inotify, same run: p50 / p99",

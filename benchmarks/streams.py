@@ -159,6 +159,8 @@ def streams(
             subject = StreamsSubject(client, dispatcher, trees)
             trees.append(_tree(network, 1, root, server).start())
             r["latency"] = summary(latency.one_at_a_time(subject, samples, "xadd"))
+            # The executor's own activation_latency_ms: from taking the entry to the agent started.
+            r["latency_local"] = latency.result_field(trees[0], "xadd")
             r["throughput"] = {}
             for replicas in REPLICAS:
                 while len(trees) < replicas:
