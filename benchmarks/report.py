@@ -360,7 +360,7 @@ def streams(r: dict[str, Any]) -> list[str]:
                     "7",
                     "  of which taken -> agent started, p50/p99",
                     f"{ms(local['p50'])} / {ms(local['p99'])}",
-                    f"XADD -> taken {ms(lat['p50'] - local['p50'])}",
+                    f"XADD -> taken p50 {ms((s.get('latency_transport') or {}).get('p50'))}",
                     "(result's field)",
                     "",
                 )

@@ -158,9 +158,9 @@ def streams(
             r["memory_before_bytes"] = int(client.info("memory")["used_memory"])
             subject = StreamsSubject(client, dispatcher, trees)
             trees.append(_tree(network, 1, root, server).start())
-            r["latency"] = summary(latency.one_at_a_time(subject, samples, "xadd"))
-            # The executor's own activation_latency_ms: from taking the entry to the agent started.
-            r["latency_local"] = latency.result_field(trees[0], "xadd")
+            delays = latency.one_at_a_time(subject, samples, "xadd")
+            r["latency"] = summary(delays)
+            r.update(_split(trees[0], delays, "xadd"))
             r["throughput"] = {}
             for replicas in REPLICAS:
                 while len(trees) < replicas:
@@ -180,6 +180,20 @@ def streams(
                 tree.kill_everything()
             dispatcher.stop()
     return r
+
+
+def _split(tree: WorkerTree, delays: list[float], prefix: str) -> dict[str, Any]:
+    """Each task's XADD-to-start split at the moment its executor took it: the result's
+    ``activation_latency_ms`` is from then (the entry in the local inbox) to the agent started."""
+    local, transport = [], []
+    for n, delay in enumerate(delays):
+        result = tree.result(f"{prefix}-{n:05d}") or {}
+        if "activation_latency_ms" in result:
+            local.append(float(result["activation_latency_ms"]))
+            transport.append(delay - local[-1])
+    if not local:
+        return {}
+    return {"latency_local": summary(local), "latency_transport": summary(transport)}
 
 
 def _files_inotify(root: Path, samples: int) -> dict[str, float]:

@@ -187,6 +187,7 @@ def test_the_report_puts_each_streams_figure_beside_its_target():
             hosts={"redis": "a", "dispatcher": "b", "worker-1": "c"},
             latency=lat,
             latency_local={**lat, "p50": 1.0},
+            latency_transport={**lat, "p50": 0.5},
             files_inotify=files,
             files_inotify_from="latency probe",
             throughput={"1": run, "2": {**run, "tasks_per_s": 80.0, "lost": 1}},
@@ -200,7 +201,7 @@ def test_the_report_puts_each_streams_figure_beside_its_target():
     xadd = next(line for line in lines if "XADD -> agent started, p50" in line)
     assert "1.50x files" in xadd and "<= 2 ms" in xadd and xadd.endswith("met")
     local = next(line for line in lines if "taken -> agent started" in line)
-    assert "XADD -> taken 0.500 ms" in local
+    assert "XADD -> taken p50 0.500 ms" in local
     one, two = (line for line in lines if "tasks to" in line)
     assert one.endswith(" met") and "1.00x 1 replica" in one
     assert two.endswith("NOT met") and "2.00x 1 replica" in two
