@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,8 +36,6 @@ SLOW_AGENT_MARK = "streams_agent.py"
 
 def unavailable() -> str | None:
     """Why this probe cannot run here, or None."""
-    import shutil
-
     from tests.hosts.netns import unavailable_reason
 
     reason = unavailable_reason()
