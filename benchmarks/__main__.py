@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--history-window", type=float, help="seconds of the orchestrator's idle window (default 30)")
     parser.add_argument("--api-requests", type=int, help="POST /tasks in all (default 2000; quick 400)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent API clients")
+    parser.add_argument("--reclaims", type=int, help="streams: SIGKILLs of a holding tree to time (default 3; quick 1)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults: dict[str, Any] = {
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "history": "1k,10k" if quick else "1k,10k,100k",
         "history_window": 10.0 if quick else 30.0,
         "api_requests": 400 if quick else 2000,
+        "reclaims": 1 if quick else 3,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -155,7 +157,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"history: {', '.join(history.label(s) for s in sizes)} results",
                 lambda: history.history(root, sizes, args.history_window, args.settle),
             )
-        r["streams"] = streams_probe.streams()
+        if "streams" in only:
+            probe(
+                "streams",
+                f"streams across network namespaces: latency, {args.burst} tasks to 1/2/4 replicas, reclaim",
+                lambda: streams_probe.streams(
+                    root / "streams", args.samples, args.burst, args.reclaims, r.get("inotify")
+                ),
+            )
         step("cleaning up")
     r["load"]["end"] = os.getloadavg()[0]
     return r

@@ -351,6 +351,93 @@ def peers(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def streams(r: dict[str, Any]) -> list[str]:
+    s = r.get("streams")
+    if not s:
+        return []
+    if s.get("status") != "measured":
+        return [f"7   streams: XADD -> agent across network namespaces, replicas 1/2/4: {s.get('status')}"]
+    floor = r["floor"]["activation_floor_ms"]
+    files = s["files_inotify"]
+    lines = [
+        f"7   streams across network namespaces: Redis, dispatcher and {len(s['hosts']) - 2} worker hosts on a bridge; "
+        f"lease {s['lease_s']:g} s"
+    ]
+    lat = s.get("latency")
+    if lat:
+        lines += [
+            _row(
+                "7",
+                "streams: XADD -> agent started, p50",
+                ms(lat["p50"]),
+                f"{times(lat['p50'], files['p50'])} files, {times(lat['p50'], floor)} fl.",
+                "<= 2 ms",
+                lat["p50"] <= 2.0,
+            ),
+            _row("7", "streams: p99", ms(lat["p99"]), f"{times(lat['p99'], files['p99'])} files p99", "", "reported"),
+        ]
+        local = s.get("latency_local") or {}
+        if local.get("n"):
+            lines.append(
+                _row(
+                    "7",
+                    "  of which taken -> agent started, p50/p99",
+                    f"{ms(local['p50'])} / {ms(local['p99'])}",
+                    f"XADD -> taken p50 {ms((s.get('latency_transport') or {}).get('p50'))}",
+                    "(result's field)",
+                    "",
+                )
+            )
+        lines += [
+            _row(
+                "7",
+                "  files mode, inotify, same run: p50 / p99",
+                f"{ms(files['p50'])} / {ms(files['p99'])}",
+                f"{times(files['p50'], floor)} floor",
+                f"({s['files_inotify_from']})",
+                "",
+            ),
+        ]
+    scaling = s.get("scaling") or {}
+    for replicas, b in (s.get("throughput") or {}).items():
+        plural = "replica" if replicas == "1" else "replicas"
+        lines.append(
+            _row(
+                "7",
+                f"streams: {b['tasks']:,} tasks to {replicas} {plural}",
+                f"{b['tasks_per_s']:.0f} /s ({b['lost']}/{b['extra']} lost/extra)",
+                f"{times(scaling.get(replicas), 1.0)} 1 replica",
+                "0 lost / 0 extra",
+                b["lost"] == 0 and b["extra"] == 0,
+            )
+        )
+    for n, rc in enumerate(s.get("reclaim") or []):
+        lines.append(
+            _row(
+                "7",
+                f"reclaim #{n + 1}: SIGKILL of holder -> agent",
+                f"{rc['kill_to_start_s'] * 1000:.0f} ms",
+                f"{rc['past_expiry_s'] * 1000:.0f} ms past lease expiry",
+                f"<= lease+1 s = {rc['bound_s']:g} s",
+                rc["within"],
+            )
+        )
+    mem = s.get("memory")
+    if mem:
+        per = mem["per_result_bytes"]
+        lines.append(
+            _row(
+                "7",
+                f"Redis used_memory, {mem['results']:,} results kept",
+                f"{mem['after_bytes'] / 2**20:.1f} MB",
+                f"+{mem['grown_bytes'] / 2**20:.1f} MB, {per:.0f} B/result" if per else "",
+                f"{mem['tasks_left']} tasks left",
+                "reported",
+            )
+        )
+    return lines
+
+
 def render(r: dict[str, Any]) -> str:
     load = r["load"]
     lines = [
@@ -371,7 +458,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         *peers(r),
         "",
-        f"7   streams: XADD -> agent across network namespaces, replicas 1/2/4: {r['streams']['status']}",
+        *streams(r),
     ]
     for probe, error in (r.get("errors") or {}).items():
         lines.append(f"ERROR in {probe}: {error}")

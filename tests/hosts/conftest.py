@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import RedisServer, WorkerTree, new_orchestrator, new_tree
-from tests.hosts.netns import Host, Network, unavailable_reason
+from tests.harness import RedisServer, WorkerTree, new_orchestrator
+from tests.hosts.netns import Host, Network, redis_on, tree_on, unavailable_reason
 
 WORKER = "marie"  # the one worker role both worker hosts run
 
@@ -67,15 +67,12 @@ def make_redis(hosts: Hosts, tmp_path: Path) -> Iterator[Callable[..., RedisServ
     def make(
         *, appendonly: bool = True, maxmemory_policy: str = "noeviction", password: str | None = None
     ) -> RedisServer:
-        host = hosts.redis
-        server = RedisServer(
+        server = redis_on(
+            hosts.redis,
             tmp_path / f"redis-{len(servers)}",
-            password,
-            bind=host.address,
-            port=host.free_port(),
-            prefix=host.argv([]),
             appendonly=appendonly,
             maxmemory_policy=maxmemory_policy,
+            password=password,
         )
         servers.append(server)
         return server.start()
@@ -97,8 +94,7 @@ def make_worker(hosts: Hosts, tmp_path: Path) -> Iterator[Callable[..., WorkerTr
     trees: list[WorkerTree] = []
 
     def make(host: Host, *, start: bool = True, agent: str | None = None, **env: str) -> WorkerTree:
-        tree = new_tree(tmp_path / host.name, WORKER, agent=agent, **env)
-        tree.prefix = host.argv([])
+        tree = tree_on(host, tmp_path / host.name, WORKER, agent=agent, **env)
         trees.append(tree)
         return tree.start() if start else tree
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import psutil
 
+from tests.harness import RedisServer, WorkerTree, new_tree
+
 NAMESPACE_FOLDER = Path("/run/netns")
 # Namespaces: actnet-<pid>-<tag>-<host>. Root links (the probe): an<pid hex>g<tag>, since a link
 # name has at most 15 bytes. <tag> is 4 hex digits per Network, so one run may hold several.
@@ -288,3 +290,33 @@ class Network:
         """The namespaces and root links of this network that still exist (none after remove())."""
         mine = [name for name in namespaces() if name.startswith(self.prefix)]
         return mine + [link for link in root_links() if link == self.probe_link]
+
+
+# -- what runs on a host: plain helpers, for the host tests' fixtures and for the bench -------------
+
+
+def redis_on(
+    host: Host,
+    folder: Path,
+    *,
+    appendonly: bool = True,
+    maxmemory_policy: str = "noeviction",
+    password: str | None = None,
+) -> RedisServer:
+    """A redis-server (not started yet) inside ``host``, on its address and a port free there."""
+    return RedisServer(
+        folder,
+        password,
+        bind=host.address,
+        port=host.free_port(),
+        prefix=host.argv([]),
+        appendonly=appendonly,
+        maxmemory_policy=maxmemory_policy,
+    )
+
+
+def tree_on(host: Host, root: Path, worker: str, *, agent: str | None = None, **env: str) -> WorkerTree:
+    """A worker tree (not started yet) of ``worker`` inside ``host``, on its own spool under ``root``."""
+    tree = new_tree(root, worker, agent=agent, **env)
+    tree.prefix = host.argv([])
+    return tree

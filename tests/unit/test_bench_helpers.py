@@ -120,3 +120,91 @@ def test_percentile_is_monotonic_in_q_and_within_the_values():
         assert figures == sorted(figures)
         assert min(values) == figures[0]
         assert max(values) == figures[-1]
+
+
+def test_reclaim_counts_the_lease_from_the_holders_last_renewal():
+    from benchmarks.streams_figures import reclaim
+
+    # Renewed 1 s before the kill: the 5 s lease ran out 4 s after it; the agent started 4.25 s after.
+    r = reclaim(5.0, 1000.0, killed_at=100.0, started_at=104.25)
+    assert r["kill_to_start_s"] == pytest.approx(4.25)
+    assert r["expiry_after_kill_s"] == pytest.approx(4.0)
+    assert r["past_expiry_s"] == pytest.approx(0.25)
+    assert r["bound_s"] == 6.0
+    assert r["within"] is True
+
+
+def test_reclaim_past_the_lease_plus_a_second_is_not_within_and_a_lapsed_lease_expires_at_the_kill():
+    from benchmarks.streams_figures import reclaim
+
+    late = reclaim(5.0, 0.0, killed_at=0.0, started_at=6.5)
+    assert late["within"] is False
+    lapsed = reclaim(2.0, 3000.0, killed_at=0.0, started_at=0.5)
+    assert lapsed["expiry_after_kill_s"] == 0.0
+    assert lapsed["past_expiry_s"] == pytest.approx(0.5)
+
+
+def test_scaling_is_each_replica_counts_rate_over_one_replicas():
+    from benchmarks.streams_figures import scaling
+
+    got = scaling({"1": {"tasks_per_s": 50.0}, "2": {"tasks_per_s": 90.0}, "4": {"tasks_per_s": 100.0}})
+    assert got == {"1": 1.0, "2": 1.8, "4": 2.0}
+    assert scaling({"2": {"tasks_per_s": 90.0}}) == {"2": None}
+
+
+def test_memory_gives_the_growth_per_result_and_none_without_results():
+    from benchmarks.streams_figures import memory
+
+    m = memory(1_000_000, 4_000_000, 1000)
+    assert m["grown_bytes"] == 3_000_000
+    assert m["per_result_bytes"] == 3000.0
+    assert memory(10, 10, 0)["per_result_bytes"] is None
+
+
+def _streams_run(**streams):
+    floor = {"activation_floor_ms": 0.5}
+    return {"floor": floor, "streams": streams}
+
+
+def test_the_report_says_why_streams_were_not_measured():
+    from benchmarks.report import streams
+
+    lines = streams(_streams_run(status="not measured: probe 7 needs root to create network namespaces"))
+    assert len(lines) == 1 and "needs root" in lines[0]
+
+
+def test_the_report_puts_each_streams_figure_beside_its_target():
+    from benchmarks.report import streams
+    from benchmarks.streams_figures import memory, reclaim
+
+    lat = {"n": 3, "p50": 1.5, "p95": 3.0, "p99": 4.0, "max": 4.0, "mean": 2.0}
+    files = {**lat, "p50": 1.0, "p99": 2.0}
+    run = {"tasks": 10, "tasks_per_s": 40.0, "lost": 0, "extra": 0}
+    lines = streams(
+        _streams_run(
+            status="measured",
+            lease_s=5.0,
+            hosts={"redis": "a", "dispatcher": "b", "worker-1": "c"},
+            latency=lat,
+            latency_local={**lat, "p50": 1.0},
+            latency_transport={**lat, "p50": 0.5},
+            files_inotify=files,
+            files_inotify_from="latency probe",
+            throughput={"1": run, "2": {**run, "tasks_per_s": 80.0, "lost": 1}},
+            scaling={"1": 1.0, "2": 2.0},
+            reclaim=[reclaim(5.0, 1000.0, 0.0, 7.0)],
+            memory={**memory(0, 2**20, 10), "tasks_left": 0},
+        )
+    )
+    text = "\n".join(lines)
+    assert "1 worker hosts" in text and "lease 5 s" in text
+    xadd = next(line for line in lines if "XADD -> agent started, p50" in line)
+    assert "1.50x files" in xadd and "<= 2 ms" in xadd and xadd.endswith("met")
+    local = next(line for line in lines if "taken -> agent started" in line)
+    assert "XADD -> taken p50 0.500 ms" in local
+    one, two = (line for line in lines if "tasks to" in line)
+    assert one.endswith(" met") and "1.00x 1 replica" in one
+    assert two.endswith("NOT met") and "2.00x 1 replica" in two
+    reclaimed = next(line for line in lines if "reclaim #1" in line)
+    assert "7000 ms" in reclaimed and "3000 ms past lease expiry" in reclaimed and reclaimed.endswith("NOT met")
+    assert "104858 B/result" in text
