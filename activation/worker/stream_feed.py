@@ -31,7 +31,7 @@ from activation.transport.streams.client import Delivery, StreamsTransport, Verd
 from activation.transport.streams.connect import SOCKET_TIMEOUT, StreamsError
 from activation.transport.streams.inbox import STREAM_METADATA, delivery_of, take_one
 from activation.transport.streams.keys import replica_name
-from activation.transport.streams.lease import LeaseKeeper
+from activation.transport.streams.lease import RENEWALS_PER_LEASE, LeaseKeeper
 from activation.transport.streams.link import StreamsLink
 from activation.worker.liveness import Condition
 from activation.worker.stream_answers import DROPPED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
@@ -103,6 +103,7 @@ class StreamFeed:
         self._completed: set[str] = set()  # held results whose completion Redis confirmed
         self._late: set[str] = set()  # results whose completion was refused: another run is the role's
         self._next_cancel_poll = 0.0
+        self._fresh: tuple[Delivery, float] | None = None  # the last entry taken, and when the read was sent
 
     @property
     def down(self) -> bool:
@@ -135,9 +136,12 @@ class StreamFeed:
 
     def take(self, block: float = IDLE_BLOCK) -> Delivery | None:
         """One entry into the local inbox (call only when the executor is free); raises OSError."""
-        return self._call(
+        sent = time.monotonic()  # before the read: the lease Redis counts from delivery starts later
+        delivery = self._call(
             self.link, lambda t: take_one(t, self.spool, self.worker, block=block, max_timeout=self.max_timeout)
         )
+        self._fresh = (delivery, sent) if delivery is not None else None
+        return delivery
 
     def hold(self, task: dict[str, Any]) -> LeaseKeeper | str:
         """Before a claimed task's agent starts: renew its lease once (a refusal runs nothing).
@@ -150,6 +154,17 @@ class StreamFeed:
             return NOT_STREAMED
         if not self.ours(delivery):
             return PUT_BACK  # received by a predecessor tree and never started: back, uncounted
+        fresh, self._fresh = self._fresh, None
+        if (
+            fresh is not None
+            and fresh[0].entry_id == delivery.entry_id
+            and fresh[0].token == delivery.token
+            and time.monotonic() - fresh[1] < self.lease / RENEWALS_PER_LEASE
+        ):
+            # Received by this very process moments ago (well inside the first quarter lease):
+            # its lease is as good as a renewal's, counted from before the read. The keeper's
+            # first renewal checks the token; no round trip sits between the entry and the agent.
+            return self._keeper(delivery, fresh[1])
         answer = self.renew_at_claim(delivery, time.monotonic())
         if answer is None:
             return PUT_BACK  # the local inbox keeps it until Redis answers; the lease lapses or not
@@ -173,19 +188,22 @@ class StreamFeed:
         verdict = self._call(self.leases, lambda t: t.renew(delivery))
         if verdict is None or not verdict.ok:
             return verdict
-        leases = self.leases.transport
+        return self._keeper(delivery, sent)
+
+    def _keeper(self, delivery: Delivery, held_since: float) -> LeaseKeeper:
+        """The keeper of ``delivery``'s lease, counted from ``held_since`` (monotonic)."""
 
         def renew() -> Verdict:
             # The keeper retries on its own schedule and logs; here only the condition follows.
             try:
-                answer = leases.renew(delivery)
+                answer = self.leases.transport.renew(delivery)
             except StreamsError as exc:
                 self.condition.dependency_down(STREAMS_UNREACHABLE, f"lease renewals fail ({exc})")
                 raise
             self.condition.dependency_up()
             return answer
 
-        return LeaseKeeper(renew, self.lease, held_since=sent, margin=self.margin, task_id=delivery.task_id)
+        return LeaseKeeper(renew, self.lease, held_since=held_since, margin=self.margin, task_id=delivery.task_id)
 
     def cancel_request(self, task_id: str) -> dict[str, Any] | None:
         """The orchestrator's request to cancel the running ``task_id`` (its task key says so),

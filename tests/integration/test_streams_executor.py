@@ -186,3 +186,37 @@ def test_a_task_sent_again_after_it_ran_here_is_completed_with_its_local_result_
     [result] = results(client)
     assert json.loads(result["result"])["stdout"] == "ran once" and result["consumer"] == "this-tree"
     assert not spool.task_path(WORKER, "t1").exists() and client.xlen(KEYS.tasks) == 0
+
+
+def test_an_entry_just_taken_starts_without_a_renewal_round_trip_and_its_keeper_renews_later(
+    spool, client, transport, executor, monkeypatch
+):
+    renewals: list[str] = []
+    real_renew = StreamsTransport.renew
+
+    def counted(self: StreamsTransport, delivery: Delivery) -> Any:
+        renewals.append(delivery.task_id)
+        return real_renew(self, delivery)
+
+    monkeypatch.setattr(StreamsTransport, "renew", counted)
+    dispatched(transport, "fresh-1")
+    ex = executor("this-tree")
+    assert ex._feed is not None
+    delivery = ex._feed.take(0)
+    assert delivery is not None
+    claim = spool.claim(WORKER, "fresh-1")
+    assert claim is not None
+    keeper = ex._feed.hold(read_json(claim))
+    assert not isinstance(keeper, str) and renewals == []  # the lease it was just given is enough
+    # The keeper's schedule still checks the token: at its first due time it renews, on Redis.
+    keeper._next = 0.0
+    assert keeper.should_abort() is False and renewals == ["fresh-1"] and keeper.renewals == 1
+    # A delivery that is not the one just taken (a predecessor's, or one taken a while ago) is
+    # renewed before it runs, as before.
+    dispatched(transport, "older-1")
+    later = ex._feed.take(0)
+    assert later is not None
+    ex._feed._fresh = (later, 0.0)  # taken long ago, as far as the monotonic clock goes
+    second = spool.claim(WORKER, "older-1")
+    assert second is not None
+    assert not isinstance(ex._feed.hold(read_json(second)), str) and renewals == ["fresh-1", "older-1"]

@@ -346,7 +346,8 @@ def test_a_task_not_received_yet_is_cancelled_at_once_and_never_runs(client, orc
     a = replica("a")
     send(orchestrator, outbox_spool, "after")
     wait_for(lambda: results_of(client, "after"), 30, 0.05, "the next task's result")
-    assert a.result_ids() == ["after"]
+    # Locally its result is written once Redis confirmed the completion: wait for that too.
+    wait_for(lambda: a.result_ids() == ["after"], 30, 0.05, lambda: f"a's results: {a.result_ids()}")
     assert orchestrator.dispatch("p1", {"task_id": "p1", "description": "again"}).status == "duplicate"
 
 
