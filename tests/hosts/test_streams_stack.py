@@ -20,12 +20,14 @@ import pytest
 import redis
 
 from activation.orchestrator.endpoint import read_endpoint
+from activation.transport.streams.keys import ORCHESTRATOR_GROUP
 from tests.conftest import wait_for
 from tests.harness import RedisServer, WorkerTree
-from tests.hosts.conftest import WORKER, Hosts
+from tests.hosts.conftest import WORKER, Hosts, streams_env
 from tests.integration.test_orchestrator import call
 from tests.integration.test_streams_worker import (
     AGENT,
+    KEYS,
     SLOW,
     agent_of,
     consumer_of,
@@ -35,8 +37,9 @@ from tests.integration.test_streams_worker import (
     with_children,
 )
 
-LEASE = "3"  # seconds: short enough that a case waits about one, long enough for a loaded machine
-SOAK_TASKS = int(os.environ.get("ACTIVATION_SOAK_TASKS") or 2000)  # `make soak` / CI may ask for 10,000
+# The soak's size: 2,000 by default, so that `make test` stays inside its time; ACTIVATION_SOAK_TASKS=10000
+# for the full soak of issue 12. Its time limits grow with it (the pytest timeout, the wait for results).
+SOAK_TASKS = int(os.environ.get("ACTIVATION_SOAK_TASKS") or 2000)
 QUICK_AGENT = "/bin/true -p -- {description}"  # an agent that exits at once
 
 
@@ -77,7 +80,12 @@ class Stack:
         def tails() -> str:
             return "\n".join(f"--- {t.log}:\n{t.log_tail(15)}" for t in [self.tree, *watched])
 
-        wait_for(lambda: len(self.result_ids()) >= count, timeout, 0.2, lambda: f"{count} results;\n{tails()}")
+        wait_for(
+            lambda: len(self.result_ids()) >= count,
+            timeout,
+            0.2 if count < 500 else 1.0,
+            lambda: f"{count} results;\n{tails()}",
+        )
 
 
 def ran_by(result: dict[str, Any]) -> str:
@@ -88,13 +96,6 @@ def ran_by(result: dict[str, Any]) -> str:
 def audit_clean(tree: WorkerTree) -> None:
     audit = tree.cli("audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
-
-
-@pytest.fixture
-def client(redis_host: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_host.url, socket_timeout=5, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture
@@ -123,21 +124,20 @@ def worker(
         with_children(tree, signal.SIGCONT)  # a paused one must be able to die
 
 
-def streams_env(server: RedisServer, **env: str) -> dict[str, str]:
-    return {"REDIS_URL": server.url, "ACTIVATION_TRANSPORT": "streams", "ACTIVATION_LEASE": LEASE, **env}
-
-
 def settled(client: redis.Redis, stack: Stack) -> bool:
-    return stream_settled(client) and stack.outbox() == []
+    """No task entry or pending delivery in Redis, no result unread by the orchestrator, an empty outbox."""
+    unread = client.xpending(KEYS.results, ORCHESTRATOR_GROUP)["pending"]
+    return stream_settled(client) and unread == 0 and stack.outbox() == []
 
 
+@pytest.mark.timeout(600)
 def test_a_thousand_tasks_over_two_hosts_get_one_result_each_and_every_spool_audits_clean(
     hosts: Hosts, client, stack, worker
 ):
     a, b = worker(0, agent=QUICK_AGENT), worker(1, agent=QUICK_AGENT)
     ids = [f"k{n:04d}" for n in range(1000)]
     stack.dispatch_all(ids)
-    stack.wait_results(len(ids), 600, (a, b))
+    stack.wait_results(len(ids), 500, (a, b))
     assert stack.result_ids() == sorted(ids)  # one file per id: exactly one result each
     assert {r["status"] for r in stack.results()} == {"completed"}
     # Both hosts did work, each task ran once on one of them, and their results reached the orchestrator.
@@ -232,7 +232,9 @@ def test_redis_restarted_mid_run_loses_no_task(client, stack, worker, lose_data)
     ids = [f"r{n:03d}" for n in range(60)]
     stack.dispatch_all(ids)
     wait_for(lambda: len(stack.result_ids()) >= 10, 120, 0.1, "the run under way")
+    before = len(stack.result_ids())
     stack.server.restart(lose_data=lose_data)
+    assert before < len(ids)  # the restart came mid-run
     stack.wait_results(len(ids), 300, (a, b))
     assert stack.result_ids() == sorted(ids)
     assert {r["status"] for r in map(stack.result, ids) if r} == {"completed"}
@@ -243,12 +245,13 @@ def test_redis_restarted_mid_run_loses_no_task(client, stack, worker, lose_data)
         audit_clean(tree)
 
 
+@pytest.mark.timeout(300 + SOAK_TASKS * 0.15)
 def test_a_soak_of_quick_tasks_leaves_streams_pending_lists_and_consumers_clean(client, stack, worker):
     """SOAK_TASKS tasks (2,000 unless ACTIVATION_SOAK_TASKS says, e.g. 10,000) with an agent that exits at once."""
     a, b = worker(0, agent=QUICK_AGENT), worker(1, agent=QUICK_AGENT)
     ids = [f"soak{n:05d}" for n in range(SOAK_TASKS)]
     stack.dispatch_all(ids)
-    stack.wait_results(len(ids), 60 + SOAK_TASKS * 0.5, (a, b))
+    stack.wait_results(len(ids), 200 + SOAK_TASKS * 0.1, (a, b))
     assert stack.result_ids() == sorted(ids)
     assert sorted(a.result_ids() + b.result_ids()) == sorted(ids)
     wait_for(lambda: settled(client, stack), 60, 0.1, "the task stream, pending list and outbox empty")
