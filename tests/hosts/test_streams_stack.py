@@ -93,6 +93,11 @@ def ran_by(result: dict[str, Any]) -> str:
     return str(result["metadata"]["stream"]["consumer"])
 
 
+def completed_once(client: redis.Redis) -> list[str]:
+    """The task ids on the role's result stream, one per completion the transport accepted."""
+    return sorted(fields["task_id"] for _id, fields in client.xrange(KEYS.results))
+
+
 def audit_clean(tree: WorkerTree) -> None:
     audit = tree.cli("audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
@@ -138,7 +143,7 @@ def test_a_thousand_tasks_over_two_hosts_get_one_result_each_and_every_spool_aud
     ids = [f"k{n:04d}" for n in range(1000)]
     stack.dispatch_all(ids)
     stack.wait_results(len(ids), 500, (a, b))
-    assert stack.result_ids() == sorted(ids)  # one file per id: exactly one result each
+    assert stack.result_ids() == sorted(ids) and completed_once(client) == sorted(ids)  # one result each
     assert {r["status"] for r in stack.results()} == {"completed"}
     # Both hosts did work, each task ran once on one of them, and their results reached the orchestrator.
     assert a.result_ids() and b.result_ids() and sorted(a.result_ids() + b.result_ids()) == sorted(ids)
@@ -237,6 +242,8 @@ def test_redis_restarted_mid_run_loses_no_task(client, stack, worker, lose_data)
     assert before < len(ids)  # the restart came mid-run
     stack.wait_results(len(ids), 300, (a, b))
     assert stack.result_ids() == sorted(ids)
+    if not lose_data:  # the AOF kept the result stream: one accepted completion per task
+        assert completed_once(client) == sorted(ids)
     assert {r["status"] for r in map(stack.result, ids) if r} == {"completed"}
     if lose_data:
         assert "re-sending its outbox" in stack.tree.log_text()
@@ -252,7 +259,7 @@ def test_a_soak_of_quick_tasks_leaves_streams_pending_lists_and_consumers_clean(
     ids = [f"soak{n:05d}" for n in range(SOAK_TASKS)]
     stack.dispatch_all(ids)
     stack.wait_results(len(ids), 200 + SOAK_TASKS * 0.1, (a, b))
-    assert stack.result_ids() == sorted(ids)
+    assert stack.result_ids() == sorted(ids) and completed_once(client) == sorted(ids)
     assert sorted(a.result_ids() + b.result_ids()) == sorted(ids)
     wait_for(lambda: settled(client, stack), 60, 0.1, "the task stream, pending list and outbox empty")
     # Bounded: the two replicas, and at most the hand-back consumer; none per task or per restart.
