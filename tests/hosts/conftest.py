@@ -14,7 +14,9 @@ What a test can do with them:
   one program, ``tree.log_text()`` reads its log;
 - ``make_orchestrator(**env)``: the orchestrator under supervisord in the orchestrator host,
   its admin API on that host's address, behind a random ACTIVATION_ADMIN_TOKEN;
-- ``host.cut()`` / ``host.restore()``: unplug and replug one host's cable.
+- ``host.cut()`` / ``host.restore()``: unplug and replug one host's cable;
+- ``client``: a Redis client of the Redis host's server; ``streams_env(server, **env)``: a tree's
+  environment in streams mode with the short LEASE.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.harness import RedisServer, WorkerTree, new_orchestrator
 from tests.hosts.netns import Host, Network, redis_on, tree_on, unavailable_reason
 
 WORKER = "marie"  # the one worker role both worker hosts run
+LEASE = "3"  # seconds (ACTIVATION_LEASE): a case waits about one; a loaded machine must not lose one by accident
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +90,19 @@ def make_redis(hosts: Hosts, tmp_path: Path) -> Iterator[Callable[..., RedisServ
 def redis_host(make_redis: Callable[..., RedisServer]) -> RedisServer:
     """The Redis host's server with the settings the streams transport needs (AOF, noeviction)."""
     return make_redis()
+
+
+@pytest.fixture
+def client(redis_host: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the Redis host's server, from the probe: to look at what the transport left there."""
+    connection = redis.Redis.from_url(redis_host.url, socket_timeout=5, decode_responses=True)
+    yield connection
+    connection.close()
+
+
+def streams_env(server: RedisServer, **env: str) -> dict[str, str]:
+    """The environment of a tree in streams mode on ``server``, with the hosts' short LEASE."""
+    return {"REDIS_URL": server.url, "ACTIVATION_TRANSPORT": "streams", "ACTIVATION_LEASE": LEASE, **env}
 
 
 @pytest.fixture
