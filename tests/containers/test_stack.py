@@ -169,7 +169,9 @@ def test_kill_mid_task_then_start_runs_it_again_once(stack: Stack):
     runs = stack.exec("marie", "cat", "/workspace/kill-1.runs").stdout.splitlines()
     assert len(runs) == 2, runs  # the killed run and the rerun: no third
     found = stack.exec("marie", "find", "/spool", "-name", "kill-1*", "-not", "-name", "*.runs")
-    assert found.stdout.split() == ["/spool/results/marie/kill-1.json"], found.stdout
+    # The task in one place, its result; its agent log moved beside it; nothing left by the claim.
+    expected = ["/spool/results/marie/kill-1.json", "/spool/results/marie/kill-1.log"]
+    assert sorted(found.stdout.split()) == expected, found.stdout
     stack.wait_healthy("marie")
 
 
