@@ -129,10 +129,11 @@ $(BENCH_STAMP): $(STAMP) setup.cfg
 bench: $(BENCH_STAMP) redis-server ## every figure of issue 15 beside its target (BENCH=--quick)
 	$(BIN)/python -m benchmarks $(BENCH)
 
-# The chaos run alone, bigger if you like: make chaos N=10000
+# The chaos runs alone, bigger if you like: make chaos N=10000 (files mode; STREAMS_N for streams mode)
 N ?= 3000
-chaos: $(STAMP) redis-server ## the chaos run alone (N=3000 tasks by default)
-	ACTIVATION_CHAOS_TASKS=$(N) $(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py
+STREAMS_N ?= $(N)
+chaos: $(STAMP) redis-server ## the chaos runs alone, files and streams mode (N=3000 tasks each by default)
+	ACTIVATION_CHAOS_TASKS=$(N) ACTIVATION_CHAOS_STREAMS_TASKS=$(STREAMS_N) $(BIN)/pytest -s -p no:cacheprovider tests/chaos/test_chaos.py
 
 clean: ## remove .venv, var/ and caches
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

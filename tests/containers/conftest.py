@@ -37,6 +37,7 @@ from tests.containers.engine import (
 from tests.harness import ROOT, free_port, wait_until
 
 OVERRIDE = Path(__file__).resolve().parent / "docker-compose.test.yml"
+STREAMS_VARIANT = ROOT / "docker-compose.streams.yml"  # merged after docker-compose.yml, before OVERRIDE
 ENV_FILE = ".env.production"  # events over Redis, files when Redis fails
 SERVICES = ("redis", "orchestrator", "marie", "anga", "fabien", "prometheus")
 WORKERS = ("marie", "anga", "fabien")
@@ -105,11 +106,13 @@ def api(podman: Podman, workdir: Path) -> Iterator[ApiService]:
 
 
 class Stack:
-    """docker-compose (Debian's 1.29) on the podman API, with the test override."""
+    """docker-compose (Debian's 1.29) on the podman API, with the test override (and a variant, if given)."""
 
-    def __init__(self, podman: Podman, api: ApiService, workdir: Path) -> None:
+    def __init__(self, podman: Podman, api: ApiService, workdir: Path, *, variant: Path | None = None) -> None:
         self.podman = podman
-        self.project = f"acttest{os.getpid()}"
+        # The streams variant gets a project of its own: it may come up beside the files stack.
+        self.project = f"acttest{os.getpid()}" + ("streams" if variant is not None else "")
+        self.files = ["docker-compose.yml", *([str(variant)] if variant is not None else []), str(OVERRIDE)]
         self.admin_port = free_port()
         self.prometheus_port = free_port()
         # The secrets, as the README says: random hex from the shell, never a file of the repo.
@@ -125,11 +128,11 @@ class Stack:
             ADMIN_PORT=str(self.admin_port),
             PROMETHEUS_PORT=str(self.prometheus_port),
         )
-        self.log = workdir / "compose.log"
+        self.log = workdir / f"{self.project}.log"
 
     def __call__(self, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = ["docker-compose", "--env-file", ENV_FILE, "-p", self.project]
-        argv += ["-f", "docker-compose.yml", "-f", str(OVERRIDE), *args]
+        argv += [arg for path in self.files for arg in ("-f", path)] + list(args)
         done = subprocess.run(
             argv, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
@@ -139,26 +142,27 @@ class Stack:
             raise AssertionError(f"docker-compose {' '.join(args)}: exit {done.returncode}\n{done.stderr[-3000:]}")
         return done
 
-    def container(self, service: str) -> str:
-        return f"{self.project}_{service}_1"
+    def container(self, service: str, index: int = 1) -> str:
+        """The container of ``service``; ``index`` picks a replica of a scaled one (compose counts from 1)."""
+        return f"{self.project}_{service}_{index}"
 
-    def exec(self, service: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self("exec", "-T", service, *argv, timeout=timeout, check=False)
+    def exec(self, service: str, *argv: str, timeout: float = 60, index: int = 1) -> subprocess.CompletedProcess[str]:
+        return self("exec", "-T", "--index", str(index), service, *argv, timeout=timeout, check=False)
 
     def inspect(self, service: str) -> dict[str, Any]:
         done = self.podman.run("container", "inspect", self.container(service))
         return dict(json.loads(done.stdout)[0])
 
-    def healthcheck(self, service: str) -> subprocess.CompletedProcess[str]:
-        return self.podman.run("healthcheck", "run", self.container(service), timeout=60, check=False)
+    def healthcheck(self, service: str, index: int = 1) -> subprocess.CompletedProcess[str]:
+        return self.podman.run("healthcheck", "run", self.container(service, index), timeout=60, check=False)
 
-    def wait_healthy(self, service: str, timeout: float = 120) -> None:
+    def wait_healthy(self, service: str, timeout: float = 120, index: int = 1) -> None:
         """Run the container's HEALTHCHECK (podman does not schedule it without systemd) until it passes."""
         wait_until(
-            lambda: self.healthcheck(service).returncode == 0,
+            lambda: self.healthcheck(service, index).returncode == 0,
             timeout,
             1.0,
-            lambda: f"{service} healthy: {self.healthcheck(service).stdout}\n{self.logs(service)}",
+            lambda: f"{service} healthy: {self.healthcheck(service, index).stdout}\n{self.logs(service)}",
         )
 
     def logs(self, service: str, lines: int = 60) -> str:
@@ -189,7 +193,7 @@ def remove_stale_projects(podman: Podman) -> None:
     """The stacks of earlier sessions that died before their teardown (acttest<pid>, pid gone)."""
     listed = podman.run("ps", "-a", "--format", '{{index .Labels "com.docker.compose.project"}}', check=False)
     for project in set(listed.stdout.split()):
-        match = re.fullmatch(r"acttest(\d+)", project)
+        match = re.fullmatch(r"acttest(\d+)(?:streams)?", project)
         if match and not psutil.pid_exists(int(match[1])):
             remove_project(podman, project)
 
@@ -203,6 +207,27 @@ def stack(images: Builds, api: ApiService, podman: Podman, workdir: Path) -> Ite
         for service in SERVICES:
             if service != "prometheus":  # the only service without a healthcheck
                 compose.wait_healthy(service)
+        yield compose
+    finally:
+        compose.down()
+
+
+STREAMS_REPLICAS = 2
+
+
+@pytest.fixture
+def streams_stack(images: Builds, api: ApiService, podman: Podman, workdir: Path) -> Iterator[Stack]:
+    """The streams variant (docker-compose.streams.yml): Redis, the orchestrator and marie scaled to
+    STREAMS_REPLICAS, each replica on its own spool; down with its volumes after the test."""
+    remove_stale_projects(podman)
+    compose = Stack(podman, api, workdir, variant=STREAMS_VARIANT)
+    try:
+        scale = f"marie={STREAMS_REPLICAS}"
+        compose("up", "-d", "--no-build", "--scale", scale, "redis", "orchestrator", "marie", timeout=300)
+        compose.wait_healthy("redis")
+        compose.wait_healthy("orchestrator")
+        for index in range(1, STREAMS_REPLICAS + 1):
+            compose.wait_healthy("marie", index=index)
         yield compose
     finally:
         compose.down()

@@ -13,12 +13,14 @@ import http.client
 import json
 import re
 import urllib.parse
+from collections import Counter
 from typing import Any
 
 import pytest
 
+from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
-from tests.containers.conftest import WORKERS, Builds, Stack
+from tests.containers.conftest import STREAMS_REPLICAS, WORKERS, Builds, Stack
 from tests.containers.engine import BASE_IMAGE, IMAGES, Podman
 from tests.harness import PROGRAMS, ROOT
 
@@ -167,7 +169,10 @@ def test_kill_mid_task_then_start_runs_it_again_once(stack: Stack):
     runs = stack.exec("marie", "cat", "/workspace/kill-1.runs").stdout.splitlines()
     assert len(runs) == 2, runs  # the killed run and the rerun: no third
     found = stack.exec("marie", "find", "/spool", "-name", "kill-1*", "-not", "-name", "*.runs")
-    assert found.stdout.split() == ["/spool/results/marie/kill-1.json"], found.stdout
+    # The task in one place, its result; its agent log (made at the first output) moved beside it;
+    # nothing left by the claim.
+    result = "/spool/results/marie/kill-1.json"
+    assert sorted(found.stdout.split()) in ([result], [result, result.replace(".json", ".log")]), found.stdout
     stack.wait_healthy("marie")
 
 
@@ -193,8 +198,76 @@ def test_prometheus_scrapes_every_worker_and_the_orchestrator(stack: Stack):
 # -- 7. streams -----------------------------------------------------------------------------------
 
 
-def test_the_streams_variant_scaled_to_two_marie_does_50_tasks_once_each():
-    pytest.skip("pending: the Redis Streams transport (issue 12) is not wired into the worker tree yet; see README")
+STREAMS_TASKS = 50
+
+
+def marie_replicas(stack: Stack) -> dict[str, Any]:
+    """marie's live replicas as /status shows them (each a heartbeat key in Redis), by consumer name."""
+    status, answer = http_json(stack.admin_port, "GET", "/status")
+    if status != 200 or not isinstance(answer.get("streams"), dict):
+        return {}
+    return dict((answer["streams"].get("replicas") or {}).get("marie") or {})
+
+
+def result_stream(stack: Stack) -> list[dict[str, str]]:
+    """The entries of marie's result stream, each as its fields (redis-cli's raw output, one value a line)."""
+    done = stack.exec("redis", "redis-cli", "--raw", "XRANGE", StreamKeys("marie").results, "-", "+")
+    assert done.returncode == 0, done.stdout + done.stderr
+    entries: list[dict[str, str]] = []
+    lines = done.stdout.splitlines()
+    i = 0
+    while i < len(lines):
+        if re.fullmatch(r"\d+-\d+", lines[i]):  # an entry id, then its field/value pairs
+            entries.append({})
+        elif entries and i + 1 < len(lines):
+            entries[-1][lines[i]] = lines[i + 1]
+            i += 1
+        i += 1
+    return entries
+
+
+def spool_volume(stack: Stack, service: str, index: int = 1) -> str | None:
+    """The name of the volume mounted at /spool in a container of ``service``."""
+    done = stack.podman.run("container", "inspect", stack.container(service, index))
+    mounts = json.loads(done.stdout)[0]["Mounts"]
+    return next((m.get("Name") for m in mounts if m.get("Destination") == "/spool"), None)
+
+
+def test_the_streams_variant_scaled_to_two_marie_does_50_tasks_once_each(streams_stack: Stack):
+    stack = streams_stack
+    # Both replicas beat their own key; the orchestrator serves marie once one has (its outbox is made).
+    wait_for(
+        lambda: len(marie_replicas(stack)) == STREAMS_REPLICAS, 120, 1.0, lambda: f"2 replicas: {marie_replicas(stack)}"
+    )
+    ids = [f"streams-{n:02d}" for n in range(STREAMS_TASKS)]
+    for task_id in ids:
+        submit(stack, "marie", f"sleep=0.3 {task_id}", task_id)
+    for task_id in ids:
+        result = wait_state(stack, task_id, "done", timeout=300)["result"]
+        assert result["status"] == "completed" and result["worker"] == "marie", result
+
+    entries = result_stream(stack)
+    by_task = Counter(entry["task_id"] for entry in entries)
+    assert by_task == Counter(ids), f"not one result entry each: {by_task}"
+    consumers = Counter(entry["consumer"] for entry in entries)
+    assert len(consumers) == STREAMS_REPLICAS, consumers  # both replicas did work
+    assert set(consumers) == set(marie_replicas(stack)), (consumers, marie_replicas(stack))
+    # Each replica keeps its own runs on its own spool: between them, each task once.
+    local: list[str] = []
+    for index in range(1, STREAMS_REPLICAS + 1):
+        listing = stack.exec("marie", "ls", "/spool/results/marie", index=index)
+        assert listing.returncode == 0, listing.stderr
+        runs = [name for name in listing.stdout.split() if name.endswith(".json")]
+        assert runs, f"replica {index} ran nothing"
+        local += runs
+    assert sorted(local) == sorted(f"{task_id}.json" for task_id in ids)
+    # No spool is shared: each replica and the orchestrator mount a /spool volume of their own.
+    spools = [spool_volume(stack, "marie", i) for i in range(1, STREAMS_REPLICAS + 1)]
+    spools.append(spool_volume(stack, "orchestrator"))
+    assert len(set(spools)) == len(spools) and None not in spools, spools
+    # Every result came back: the orchestrator's outbox is empty.
+    outbox = stack.exec("orchestrator", "find", "/spool/tasks/marie", "-name", "*.json")
+    assert outbox.returncode == 0 and outbox.stdout.split() == [], outbox.stdout + outbox.stderr
 
 
 # -- 8. rebuilds ----------------------------------------------------------------------------------

@@ -88,6 +88,36 @@ def test_a_stream_dead_letter_lands_in_the_orchestrators_dead_letter(spools, cli
     assert orchestrator_spool.count_inbox(WORKER) == 0
 
 
+def test_a_dead_letter_nested_past_any_limit_or_with_a_hostile_task_id_lands_safely(spools, client, tmp_path):
+    """Bad input a replica dead-letters as it came (a raw XADD): the mirror must neither crash on its
+    payload (a RecursionError would crash-loop the orchestrator on its unacknowledged entry) nor
+    follow its task id out of the spool (unlinking what `tasks/marie/../../x.json` names)."""
+    orchestrator_spool, worker_spool = spools
+    orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
+    orchestrator.ensure_groups()
+    replica = StreamsTransport(client, WORKER, consumer="a")
+    decoy = orchestrator_spool.root / "escape.json"  # where tasks/marie/../../escape.json leads
+    decoy.write_text("{}")
+    deep = '{"task_id": "deep", "description": "x", "m": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    orchestrator.dispatch("deep", deep)
+    hostile = "../../escape"
+    client.xadd(replica.keys.tasks, {"task_id": hostile, "task": json.dumps({"task_id": hostile, "description": "x"})})
+    assert take_one(replica, worker_spool, WORKER, block=0) is None  # both dead-lettered on the stream
+    assert mirror(orchestrator, orchestrator_spool, WORKER) == 2
+    records = {
+        r["detail"].split(":")[0]: r for r in (json.loads(p.read_text()) for p in orchestrator_spool.dead_letters())
+    }
+    assert len(records) == 2
+    deep_record = next(r for r in records.values() if r["task_id"] == "deep")
+    assert deep_record["reason"] == "unencodable" and "nested deeper than 64 levels" in deep_record["detail"]
+    assert Path(deep_record["raw"]).read_text() == deep  # the payload kept as it came: nothing is lost
+    [hostile_record] = [r for r in records.values() if r["task_id"] is None]
+    assert hostile_record["reason"] == "invalid_task_id" and "'../../escape'" in hostile_record["detail"]
+    assert decoy.read_text() == "{}"  # untouched
+    assert [p.name for p in orchestrator_spool.inbox(WORKER).iterdir()] == [".processing"]  # nothing left behind
+    assert mirror(orchestrator, orchestrator_spool, WORKER) == 0  # acknowledged: no crash loop, no repeat
+
+
 def test_after_redis_lost_everything_the_outbox_is_sent_again_and_nothing_is_lost(spools, client, redis_server):
     orchestrator_spool, worker_spool = spools
     orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")

@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from activation.errors import BadTask
+from activation.errors import BadTask, NotReady
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
-from activation.spool.task import INVALID_FIELD, MAX_TASK_BYTES, TOO_LARGE, parse_task
+from activation.spool.task import INVALID_FIELD, INVALID_JSON, MAX_TASK_BYTES, TOO_LARGE, parse_task
 from activation.transport.streams.client import Delivery, StreamsTransport, Token
 from activation.transport.streams.connect import StreamsError
 
@@ -31,7 +31,10 @@ def task_of(delivery: Delivery, *, max_timeout: float | None = None) -> dict[str
     size = len(delivery.task.encode("utf-8"))
     if size > MAX_TASK_BYTES:
         raise BadTask(TOO_LARGE, f"{size} bytes, the limit is {MAX_TASK_BYTES}")
-    task = parse_task(delivery.task.encode("utf-8"), delivery.task_id, max_timeout=max_timeout)
+    try:
+        task = parse_task(delivery.task.encode("utf-8"), delivery.task_id, max_timeout=max_timeout)
+    except NotReady as exc:  # a file may be half-written; an entry is whole, so empty is bad input
+        raise BadTask(INVALID_JSON, f"the entry's payload is empty ({exc})") from None
     metadata = dict(task.get("metadata") or {})
     metadata[STREAM_METADATA] = {
         "entry_id": delivery.entry_id,

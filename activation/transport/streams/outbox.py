@@ -9,16 +9,18 @@ crash between mirroring and acknowledging mirrors the same record again.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from activation.clock import iso_now
 from activation.errors import BadTask
-from activation.spool.atomic import atomic_write_json
+from activation.spool import codec
+from activation.spool.atomic import atomic_write_bytes, atomic_write_json
 from activation.spool.cancel import Cancelled, CannotCancel, cancelled_record, read_task
 from activation.spool.layout import Spool
-from activation.spool.task import load_task, task_id_of
+from activation.spool.task import TASK_SUFFIX, is_valid_task_id, load_task, task_id_of
 from activation.transport.streams.client import (
     CANCELLED,
     DUPLICATE,
@@ -107,34 +109,45 @@ def cancel(transport: StreamsTransport, spool: Spool, worker: str, task_id: str,
     raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({verdict.detail})", "done")
 
 
-def _land_result(spool: Spool, worker: str, outcome: Outcome) -> None:
+def _parsed(text: str) -> Any:
+    """A record a stream entry carries, or None: whatever a writer put there (a raw XADD, a payload
+    nested past any limit) is parsed by the spool's codec, which raises nothing but ValueError."""
     try:
-        result = json.loads(outcome.fields.get("result", ""))
+        return codec.loads(text)
     except ValueError:
-        result = None
+        return None
+
+
+def _outbox_path(spool: Spool, worker: str, task_id: str) -> Path:
+    """Where the outbox keeps ``task_id``: an id that is no task id (a raw XADD) never becomes a
+    path, it names a file that cannot exist, and whose name the dead letter refuses as a key."""
+    if is_valid_task_id(task_id):
+        return spool.task_path(worker, task_id)
+    digest = hashlib.sha256(task_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return spool.inbox(worker) / f".invalid-id-{digest}{TASK_SUFFIX}"
+
+
+def _land_result(spool: Spool, worker: str, outcome: Outcome) -> None:
+    result = _parsed(outcome.fields.get("result", ""))
     if not isinstance(result, dict) or result.get("task_id") != outcome.task_id:
         # Written by our own completion script, so this is a bug or tampering: keep it visibly.
         result = {"task_id": outcome.task_id, "worker": worker, "status": "unreadable_result"}
         log.error("result of %s from %s is unreadable; recorded as such", outcome.task_id, worker)
     spool.write_result(worker, result)
-    outbox = spool.task_path(worker, outcome.task_id)
-    outbox.unlink(missing_ok=True)
+    _outbox_path(spool, worker, outcome.task_id).unlink(missing_ok=True)
 
 
 def _land_dead_letter(spool: Spool, worker: str, outcome: Outcome) -> None:
     fields = outcome.fields
-    try:
-        task = json.loads(fields.get("task", ""))
-    except ValueError:
-        task = None
+    task = _parsed(fields.get("task", ""))
     reason_text = fields.get("reason", "")
     reason = MAX_ATTEMPTS_REASON if reason_text.startswith("max_deliveries") else reason_text.split(":", 1)[0]
     detail = f"{reason_text}; deliveries {fields.get('deliveries', '?')}, last owner {fields.get('last_owner', '?')}"
-    source = spool.task_path(worker, outcome.task_id)
-    spool.dead_letter(
-        source,
-        reason=reason or "dead_letter",
-        detail=detail,
-        worker=worker,
-        task=task if isinstance(task, dict) else None,
-    )
+    if not is_valid_task_id(outcome.task_id):
+        detail = f"entry for task id {ascii(outcome.task_id)[:160]}: {detail}"
+    source = _outbox_path(spool, worker, outcome.task_id)
+    if not isinstance(task, dict):
+        task = None
+        if not source.exists():  # no outbox copy (never dispatched here): keep the payload as it came
+            atomic_write_bytes(source, fields.get("task", "").encode("utf-8", "surrogatepass"), durable=False)
+    spool.dead_letter(source, reason=reason or "dead_letter", detail=detail, worker=worker, task=task)
