@@ -139,6 +139,10 @@ class StreamsRelay:
             found.append(role_health(worker, replicas, (dead_letters or {}).get(worker, 0), error))
         return found
 
+    def resend_soon(self) -> None:
+        """A dispatch could not send its task (Redis failed it): re-send the outbox at the next pass."""
+        self._resend_all = True
+
     # -- the loop's pass ------------------------------------------------------------------------
 
     def step(self) -> int:

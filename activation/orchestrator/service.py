@@ -142,6 +142,7 @@ class Orchestrator(Program):
             decide=self.decision,
             publisher=self.publisher,
             streams=self.relay.transport if self.relay is not None else None,
+            unsent=self.relay.resend_soon if self.relay is not None else None,
             counted=lambda worker, transport: self.metrics.dispatch.labels(worker, transport).inc(),
         )
         self._mode_lock = threading.Lock()

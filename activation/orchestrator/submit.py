@@ -72,6 +72,7 @@ class Dispatcher:
         decide: Callable[[str], Decision],
         publisher: EventPublisher | None = None,
         streams: Callable[[str], StreamsTransport] | None = None,
+        unsent: Callable[[], None] | None = None,
         counted: Callable[[str, str], None] | None = None,
     ) -> None:
         self.spool = spool
@@ -79,6 +80,9 @@ class Dispatcher:
         self.decide = decide
         self.publisher = publisher
         self.streams = streams
+        # Told when a task stayed in the outbox because Redis failed: the relay then re-sends the
+        # outbox at its next pass, even when its own passes never saw the outage.
+        self.unsent = unsent
         self.counted = counted
         self.publish_lock = threading.Lock()  # one Redis connection, shared by request threads
 
@@ -155,6 +159,8 @@ class Dispatcher:
         try:
             dispatched = outbox.send(self.streams(worker), self.spool, worker, task)
         except StreamsError as exc:
+            if self.unsent is not None:
+                self.unsent()
             raise Unavailable(f"{exc}; the task waits in the outbox and is sent when Redis answers") from None
         except DispatchError as exc:
             raise Invalid(str(exc)) from None

@@ -242,3 +242,41 @@ def test_cancel_over_the_api_and_the_cli_in_streams_mode(orchestrator, client):
     wait_for(lambda: orchestrator.spool.result_path(W, "c-2").exists(), 20, 0.05, "c-2's result mirrored")
     late = orchestrator.cli("cancel", "c-2")
     assert late.returncode == 1 and "already finished" in late.stderr and len(late.stderr.splitlines()) == 1
+
+
+def test_a_dispatch_that_redis_failed_is_sent_at_the_relays_next_pass(make_settings, spool, client, redis_server):
+    from activation.errors import StreamsError, Unavailable
+    from activation.orchestrator.adaptive import Decision
+    from activation.orchestrator.relay import StreamsRelay
+    from activation.orchestrator.submit import Dispatcher
+
+    settings = make_settings(worker_name=None, transport="streams", redis_url=redis_server.url)
+    spool.init([W])
+    relay = StreamsRelay(spool, settings)
+    try:
+        relay.step()  # the start's pass: the outbox (empty) is sent, the marker set
+
+        def failing(worker: str) -> StreamsTransport:
+            transport = relay.transport(worker)
+
+            def refuse(*args: Any, **kwargs: Any) -> Any:
+                raise StreamsError("redis blinked")  # a failure the relay's own passes never see
+
+            transport.dispatch = refuse  # type: ignore[method-assign]
+            return transport
+
+        dispatcher = Dispatcher(
+            spool,
+            settings,
+            decide=lambda w: Decision("streams", "streams", ""),
+            streams=failing,
+            unsent=relay.resend_soon,
+        )
+        with pytest.raises(Unavailable, match="waits in the outbox"):
+            dispatcher.submit({"worker": W, "description": "x", "task_id": "blink-1"})
+        assert spool.task_path(W, "blink-1").exists() and entries(client) == []
+        relay._transports.clear()  # the next pass gets a sound transport, as after the blink
+        relay.step()
+        assert entries(client) == ["blink-1"]  # sent by the pass, with nobody restarting anything
+    finally:
+        relay.close()
