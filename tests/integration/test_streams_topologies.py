@@ -105,6 +105,17 @@ def exercise_every_script(client: redis.Redis | RedisCluster, worker: str) -> No
     assert a.receive(0) is None  # reads (and drops) the hand-back's nudge, which b never needed
     assert client.xlen(keys.tasks) == 0
 
+    orchestrator.dispatch("t4", {"task_id": "t4"})
+    held = a.receive(0.1)
+    assert held is not None and held.task_id == "t4"
+    assert orchestrator.cancel("t4", {"status": "cancelled"}, {"by": "test"}).status == streams.REQUESTED
+    assert a.cancel_requested("t4") == {"by": "test"}
+    orchestrator.dispatch("t5", {"task_id": "t5"})
+    assert orchestrator.cancel("t5", {"status": "cancelled"}, {"by": "test"}).status == streams.CANCELLED
+    assert orchestrator.cancel("t5", {"status": "cancelled"}, {"by": "test"}).status == streams.FINISHED
+    assert a.complete(held, {"status": "cancelled"}).status == streams.DONE
+    assert client.xlen(keys.tasks) == 0
+
 
 def test_every_script_runs_on_a_three_master_cluster_without_crossslot(cluster, monkeypatch):
     workers = workers_on_every_master(cluster)
