@@ -101,7 +101,8 @@ def cancel_requested(spool: Spool, worker: str, task_id: str) -> dict[str, Any] 
 
 
 def clear_request(spool: Spool, worker: str, task_id: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Drop the request; one the spool refuses to drop is removed by the executor's next start."""
+    with contextlib.suppress(OSError):
         os.unlink(request_path(spool, worker, task_id))
 
 

@@ -149,7 +149,7 @@ class Spool:
                 task_id = entry.name[: -len(suffix)]
                 if is_valid_task_id(task_id) and os.path.lexists(self.claim_path(worker, task_id)):
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # gone already, or a spool that refuses: next start
                     os.unlink(entry.path)
                     removed += 1
         return removed

@@ -136,10 +136,23 @@ def open_log(spool: Spool, worker: str, task_id: str) -> TaskLog:
     return TaskLog(running_log_path(spool, worker, task_id), task_id=task_id)
 
 
-def keep_log(spool: Spool, worker: str, task_id: str) -> None:
-    """Move a finished run's log beside its result (before the result is written)."""
-    with contextlib.suppress(FileNotFoundError):
+def keep_log(spool: Spool, worker: str, task_id: str) -> bool:
+    """Move a finished run's log beside its result (before the result is written); False when
+    the results folder refuses it (full, read-only, not a folder): the log then stays beside the
+    claim, and the executor tries again when it writes the held result. Never raises."""
+    try:
         os.rename(running_log_path(spool, worker, task_id), finished_log_path(spool, worker, task_id))
+    except FileNotFoundError:
+        return True  # no log (a run that printed nothing), or kept already
+    except OSError as exc:
+        log.warning(
+            "task %s: cannot keep its log beside the result yet (%s)",
+            task_id,
+            exc.strerror or exc,
+            extra={"task_id": task_id, "event": "task_log_failed"},
+        )
+        return False
+    return True
 
 
 def remove_stray_logs(spool: Spool, worker: str) -> int:

@@ -333,6 +333,7 @@ class Executor(Program):
                 self._held.hold(saved, saved=True)  # completed on the stream first, then written
                 continue
             try:
+                tasklog.keep_log(self.spool, self.worker, task_id)  # before its result, as in a run
                 result = outcomes.settle_outcome(self.spool, self.worker, task_id)
             except outcomes.UnwrittenOutcome as exc:
                 self._hold(exc.result, exc.error, saved=True)
@@ -678,6 +679,8 @@ class Executor(Program):
         if self._feed is not None and not self._feed.complete_held(self._held):
             self.stopping.wait(min(max(self._feed.pause_left(), 0.01), self._queue_wait))
             return False
+        for task_id in self._held.results:
+            tasklog.keep_log(self.spool, self.worker, task_id)  # what the first try could not move
         written, failure = self._held.flush()
         for result in written:
             self.log.info(

@@ -372,12 +372,14 @@ def test_the_heartbeat_survives_a_taken_metrics_port_and_reports_it(
 ) -> None:
     from prometheus_client import values
 
-    from activation.observability import metrics
+    from activation.observability import metrics, multiprocess
     from activation.worker.heartbeat import Heartbeat
 
     (tmp_path / "metrics").mkdir()
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path / "metrics"))
+    # The folder this process adopted, as the program's start does; undone after the test.
+    monkeypatch.setattr(multiprocess, "_folder", tmp_path / "metrics")
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

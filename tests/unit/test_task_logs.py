@@ -241,3 +241,19 @@ def test_show_says_who_cancelled_and_when() -> None:
 @pytest.mark.parametrize("hostile", [None, "x", {"signals": "SIGKILL"}, {"signals": [1, None]}])
 def test_show_survives_a_hostile_kill_record(hostile: object) -> None:
     assert outcome_notes({"status": "timeout", "kill": hostile})[0].startswith("timed out")
+
+
+def test_a_log_the_results_folder_refuses_stays_beside_the_claim_and_never_raises(spool: Spool, caplog) -> None:
+    log = tasklog.open_log(spool, WORKER, "kept-1")
+    log.write(0, b"output\n")
+    log.close()
+    results = spool.results(WORKER)
+    results.rmdir()
+    results.write_text("not a folder")  # what crashed the executor: NotADirectoryError from the rename
+    assert tasklog.keep_log(spool, WORKER, "kept-1") is False
+    assert tasklog.running_log_path(spool, WORKER, "kept-1").read_bytes() == b"output\n"
+    assert "cannot keep its log" in caplog.text
+    results.unlink()
+    results.mkdir()
+    assert tasklog.keep_log(spool, WORKER, "kept-1") is True  # the held result's retry moves it
+    assert tasklog.finished_log_path(spool, WORKER, "kept-1").read_bytes() == b"output\n"
