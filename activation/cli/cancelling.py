@@ -9,6 +9,7 @@ import click
 
 from activation.cli.support import fail, print_json
 from activation.config import Settings
+from activation.errors import StreamsError
 from activation.spool.atomic import read_json
 from activation.spool.cancel import Cancelled, CannotCancel, cancel_task, clear_request
 from activation.spool.layout import Spool
@@ -68,19 +69,53 @@ def cancel_and_wait(
 
 
 def _cancel_streamed(settings: Settings, spool: Spool, task_id: str) -> Cancelled:
+    """Through the spool's orchestrator when one answers (it holds the Redis connection and the
+    outbox's relay: one cancel path, as `dispatch` has), else on the outbox here."""
+    from activation.orchestrator.endpoint import read_endpoint
+
+    url = read_endpoint(spool)
+    if url is not None:
+        cancelled = _through_api(url, task_id, settings.admin_token)
+        if cancelled is not None:
+            return cancelled
     from activation.transport.streams import outbox
     from activation.transport.streams.client import StreamsTransport
-    from activation.transport.streams.connect import StreamsError, connect
+    from activation.transport.streams.connect import connect
 
-    found = spool.locate(task_id)
-    if found is None or found.worker is None:
-        raise CannotCancel(f"no task {task_id!r} in {spool.root}", None)
-    if found.state != "pending":
-        raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({found.state})", found.state)
     try:
-        transport = StreamsTransport(
-            connect(settings), found.worker, lease=settings.lease, retention=settings.stream_retention
+        link = connect(settings)
+        return outbox.cancel_dispatched(
+            lambda worker: StreamsTransport(link, worker, lease=settings.lease, retention=settings.stream_retention),
+            spool,
+            task_id,
+            by="cli",
         )
-        return outbox.cancel(transport, spool, found.worker, task_id, by="cli")
     except StreamsError as exc:
         fail(f"cannot cancel {task_id} now: {exc}")
+
+
+def _through_api(url: str, task_id: str, token: str | None) -> Cancelled | None:
+    """POST /tasks/<id>/cancel; None when nothing answered (nothing was sent)."""
+    from urllib.parse import quote
+
+    from activation.cli.admin import ApiRefusal, ApiUnreachable, api_call
+
+    try:
+        answer = api_call(url, "POST", f"/tasks/{quote(task_id, safe='')}/cancel", None, token)
+    except ApiUnreachable:
+        return None
+    except ApiRefusal as exc:
+        if exc.status in (404, 409):
+            raise CannotCancel(exc.message, None if exc.status == 404 else "done") from None
+        fail(f"cannot cancel {task_id} now: {exc.message}")
+    fields = answer if isinstance(answer, dict) else {}
+    try:
+        return Cancelled(
+            task_id=str(fields["task_id"]),
+            worker=str(fields["worker"]),
+            path=str(fields.get("path", "")),
+            status=str(fields.get("status", "cancelled")),
+            was=str(fields.get("while", "pending")),
+        )
+    except KeyError:
+        fail(f"POST /tasks/{task_id}/cancel at {url}: the answer is not a cancel ({answer!r:.200})")

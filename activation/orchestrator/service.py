@@ -449,16 +449,10 @@ class Orchestrator(Program):
 
     def _cancel_streamed(self, task_id: str) -> Cancelled:
         """Streams mode: the task is in this spool's outbox until its result comes back."""
-        from activation.spool.cancel import CannotCancel
         from activation.transport.streams import outbox
 
         assert self.relay is not None
-        found = self.spool.locate(task_id)
-        if found is None or found.worker is None:
-            raise CannotCancel(f"no task {task_id!r} in {self.spool.root}", None)
-        if found.state != "pending":
-            raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({found.state})", found.state)
-        return outbox.cancel(self.relay.transport(found.worker), self.spool, found.worker, task_id, by="api")
+        return outbox.cancel_dispatched(self.relay.transport, self.spool, task_id, by="api")
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         for _ in range(3):  # it may move between finding it and reading it: look again

@@ -236,7 +236,8 @@ def test_cancel_over_the_api_and_the_cli_in_streams_mode(orchestrator, client):
     delivery = receive(standin)
     asked = orchestrator.cli("cancel", "c-2", "--no-wait")
     assert asked.returncode == 0 and "cancel requested" in asked.stdout, asked.stderr
-    assert standin.cancel_requested("c-2") is not None  # what the holder's executor polls for
+    request = standin.cancel_requested("c-2")  # what the holder's executor polls for
+    assert request is not None and request["by"] == "api"  # the CLI went through the orchestrator
     # Finished ones are refused, in one line.
     run(standin, delivery, stdout="")
     wait_for(lambda: orchestrator.spool.result_path(W, "c-2").exists(), 20, 0.05, "c-2's result mirrored")
@@ -280,3 +281,17 @@ def test_a_dispatch_that_redis_failed_is_sent_at_the_relays_next_pass(make_setti
         assert entries(client) == ["blink-1"]  # sent by the pass, with nobody restarting anything
     finally:
         relay.close()
+
+
+def test_the_cli_cancels_on_the_outbox_itself_when_no_orchestrator_answers(tmp_path, client, redis_server):
+    tree = new_orchestrator(tmp_path, ACTIVATION_TRANSPORT="streams", REDIS_URL=redis_server.url)  # never started
+    tree.spool.init([W])
+    leftover = tree.spool.root / "orchestrator" / "api.json"  # what a crashed orchestrator leaves
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_text('{"url": "http://127.0.0.1:1", "pid": 1}')
+    sent = tree.cli("dispatch", W, "x", "--task-id", "solo-1")
+    assert sent.returncode == 0, sent.stderr
+    done = tree.cli("cancel", "solo-1")
+    assert done.returncode == 0 and "cancelled (was pending" in done.stdout, done.stderr
+    assert json.loads(tree.spool.result_path(W, "solo-1").read_text())["cancelled"]["by"] == "cli"
+    assert entries(client) == []

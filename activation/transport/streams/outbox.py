@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ def mirror(transport: StreamsTransport, spool: Spool, worker: str, *, block: flo
         _land_dead_letter(spool, worker, outcome)
     transport.ack_dead_letters([o.stream_id for o in dead])
     return len(results) + len(dead)
+
+
+def cancel_dispatched(
+    transport_for: Callable[[str], StreamsTransport], spool: Spool, task_id: str, *, by: str
+) -> Cancelled:
+    """Cancel ``task_id`` from the spool that dispatched it (its outbox): the one path of the
+    orchestrator's ``POST /tasks/<id>/cancel`` and of the CLI when no orchestrator answers.
+    ``transport_for`` gives a worker's transport. CannotCancel: unknown or finished here."""
+    found = spool.locate(task_id)
+    if found is None or found.worker is None:
+        raise CannotCancel(f"no task {task_id!r} in {spool.root}", None)
+    if found.state != "pending":
+        raise CannotCancel(f"cannot cancel {task_id}: it has already finished ({found.state})", found.state)
+    return cancel(transport_for(found.worker), spool, found.worker, task_id, by=by)
 
 
 def cancel(transport: StreamsTransport, spool: Spool, worker: str, task_id: str, *, by: str) -> Cancelled:
