@@ -1,6 +1,7 @@
 """``activation logs``: a task's agent output (spool.tasklog), rendered (cli.agent_log), while it
 runs and after; or, with ``--worker``, a local worker tree's program logs (``var/log/<worker>.log``,
-written by ``activation up``).
+written by ``activation up``). In streams mode, on the orchestrator's spool, a task that runs on
+another host is read from the copy its replica ships to Redis (cli.remote_logs).
 
 ``-f`` follows: a task until it has its result (then exit 0), from before it has printed anything,
 even before it has started; a worker's log until Ctrl-C. It reads with plain polling (a stat and a
@@ -64,6 +65,9 @@ def logs_command(
         fail(f"{task_id} is in the dead letter: it never ran to a result, so it has no log (`activation show`)")
     assert found.worker is not None
     echo = _echo(raw)
+    if found.state == "pending" and _dispatched_by_stream(obj):
+        _remote(spool, obj, found.worker, task_id, echo, follow)
+        return
     if follow:
         with contextlib.suppress(KeyboardInterrupt):  # the task runs on; only the reader stops
             TaskFollower(spool, found.worker, task_id, echo, interval).run()
@@ -76,6 +80,42 @@ def logs_command(
     else:
         what = "is waiting in the inbox" if found.state == "pending" else "has printed nothing yet"
         click.echo(f"activation: {task_id} {what}; `activation logs -f {task_id}` follows it", err=True)
+
+
+def _dispatched_by_stream(obj: Context) -> bool:
+    """This is an orchestrator's spool in streams mode: a pending task there is the outbox copy of
+    one that may run on another host, whose log its replica ships to Redis."""
+    settings = obj.settings
+    return settings.transport == "streams" and not settings.worker_name
+
+
+def _remote(spool: Spool, obj: Context, worker: str, task_id: str, echo: Callable[[bytes], None], follow: bool) -> None:
+    from activation.cli.remote_logs import show_remote
+
+    with contextlib.suppress(KeyboardInterrupt):
+        printed = show_remote(spool, obj.settings, worker, task_id, echo, follow=follow)
+        if not follow:
+            if not printed:
+                click.echo(
+                    f"activation: {task_id} has printed nothing yet (or waits in the stream); "
+                    f"`activation logs -f {task_id}` follows it",
+                    err=True,
+                )
+            return
+        found = spool.locate(task_id, [worker])
+        if found is not None and found.state == "done" and not printed:
+            _print_result_output(found, echo)
+        click.echo(styled(Line(f"── {task_id}: {_status_of(found)}", "meta")), err=True)
+
+
+def _status_of(found: Location | None) -> str:
+    if found is None or found.state != "done":
+        return found.state if found is not None else "gone"
+    try:
+        record = read_json(found.path)
+    except (OSError, ValueError):
+        return "?"
+    return str(record.get("status")) if isinstance(record, dict) else "?"
 
 
 def _echo(raw: bool) -> Callable[[bytes], None]:
@@ -185,13 +225,7 @@ class TaskFollower:
             fail(f"{self.task_id} went to the dead letter (`activation show {self.task_id}`)")
         if self.handle is None and not self.printed:
             _print_result_output(found, self.echo)
-        status = "?"
-        try:
-            record = read_json(found.path)
-            status = str(record.get("status")) if isinstance(record, dict) else "?"
-        except (OSError, ValueError):
-            pass
-        click.echo(styled(Line(f"── {self.task_id}: {status}", "meta")), err=True)
+        click.echo(styled(Line(f"── {self.task_id}: {_status_of(found)}", "meta")), err=True)
         return found.state
 
 

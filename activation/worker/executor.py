@@ -453,6 +453,9 @@ class Executor(Program):
         self._cancel = None
         self._streamed_run = lease is not None
         output = tasklog.open_log(self.spool, self.worker, task_id)
+        if lease is not None:
+            assert self._feed is not None
+            self._feed.start_log(task, output.path)  # a copy for `activation logs` on other hosts
         try:
             launch = plan_launch(self.settings.agent_command, task["description"], env, task_id=task_id)
             run = run_agent(
@@ -477,6 +480,9 @@ class Executor(Program):
             return None
         finally:
             output.close()
+            if lease is not None:
+                assert self._feed is not None
+                self._feed.end_log()
         self.condition.started()
         if run.aborted and self._feed is not None and lease is not None and lease.lost is not None:
             self._feed.drop_local(task_id)  # the keeper logged why; submit nothing, keep nothing
@@ -533,6 +539,7 @@ class Executor(Program):
             if self._cancel is None and self._streamed_run:
                 assert self._feed is not None
                 self._cancel = self._feed.cancel_request(task_id)  # streams: the orchestrator's, via Redis
+                self._feed.ship_log()
             if self._cancel is not None:
                 self.log.warning(
                     "task %s: cancel requested by %s; killing its tree",

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from activation.config import Settings
@@ -34,6 +35,7 @@ from activation.transport.streams.keys import replica_name
 from activation.transport.streams.lease import RENEWALS_PER_LEASE, LeaseKeeper
 from activation.transport.streams.link import StreamsLink
 from activation.worker.liveness import Condition
+from activation.worker.log_ship import LogShipper
 from activation.worker.stream_answers import DROPPED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
 
 T = TypeVar("T")
@@ -104,6 +106,7 @@ class StreamFeed:
         self._late: set[str] = set()  # results whose completion was refused: another run is the role's
         self._next_cancel_poll = 0.0
         self._fresh: tuple[Delivery, float] | None = None  # the last entry taken, and when the read was sent
+        self._shipper: LogShipper | None = None  # the running task's log, copied to Redis
 
     @property
     def down(self) -> bool:
@@ -217,6 +220,23 @@ class StreamFeed:
             return self.leases.transport.cancel_requested(task_id)
         except StreamsError:
             return None
+
+    # -- the running task's log, for readers on other hosts (log_ship.py) -------------------------
+
+    def start_log(self, task: dict[str, Any], path: Path) -> None:
+        delivery = streamed(task)
+        if delivery is not None:
+            self._shipper = LogShipper(lambda: self.leases.transport, path, delivery.task_id, delivery.attempt)
+
+    def ship_log(self) -> None:
+        if self._shipper is not None:
+            self._shipper.ship()
+
+    def end_log(self) -> None:
+        """The run ended: what its log holds goes, before the log moves beside the result."""
+        shipper, self._shipper = self._shipper, None
+        if shipper is not None:
+            shipper.ship(final=True)
 
     # -- giving up a delivery -------------------------------------------------------------------
 

@@ -97,6 +97,15 @@ class Dispatched:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogEntry:
+    """Lines of a running task's output, as its holder shipped them."""
+
+    stream_id: str
+    attempt: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Outcome:
     """An entry of a result or dead-letter stream, as the orchestrator reads it."""
 
@@ -340,6 +349,35 @@ class StreamsTransport:
                     found[name] = json.loads(raw)
                 except ValueError:
                     found[name] = {"state": "unreadable"}
+        return found
+
+    # -- a running task's output, for `activation logs` on another host (worker/log_ship.py) -----
+
+    def append_log(self, task_id: str, attempt: int, texts: Sequence[str], *, ttl: int, cap: int) -> None:
+        """Add lines of ``task_id``'s output (its ``attempt``-th delivery); the stream keeps about
+        ``cap`` entries and lives ``ttl`` seconds after its last append."""
+        key = self.keys.log(task_id)
+
+        def append() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for text in texts:
+                pipe.xadd(key, {"attempt": attempt, "text": text}, maxlen=cap, approximate=True)
+            pipe.expire(key, ttl)
+            pipe.execute()
+
+        self._redis(append)
+
+    def read_log(self, task_id: str, after: str = "0", *, block: float = 0.0, count: int = 100) -> list[LogEntry]:
+        """Entries of ``task_id``'s shipped output after the stream id ``after``; waits up to ``block`` s."""
+        if not 0 <= block <= MAX_BLOCK:
+            raise ValueError(f"block must be between 0 and {MAX_BLOCK} s, got {block}")
+        key = self.keys.log(task_id)
+        reply = self._redis(lambda: self.client.xread({key: after}, count=count, block=int(block * 1000) or None))
+        found = []
+        for _stream, entries in reply or ():
+            for stream_id, fields in entries:
+                attempt = str((fields or {}).get("attempt", ""))
+                found.append(LogEntry(stream_id, int(attempt) if attempt.isdigit() else 0, str(fields.get("text", ""))))
         return found
 
     # -- the orchestrator's side: results and dead letters --------------------------------------

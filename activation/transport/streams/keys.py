@@ -71,6 +71,10 @@ class StreamKeys:
         """One small hash per task id: its state (queued, done, dead), entry, and recorded result."""
         return f"{self.tag}:task:{task_id}"
 
+    def log(self, task_id: str) -> str:
+        """A running task's output, shipped by its holder for readers on other hosts (capped, with a TTL)."""
+        return f"{self.tag}:log:{task_id}"
+
 
 # Drawn once per interpreter: two containers given the same host name and started in the same
 # clock tick could otherwise share pid and start time. A fork keeps it, but changes the pid.

@@ -1,0 +1,105 @@
+"""`activation logs TASK_ID [-f]` on the orchestrator's host in streams mode: the task runs in a
+replica tree on another spool (another host, as far as the files go), and its log comes by Redis.
+
+Real programs: the orchestrator and a replica each under supervisord, one redis-server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from activation.orchestrator.endpoint import read_endpoint
+from activation.transport.streams.keys import StreamKeys
+from tests.conftest import wait_for
+from tests.harness import BIN, RedisServer, WorkerTree, new_orchestrator, new_tree
+
+pytestmark = pytest.mark.slow
+
+W = "marie"
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[WorkerTree, WorkerTree]]:
+    common = {"ACTIVATION_TRANSPORT": "streams", "REDIS_URL": redis_server.url, "ACTIVATION_LEASE": "10"}
+    orchestrator = new_orchestrator(tmp_path / "orchestrator", **common)
+    orchestrator.spool.init([W])
+    replica = new_tree(tmp_path / "replica", W, **common)
+    try:
+        orchestrator.start()
+        wait_for(lambda: read_endpoint(orchestrator.spool), 20, 0.1, "the orchestrator's API")
+        replica.start()
+        yield orchestrator, replica
+    finally:
+        replica.kill_everything()
+        orchestrator.kill_everything()
+
+
+def test_logs_follows_a_task_running_on_another_host_live_and_ends_with_its_status(stack, tmp_path):
+    orchestrator, replica = stack
+    gate = tmp_path / "gate"
+    sent = orchestrator.cli("dispatch", W, f"stream=2 gap=0.1 gate={gate}", "--task-id", "far-1")
+    assert sent.returncode == 0, sent.stderr
+    follow = subprocess.Popen(
+        [str(BIN / "activation"), "logs", "-f", "far-1"],
+        env=orchestrator.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        # The first turn arrives while the agent waits at its gate: nothing is finished anywhere.
+        first = wait_for(follow.stdout.readline, 30, 0, "the first rendered line of the remote log")
+        assert first.strip(), first
+        assert not orchestrator.spool.has_result(W, "far-1") and not replica.spool.has_result(W, "far-1")
+        gate.touch()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, err
+    text = first + out
+    assert "→ Bash" in text and "── done (success)" in text and "tokens in" in text, text  # rendered stream-json
+    assert "far-1: completed" in err
+    # Without -f, after the end: what the mirrored result holds.
+    again = orchestrator.cli("logs", "far-1")
+    assert again.returncode == 0 and again.stdout.strip(), again.stderr
+
+
+def test_logs_of_a_task_not_started_says_so_in_one_line(stack, redis_server):
+    orchestrator, replica = stack
+    replica.stop()  # nobody takes it: it waits in the stream
+    assert orchestrator.cli("dispatch", W, "sleep=1", "--task-id", "wait-1").returncode == 0
+    shown = orchestrator.cli("logs", "wait-1")
+    assert shown.returncode == 0 and shown.stdout == ""
+    assert "wait-1 has printed nothing yet (or waits in the stream)" in shown.stderr
+    assert len(shown.stderr.splitlines()) == 1
+
+
+def test_logs_with_redis_away_is_one_line(stack, redis_server):
+    orchestrator, replica = stack
+    replica.stop()
+    assert orchestrator.cli("dispatch", W, "sleep=1", "--task-id", "away-1").returncode == 0
+    redis_server.stop()
+    shown = orchestrator.cli("logs", "away-1", timeout=60)
+    assert shown.returncode == 1
+    assert "cannot read away-1's log from Redis" in shown.stderr and len(shown.stderr.splitlines()) == 1
+
+
+def test_the_shipped_log_is_capped_and_expires(stack, redis_server):
+    import redis
+
+    orchestrator, _replica = stack
+    assert orchestrator.cli("dispatch", W, "flood=200000", "--task-id", "big-1").returncode == 0
+    wait_for(lambda: orchestrator.spool.has_result(W, "big-1"), 60, 0.1, "big-1's result mirrored")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = StreamKeys(W).log("big-1")
+        shipped = sum(len(fields["text"]) for _id, fields in client.xrange(key))
+        assert shipped >= 200000  # all of it went (under the cap), in whole lines or chunks
+        assert 0 < client.ttl(key) <= 3600
+    finally:
+        client.close()
