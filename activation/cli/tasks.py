@@ -12,7 +12,8 @@ import click
 
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, fail, pass_ctx, print_json
 from activation.cli.watch import watch_options
-from activation.spool.listing import STATES, Query, TaskRow, list_tasks
+from activation.errors import StreamsError
+from activation.spool.listing import RUNNING, STATES, Query, Remote, RemoteRun, TaskRow, list_tasks
 from activation.spool.status import RECENT_CAP, LiveStatus, live_status
 
 if TYPE_CHECKING:
@@ -64,10 +65,17 @@ def _timing(row: TaskRow) -> str:
     return "-"
 
 
+def _where(row: TaskRow) -> str:
+    """The worker, and for a task running on another host (streams mode) that host: marie@host-b."""
+    if row.replica:
+        return f"{row.worker}@{row.replica.split('/', 1)[0]}"
+    return row.worker or "-"
+
+
 def _cells(row: TaskRow, now: float) -> list[str]:
     return [
         row.task_id,
-        row.worker or "-",
+        _where(row),
         row.state,
         "-" if row.attempt is None else str(row.attempt),
         f"{_age(now - row.since)} ago",
@@ -130,28 +138,59 @@ def tasks_command(
     Running tasks show how long they have run and their attempt.
     """
     spool = obj.spool
+    settings = obj.settings
 
     def query() -> Query:
         return Query(workers=workers, states=states or STATES, since=_since(since), limit=limit)
 
+    def rows() -> list[TaskRow]:
+        remote = None
+        if settings.transport == "streams" and not settings.worker_name and RUNNING in query().states:
+            remote = remote_runs(settings, spool, workers)
+        return list_tasks(spool, query(), remote=remote)
+
     if as_json:
-        print_json([r.as_dict() for r in list_tasks(spool, query())])
+        print_json([r.as_dict() for r in rows()])
         return
 
     def plain() -> list[str]:
-        rows = list_tasks(spool, query())
-        return task_lines(rows, time.time()) if rows else [f"no tasks in {spool.root}"]
+        found = rows()
+        return task_lines(found, time.time()) if found else [f"no tasks in {spool.root}"]
 
     if watch:
         from activation.cli.watch import watch as run_watch
 
         def rich_view() -> Table:
-            return task_table(list_tasks(spool, query()), time.time(), f"tasks in {spool.root}")
+            return task_table(rows(), time.time(), f"tasks in {spool.root}")
 
         run_watch(rich_view, plain, interval=interval, count=count)
         return
     for line in plain():
         click.echo(line)
+
+
+def remote_runs(settings: Settings, spool: Spool, workers: tuple[str, ...]) -> Remote:
+    """Streams mode: which outbox tasks replicas hold, from Redis. Unreachable: one note on stderr,
+    and the outbox's tasks list as pending."""
+    from activation.transport.streams.client import StreamsTransport
+    from activation.transport.streams.connect import connect
+
+    runs: dict[tuple[str, str], RemoteRun] = {}
+    try:
+        client = connect(settings)
+    except StreamsError as exc:
+        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
+        return runs
+    try:
+        for worker in workers or tuple(spool.workers()):
+            held = StreamsTransport(client, worker, lease=settings.lease).held()
+            for task_id, holder in held.items():
+                runs[(worker, task_id)] = RemoteRun(holder.consumer, holder.deliveries, holder.running_s)
+    except StreamsError as exc:
+        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
+    finally:
+        client.close()
+    return runs
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -162,8 +201,6 @@ def streams_statuses(
 ) -> tuple[list[LiveStatus], dict[str, dict[str, dict[str, Any]]]]:
     """In streams mode: each role's health from its replicas' heartbeats in Redis, and the replicas."""
     from activation.orchestrator.relay import StreamsRelay, role_health
-    from activation.transport.streams.connect import StreamsError
-
     relay = StreamsRelay(spool, settings)
     replicas: dict[str, dict[str, dict[str, Any]]] = {}
     error = None

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ class TaskRow:
     description: str | None = None
     detail: str | None = None  # dead: the reason and its detail
     path: str = ""
+    replica: str | None = None  # streams mode: the replica (on another host) that runs it
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -70,6 +71,19 @@ class Query:
     states: tuple[str, ...] = STATES
     since: float | None = None
     limit: int | None = 50
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """Streams mode, on the orchestrator's spool: a task of the outbox that a replica holds."""
+
+    replica: str
+    attempt: int
+    elapsed_s: float | None  # since its agent started, when the replica has said so
+
+
+# (worker, task_id) -> its run elsewhere; what Redis says of the outbox's tasks
+Remote = Mapping[tuple[str, str], RemoteRun]
 
 
 @dataclass
@@ -127,9 +141,11 @@ def _workers(spool: Spool, query: Query) -> list[str]:
     return list(query.workers) if query.workers else spool.workers()
 
 
-def running(spool: Spool, query: Query, now: float) -> Iterator[TaskRow]:
+def running(spool: Spool, query: Query, now: float, remote: Remote | None = None) -> Iterator[TaskRow]:
     """Claims, newest claim first. A claim is a rename, which sets the inode's ctime: that is
-    when it started (its mtime is still the task file's)."""
+    when it started (its mtime is still the task file's). Then the tasks of ``remote``."""
+    if remote:
+        yield from _running_elsewhere(spool, query, now, remote)
     for worker in _workers(spool, query):
         entries = _entries(spool.processing(worker), None)
         for entry in sorted(entries, key=lambda e: e.ctime, reverse=True):
@@ -148,10 +164,38 @@ def running(spool: Spool, query: Query, now: float) -> Iterator[TaskRow]:
             )
 
 
-def pending(spool: Spool, query: Query) -> Iterator[TaskRow]:
-    """The inboxes, next to run first (FIFO by arrival), stopping at the limit."""
+def _running_elsewhere(spool: Spool, query: Query, now: float, remote: Remote) -> Iterator[TaskRow]:
+    """Outbox tasks a replica holds, longest running first: their outbox file is the description."""
+    wanted = set(_workers(spool, query))
+    runs = [(w, t, run) for (w, t), run in remote.items() if w in wanted]
+    for worker, task_id, run in sorted(runs, key=lambda r: -(r[2].elapsed_s or 0.0)):
+        path = spool.task_path(worker, task_id)
+        started = now - run.elapsed_s if run.elapsed_s is not None else now
+        if query.since is not None and started < query.since:
+            continue
+        task = _peek(str(path))
+        if task is None:
+            continue  # its result came back meanwhile (or it was never dispatched from here)
+        yield TaskRow(
+            task_id=task_id,
+            worker=worker,
+            state=RUNNING,
+            since=started,
+            attempt=run.attempt,
+            elapsed_s=None if run.elapsed_s is None else round(run.elapsed_s, 1),
+            description=_short(task.get("description")),
+            path=str(path),
+            replica=run.replica,
+        )
+
+
+def pending(spool: Spool, query: Query, remote: Remote | None = None) -> Iterator[TaskRow]:
+    """The inboxes, next to run first (FIFO by arrival), stopping at the limit; not what ``remote``
+    says runs elsewhere."""
     for worker in _workers(spool, query):
         entries = sorted(_entries(spool.inbox(worker), query.since), key=lambda e: (e.mtime, e.name))
+        if remote:
+            entries = [e for e in entries if (worker, task_id_of(e.name)) not in remote]
         for entry in entries[: query.limit]:
             task = _peek(entry.path) or {}
             yield TaskRow(
@@ -223,9 +267,9 @@ def dead(spool: Spool, query: Query) -> Iterator[TaskRow]:
         )
 
 
-def list_tasks(spool: Spool, query: Query, *, now: float | None = None) -> list[TaskRow]:
+def list_tasks(spool: Spool, query: Query, *, now: float | None = None, remote: Remote | None = None) -> list[TaskRow]:
     """Running first, then pending (next first), then finished and dead, newest first; at most
-    ``query.limit`` rows."""
+    ``query.limit`` rows. ``remote``: outbox tasks that replicas hold (streams mode) run."""
     now = time.time() if now is None else now
     rows: list[TaskRow] = []
     limit = query.limit
@@ -234,12 +278,12 @@ def list_tasks(spool: Spool, query: Query, *, now: float | None = None) -> list[
         return limit is not None and len(rows) >= limit
 
     if RUNNING in query.states:
-        for row in running(spool, query, now):
+        for row in running(spool, query, now, remote):
             if full():
                 return rows
             rows.append(row)
     if PENDING in query.states:
-        for row in pending(spool, query):
+        for row in pending(spool, query, remote):
             if full():
                 return rows
             rows.append(row)

@@ -107,6 +107,7 @@ class StreamFeed:
         self._next_cancel_poll = 0.0
         self._fresh: tuple[Delivery, float] | None = None  # the last entry taken, and when the read was sent
         self._shipper: LogShipper | None = None  # the running task's log, copied to Redis
+        self._start_told = False  # whether Redis knows the running task's agent started
 
     @property
     def down(self) -> bool:
@@ -227,10 +228,19 @@ class StreamFeed:
         delivery = streamed(task)
         if delivery is not None:
             self._shipper = LogShipper(lambda: self.leases.transport, path, delivery.task_id, delivery.attempt)
+            self._start_told = False
 
     def ship_log(self) -> None:
-        if self._shipper is not None:
-            self._shipper.ship()
+        """Each supervision tick of a streamed run; the first one also says the agent started
+        (after the spawn: no round trip sits between the entry and the agent)."""
+        shipper = self._shipper
+        if shipper is None:
+            return
+        if not self._start_told:
+            self._start_told = True
+            with contextlib.suppress(StreamsError):
+                self.leases.transport.mark_started(shipper.task_id, shipper.attempt)
+        shipper.ship()
 
     def end_log(self) -> None:
         """The run ended: what its log holds goes, before the log moves beside the result."""

@@ -1,11 +1,13 @@
-"""`activation logs TASK_ID [-f]` on the orchestrator's host in streams mode: the task runs in a
-replica tree on another spool (another host, as far as the files go), and its log comes by Redis.
+"""`activation logs TASK_ID [-f]` and `activation tasks` on the orchestrator's host in streams mode:
+the task runs in a replica tree on another spool (another host, as far as the files go), and what
+it does comes by Redis.
 
 Real programs: the orchestrator and a replica each under supervisord, one redis-server.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +105,31 @@ def test_the_shipped_log_is_capped_and_expires(stack, redis_server):
         assert 0 < client.ttl(key) <= 3600
     finally:
         client.close()
+
+
+def test_tasks_shows_a_task_running_on_another_host_as_running_with_its_replica(stack, tmp_path, redis_server):
+    orchestrator, _replica = stack
+    gate = tmp_path / "gate"
+    assert orchestrator.cli("dispatch", W, f"stream=1 gate={gate}", "--task-id", "run-1").returncode == 0
+    assert orchestrator.cli("dispatch", W, "sleep=0", "--task-id", "next-1").returncode == 0  # waits behind it
+
+    def row(task_id: str) -> dict | None:
+        listed = orchestrator.cli("tasks", "--json")
+        return next((r for r in json.loads(listed.stdout) if r["task_id"] == task_id), None)
+
+    running = wait_for(
+        lambda: (r := row("run-1")) and r["state"] == "running" and r["elapsed_s"] is not None and r,
+        30,
+        0.1,
+        "run-1 listed as running",
+    )
+    assert running["attempt"] == 1 and running["replica"] and running["worker"] == W
+    assert row("next-1")["state"] == "pending"
+    table = orchestrator.cli("tasks", "--state", "running")
+    assert f"{W}@" in table.stdout and "run-1" in table.stdout and "next-1" not in table.stdout
+    gate.touch()
+    wait_for(lambda: (r := row("run-1")) and r["state"] == "done", 30, 0.1, "run-1 done")
+    redis_server.stop()
+    away = orchestrator.cli("tasks", timeout=60)
+    assert away.returncode == 0 and "run-1" in away.stdout
+    assert away.stderr.count("cannot ask Redis which tasks run") == 1 and len(away.stderr.splitlines()) == 1

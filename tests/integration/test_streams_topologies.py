@@ -108,6 +108,10 @@ def exercise_every_script(client: redis.Redis | RedisCluster, worker: str) -> No
     orchestrator.dispatch("t4", {"task_id": "t4"})
     held = a.receive(0.1)
     assert held is not None and held.task_id == "t4"
+    a.mark_started("t4", held.attempt)
+    [(task_id, holder)] = orchestrator.held().items()
+    assert task_id == "t4" and holder.consumer == a.consumer and holder.deliveries == 1
+    assert holder.running_s is not None and 0 <= holder.running_s < 60
     assert orchestrator.cancel("t4", {"status": "cancelled"}, {"by": "test"}).status == streams.REQUESTED
     assert a.cancel_requested("t4") == {"by": "test"}
     orchestrator.dispatch("t5", {"task_id": "t5"})

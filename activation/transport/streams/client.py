@@ -97,6 +97,15 @@ class Dispatched:
 
 
 @dataclasses.dataclass(frozen=True)
+class Held:
+    """A task entry a replica holds: who, and at which delivery (the attempt it runs)."""
+
+    consumer: str
+    deliveries: int
+    running_s: float | None = None  # since its agent started, when the holder said so
+
+
+@dataclasses.dataclass(frozen=True)
 class LogEntry:
     """Lines of a running task's output, as its holder shipped them."""
 
@@ -350,6 +359,46 @@ class StreamsTransport:
                 except ValueError:
                     found[name] = {"state": "unreadable"}
         return found
+
+    def held(self, limit: int = 1000) -> dict[str, Held]:
+        """The task ids replicas hold now (running, or about to), at most ``limit``; a drained task
+        waiting for its next taker is not held."""
+        pending = self._redis(lambda: self.client.xpending_range(self.keys.tasks, self.keys.group, "-", "+", limit))
+        pending = [p for p in pending or () if p.get("consumer") != HANDBACK_CONSUMER]
+        if not pending:
+            return {}
+
+        def entries() -> Any:
+            pipe = self.client.pipeline(transaction=False)
+            for p in pending:
+                pipe.xrange(self.keys.tasks, p["message_id"], p["message_id"])
+            return pipe.execute()
+
+        ids = {}
+        for p, entry in zip(pending, self._redis(entries), strict=True):
+            task_id = entry[0][1].get("task_id") if entry else None
+            if isinstance(task_id, str) and is_valid_task_id(task_id):
+                ids[task_id] = p
+
+        def starts() -> Any:
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(self.keys.task(task_id), "started_ms", "started_attempt")
+            return pipe.execute()
+
+        now_s, now_us = self._redis(self.client.time)  # one clock with the starts': Redis's
+        found = {}
+        for (task_id, p), (started_ms, attempt) in zip(ids.items(), self._redis(starts), strict=True):
+            deliveries = int(p["times_delivered"])
+            running = None
+            if started_ms and str(started_ms).isdigit() and str(attempt) == str(deliveries):
+                running = max(0.0, now_s + now_us / 1e6 - int(started_ms) / 1000)
+            found[task_id] = Held(str(p["consumer"]), deliveries, running)
+        return found
+
+    def mark_started(self, task_id: str, attempt: int) -> None:
+        """Record that the agent of this delivery started, for `held` (see scripts.STARTED)."""
+        self._run("started", [self.keys.task(task_id)], [attempt])
 
     # -- a running task's output, for `activation logs` on another host (worker/log_ship.py) -----
 

@@ -268,6 +268,17 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return {'left', ARGV[1]}
 """
 
+# KEYS: the task's key.  ARGV: the delivery count of the run whose agent started.
+# When that run started, on Redis's clock, for `activation tasks` on any host. Only while the task
+# is queued: a finished task's key must neither be recreated nor lose its TTL.
+STARTED = r"""
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return {'finished', ''} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'started_ms', string.format('%.0f', now), 'started_attempt', ARGV[1])
+return {'started', ARGV[1]}
+"""
+
 ALL = {
     "dispatch": DISPATCH,
     "claim": CLAIM,
@@ -281,4 +292,5 @@ ALL = {
     "beat": BEAT,
     "live_replicas": LIVE_REPLICAS,
     "leave": LEAVE,
+    "started": STARTED,
 }
