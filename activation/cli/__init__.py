@@ -132,9 +132,18 @@ def dispatch(
     from activation.cli.progress import WaitProgress
 
     task_id = sent["task_id"]
-    progress = WaitProgress(obj.spool, worker, task_id) if not as_json else contextlib.nullcontext()
-    with progress:
-        location = dispatching.wait_for_outcome(obj.spool, worker, task_id, wait_timeout, redis_url=redis_url)
+    probe = None
+    if settings.transport == "streams" and not as_json:
+        from activation.cli.remote import HeldProbe
+
+        probe = HeldProbe(settings, worker, task_id)
+    progress = WaitProgress(obj.spool, worker, task_id, held=probe) if not as_json else contextlib.nullcontext()
+    try:
+        with progress:
+            location = dispatching.wait_for_outcome(obj.spool, worker, task_id, wait_timeout, redis_url=redis_url)
+    finally:
+        if probe is not None:
+            probe.close()
     outcome = dispatching.read_outcome(location)
     if as_json:
         print_json(outcome)

@@ -1,7 +1,7 @@
 """``activation logs``: a task's agent output (spool.tasklog), rendered (cli.agent_log), while it
 runs and after; or, with ``--worker``, a local worker tree's program logs (``var/log/<worker>.log``,
 written by ``activation up``). In streams mode, on the orchestrator's spool, a task that runs on
-another host is read from the copy its replica ships to Redis (cli.remote_logs).
+another host is read from the copy its replica ships to Redis (cli.remote).
 
 ``-f`` follows: a task until it has its result (then exit 0), from before it has printed anything,
 even before it has started; a worker's log until Ctrl-C. It reads with plain polling (a stat and a
@@ -90,7 +90,7 @@ def _dispatched_by_stream(obj: Context) -> bool:
 
 
 def _remote(spool: Spool, obj: Context, worker: str, task_id: str, echo: Callable[[bytes], None], follow: bool) -> None:
-    from activation.cli.remote_logs import show_remote
+    from activation.cli.remote import show_remote
 
     with contextlib.suppress(KeyboardInterrupt):
         printed = show_remote(spool, obj.settings, worker, task_id, echo, follow=follow)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import click
@@ -24,8 +25,17 @@ WORDS = {"pending": "queued", "processing": "running", "done": "finished", "dead
 class WaitProgress:
     """A context manager around the wait; a thread reports the task's state until the wait ends."""
 
-    def __init__(self, spool: Spool, worker: str, task_id: str, *, live: bool | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        worker: str,
+        task_id: str,
+        *,
+        live: bool | None = None,
+        held: Callable[[], bool] | None = None,
+    ) -> None:
         self.spool, self.worker, self.task_id = spool, worker, task_id
+        self.held = held  # streams mode: whether a replica elsewhere runs it (the outbox says queued)
         self.live = sys.stderr.isatty() if live is None else live
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="wait-progress", daemon=True)
@@ -42,7 +52,11 @@ class WaitProgress:
 
     def _state(self) -> str | None:
         found = self.spool.locate(self.task_id, [self.worker])
-        return None if found is None else WORDS.get(found.state, found.state)
+        if found is None:
+            return None
+        if found.state == "pending" and self.held is not None and self.held():
+            return WORDS["processing"]
+        return WORDS.get(found.state, found.state)
 
     def _changed(self, state: str, elapsed: float) -> str:
         self.states.append((state, elapsed))

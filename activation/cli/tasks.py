@@ -13,7 +13,7 @@ import click
 from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, fail, pass_ctx, print_json
 from activation.cli.watch import watch_options
 from activation.errors import StreamsError
-from activation.spool.listing import RUNNING, STATES, Query, Remote, RemoteRun, TaskRow, list_tasks
+from activation.spool.listing import RUNNING, STATES, Query, TaskRow, list_tasks
 from activation.spool.status import RECENT_CAP, LiveStatus, live_status
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ def tasks_command(
     def rows() -> list[TaskRow]:
         remote = None
         if settings.transport == "streams" and not settings.worker_name and RUNNING in query().states:
+            from activation.cli.remote import remote_runs
+
             remote = remote_runs(settings, spool, workers)
         return list_tasks(spool, query(), remote=remote)
 
@@ -167,30 +169,6 @@ def tasks_command(
         return
     for line in plain():
         click.echo(line)
-
-
-def remote_runs(settings: Settings, spool: Spool, workers: tuple[str, ...]) -> Remote:
-    """Streams mode: which outbox tasks replicas hold, from Redis. Unreachable: one note on stderr,
-    and the outbox's tasks list as pending."""
-    from activation.transport.streams.client import StreamsTransport
-    from activation.transport.streams.connect import connect
-
-    runs: dict[tuple[str, str], RemoteRun] = {}
-    try:
-        client = connect(settings)
-    except StreamsError as exc:
-        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
-        return runs
-    try:
-        for worker in workers or tuple(spool.workers()):
-            held = StreamsTransport(client, worker, lease=settings.lease).held()
-            for task_id, holder in held.items():
-                runs[(worker, task_id)] = RemoteRun(holder.consumer, holder.deliveries, holder.running_s)
-    except StreamsError as exc:
-        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
-    finally:
-        client.close()
-    return runs
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -133,3 +133,28 @@ def test_tasks_shows_a_task_running_on_another_host_as_running_with_its_replica(
     away = orchestrator.cli("tasks", timeout=60)
     assert away.returncode == 0 and "run-1" in away.stdout
     assert away.stderr.count("cannot ask Redis which tasks run") == 1 and len(away.stderr.splitlines()) == 1
+
+
+def test_dispatch_wait_shows_the_task_running_on_another_host_before_it_finishes(stack, tmp_path):
+    orchestrator, _replica = stack
+    gate = tmp_path / "gate"
+    waiting = subprocess.Popen(
+        [str(BIN / "activation"), "dispatch", W, f"stream=1 gate={gate}", "--task-id", "w-1", "--wait"],
+        env=orchestrator.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiting.stderr is not None
+        lines = [wait_for(waiting.stderr.readline, 30, 0, "the first progress line")]
+        if lines[0].startswith("w-1: queued on marie"):  # a replica may hold it by the first look
+            lines.append(wait_for(waiting.stderr.readline, 30, 0, "the second progress line"))
+        assert lines[-1].startswith(("w-1: running on marie", "w-1: running after")), lines
+        assert not orchestrator.spool.has_result(W, "w-1")
+        gate.touch()
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, err
+    assert "w-1: finished after" in err and "w-1: completed" in out

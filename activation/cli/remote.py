@@ -1,7 +1,10 @@
-"""``activation logs`` on the orchestrator's host in streams mode: a task that runs on another host.
+"""What runs on other hosts, seen from the orchestrator's spool in streams mode, by asking Redis.
 
-Its replica ships the log to Redis as it grows (worker/log_ship.py); this reads that copy, and with
-``-f`` follows it (a blocking read, no polling) until the task's result is mirrored into this spool.
+- ``activation logs``: the task's replica ships its log as it grows (worker/log_ship.py); this
+  reads that copy, and with ``-f`` follows it (a blocking read, no polling) until the task's
+  result is mirrored into this spool.
+- ``activation tasks`` and ``dispatch --wait``: which outbox tasks a replica holds (XPENDING), so
+  that they show as running, not queued.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from activation.cli.support import fail
 from activation.config import Settings
 from activation.errors import StreamsError
 from activation.spool.layout import Spool
+from activation.spool.listing import Remote, RemoteRun
 from activation.transport.streams.client import StreamsTransport
 
 PAGE = 100  # entries one read asks for
+PROBE_EVERY = 0.5  # seconds between dispatch --wait's looks at who holds its task
 BLOCK = 1.0  # seconds a follow waits on Redis before it looks at the spool for the result
 
 
@@ -88,3 +93,56 @@ def _follow(spool: Spool, worker: str, task_id: str, remote: RemoteLog) -> None:
     deadline = time.monotonic() + BLOCK
     while remote.read() and time.monotonic() < deadline:
         pass
+
+
+def remote_runs(settings: Settings, spool: Spool, workers: tuple[str, ...]) -> Remote:
+    """Which outbox tasks replicas hold. Unreachable: one note on stderr, and the outbox's tasks
+    list as pending."""
+    from activation.transport.streams.connect import connect
+
+    runs: dict[tuple[str, str], RemoteRun] = {}
+    try:
+        client = connect(settings)
+    except StreamsError as exc:
+        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
+        return runs
+    try:
+        for worker in workers or tuple(spool.workers()):
+            held = StreamsTransport(client, worker, lease=settings.lease).held()
+            for task_id, holder in held.items():
+                runs[(worker, task_id)] = RemoteRun(holder.consumer, holder.deliveries, holder.running_s)
+    except StreamsError as exc:
+        click.echo(f"activation: cannot ask Redis which tasks run ({exc}); they list as pending", err=True)
+    finally:
+        client.close()
+    return runs
+
+
+class HeldProbe:
+    """For ``dispatch --wait``: whether a replica holds the task yet, asked at most every PROBE_EVERY s
+    (its thread's own connection; Redis away reads as not held, and the wait goes on)."""
+
+    def __init__(self, settings: Settings, worker: str, task_id: str) -> None:
+        self.settings, self.worker, self.task_id = settings, worker, task_id
+        self._transport: StreamsTransport | None = None
+        self._next = 0.0
+        self._held = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return self._held
+        self._next = now + PROBE_EVERY
+        from activation.transport.streams.connect import connect
+
+        try:
+            if self._transport is None:
+                self._transport = StreamsTransport(connect(self.settings), self.worker, lease=self.settings.lease)
+            self._held = self.task_id in self._transport.held()
+        except StreamsError:
+            self._held = False
+        return self._held
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.client.close()
