@@ -55,6 +55,28 @@ def configure_logging(*, level: str = "INFO", fmt: str = "text", worker: str | N
     # watchdog and urllib3 are chatty at INFO; their warnings still come through.
     for noisy in ("watchdog", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_watchdog_shutdown()
+
+
+WATCHDOG_INOTIFY = "watchdog.observers.inotify"
+WATCHDOG_SHUTDOWN_RACE = "InotifyEmitter.queue_events() called when the thread is inactive"
+
+
+class _WatchdogShutdownRace(logging.Filter):
+    """watchdog logs an ERROR when its emitter thread reads once more after ``Observer.stop()``
+    closed the watch (watchdog PR #963: its chosen answer to a benign race). Stopping a watch is
+    routine here (every ``dispatch --wait``, every listener stop), so that line would only
+    alarm the operator; every other watchdog record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != WATCHDOG_SHUTDOWN_RACE
+
+
+def quiet_watchdog_shutdown() -> None:
+    """Install the filter once; call it before stopping an Observer (any process, logging set up or not)."""
+    watchdog_log = logging.getLogger(WATCHDOG_INOTIFY)
+    if not any(isinstance(f, _WatchdogShutdownRace) for f in watchdog_log.filters):
+        watchdog_log.addFilter(_WatchdogShutdownRace())
 
 
 class _WorkerFilter(logging.Filter):

@@ -187,6 +187,9 @@ def wait_for_outcome(
     inotify on the results folder, and a re-check every half second (filesystems without
     inotify, and the dead letter).
     """
+    from activation.observability.logs import quiet_watchdog_shutdown
+
+    quiet_watchdog_shutdown()  # its stop below may race its thread's last read (logs.py says why)
     woken = threading.Event()
     stop = threading.Event()
     observer: Any = Observer()
