@@ -222,13 +222,14 @@ def cancel(obj: Context, task_id: str, no_wait: bool, wait_timeout: float, as_js
 def _run(program: str, factory: str, *, needs_metrics: bool = True) -> NoReturn:
     """Run one program of a worker tree, holding its lock on the worker for its whole life.
 
-    ``factory`` is "module:Class", imported only once the metrics folder is set (multiprocess.py).
+    ``factory`` is "module:Class". The program's metric samples go to its file in the run folder
+    (observability/samples.py), which the heartbeat serves.
     The lock (spool/ownership.py) is what recovery trusts as proof that the program is alive, and
     it refuses a second tree with the same WORKER_NAME on this spool (files mode: the worker's
     inbox is one folder; replicas of a role come with the streams transport).
     """
     from activation.lifecycle import EXIT_OWNED, run_program
-    from activation.observability.multiprocess import enable_multiprocess
+    from activation.observability.samples import record_to
     from activation.spool import ownership
 
     make_undumpable()  # first: the secrets in this process's environment stay its own
@@ -242,8 +243,8 @@ def _run(program: str, factory: str, *, needs_metrics: bool = True) -> NoReturn:
         ownership.record_refusal(spool, worker, program, settings.run_dir, str(exc))
         fail(str(exc), EXIT_OWNED)
     try:
-        if needs_metrics:  # before the program's module is imported: it defines the metrics
-            enable_multiprocess(settings.run_dir / "metrics")
+        if needs_metrics:  # continue from the counters of this program's previous run
+            record_to(settings.run_dir, program)
         module, _, name = factory.partition(":")
         code = run_program(getattr(importlib.import_module(module), name)(settings))
     finally:

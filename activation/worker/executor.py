@@ -23,7 +23,7 @@ from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import ActivationError, BadTask, NotReady, QueueError, StreamsError
 from activation.lifecycle import Program, StopFlag
-from activation.observability.metrics import worker_metrics
+from activation.observability.samples import worker_metrics
 from activation.spool import cancel as cancels
 from activation.spool import codec, tasklog
 from activation.spool import outcome as outcomes

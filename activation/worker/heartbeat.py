@@ -2,7 +2,8 @@
 
 Every interval it writes ``heartbeats/<worker>.json`` atomically, with the state of its sibling
 programs (read over supervisord's XML-RPC socket) and the listener's own report (over the work
-queue's socket). It serves the whole worker's Prometheus metrics. In streams mode it also publishes
+queue's socket). It serves the whole worker's Prometheus metrics (observability/metrics.py reads
+every program's samples file at each scrape). In streams mode it also publishes
 the same record as this replica's heartbeat in Redis (replica_beat.py).
 """
 
@@ -24,13 +25,7 @@ from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import QueueError
 from activation.lifecycle import Program
-from activation.observability.metrics import (
-    counter_totals,
-    forget_dead_processes,
-    multiprocess_folder,
-    multiprocess_registry,
-    worker_metrics,
-)
+from activation.observability.samples import merged, metrics_folder, worker_metrics
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_json, remove_temp_files
 from activation.spool.layout import Spool
 from activation.spool.records import HeartbeatRecord
@@ -95,11 +90,16 @@ class Heartbeat(Program):
         """Bind the metrics port; a port that is taken is a reported problem, retried, never a crash."""
         if not self.settings.metrics_port or self._server is not None or time.monotonic() < self._metrics_retry_at:
             return
+        # Imported here: the heartbeat is the one program that loads prometheus_client, and only
+        # when it serves metrics.
         from prometheus_client import start_http_server
 
+        from activation.observability.metrics import worker_registry
+
         port = self.settings.metrics_port
+        registry = worker_registry(metrics_folder(self.settings.run_dir), own=self.metrics.store)
         try:
-            self._server, self._server_thread = start_http_server(port, registry=multiprocess_registry())
+            self._server, self._server_thread = start_http_server(port, registry=registry)
         except OSError as exc:
             error = f"cannot serve metrics on :{port}: {exc.strerror or exc}"
             if error != self._metrics_error:
@@ -173,9 +173,6 @@ class Heartbeat(Program):
         """Everything the heartbeat file says about this worker right now."""
         queue_size = self.spool.count_inbox(self.worker)
         self.metrics.task_queue_size.labels(self.worker).set(queue_size)
-        folder = multiprocess_folder()
-        if folder is not None:
-            forget_dead_processes(folder)
         claimed = self.spool.claimed_ids(self.worker)
         interval = self.settings.heartbeat_interval
         # supervisord is shutting down when we stop: it would only answer SHUTDOWN_STATE.
@@ -256,13 +253,10 @@ class Heartbeat(Program):
             return {"reachable": False, "error": str(exc)}
 
     def _counts(self) -> dict[str, int]:
-        """Results by status since the metrics folder was created, from the shared counters."""
-        folder = multiprocess_folder()
+        """Results by status since the metrics folder was created, from the programs' counters."""
+        completed = merged(metrics_folder(self.settings.run_dir), own=self.metrics.store)["tasks_completed"]
         counts: dict[str, int] = {}
-        if folder is None:
-            return counts
-        for labels, value in counter_totals(folder, "tasks_completed"):
-            if labels.get("worker") == self.worker:
-                status = labels.get("status", "?")
+        for (worker, status), value in completed.items():
+            if worker == self.worker:
                 counts[status] = counts.get(status, 0) + int(value)
         return counts

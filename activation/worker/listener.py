@@ -20,7 +20,7 @@ from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import BadTask, NotReady
 from activation.lifecycle import Program
-from activation.observability.metrics import worker_metrics
+from activation.observability.samples import worker_metrics
 from activation.spool import task as tasks
 from activation.spool.layout import Spool
 from activation.worker.queue import QueueServer, WorkQueue, load_authkey, socket_path

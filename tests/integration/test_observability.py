@@ -169,8 +169,13 @@ def test_a_real_tree_serves_the_right_counters_and_histograms(make_tree):
     assert any(e.get("event") == "dead_letter" and e.get("task_id") == "bad-1" for e in entries)
 
 
+def recorded_pids(tree: WorkerTree) -> dict[str, int]:
+    """{program: the pid its metrics file names}: the process whose gauges that file may serve."""
+    return {path.stem: json.loads(path.read_text())["pid"] for path in (tree.run_dir / "metrics").glob("*.json")}
+
+
 def live_gauge_pids(tree: WorkerTree) -> set[int]:
-    return {int(p.stem.rsplit("_", 1)[1]) for p in (tree.run_dir / "metrics").glob("gauge_live*_*.db")}
+    return set(recorded_pids(tree).values())
 
 
 def test_sigkilled_programs_leave_no_stale_or_doubled_gauges(make_tree):
@@ -187,7 +192,8 @@ def test_sigkilled_programs_leave_no_stale_or_doubled_gauges(make_tree):
     samples = scrape_until(tree, lambda s: get(s, "worker_up") == 1, "the restarted heartbeat serving")
     assert list(matching(samples, "task_queue_size").values()) == [3]
     assert list(matching(samples, "worker_up").values()) == [1]
-    assert old_heartbeat not in live_gauge_pids(tree)
+    # Its file names the new process once it has written (a moment after its first change).
+    wait_for(lambda: old_heartbeat not in live_gauge_pids(tree), 10, 0.05, "the new heartbeat's metrics file")
 
     old_listener = tree.kill("listener")
     tree.wait_restarted("listener", old_listener)

@@ -1,29 +1,28 @@
-"""The worker's metrics: names and types, and the multiprocess folder's bookkeeping when programs die.
+"""The worker's metrics: names and types, each program's samples file, and what the heartbeat serves.
 
-Programs are simulated in this one process: prometheus_client's value class takes the pid to write
-under as a function, so a "dead" program is a pid that cannot exist (above the kernel's maximum).
+Programs are simulated by stores in this process, each writing its own file; a "dead" program is
+one whose file names a pid that cannot exist (above the kernel's maximum), or this process's pid
+with another start time (pid reuse). One test runs real programs, in fresh interpreters.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import time
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest, values
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from activation.observability import metrics, multiprocess
-from activation.observability.metrics import (
-    WorkerMetrics,
-    adopt_folder,
-    forget_dead_processes,
-    multiprocess_registry,
-)
+from activation.observability import catalog, samples
+from activation.observability.metrics import worker_registry
+from activation.observability.samples import Owner, Store, WorkerMetrics, read_file
 
 NEVER_A_PID = 4_194_305  # above the largest pid_max Linux allows: no process has it, ever
 
@@ -46,202 +45,286 @@ Served = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A multiprocess folder; prometheus_client's global value class and env are restored after."""
-    path = tmp_path / "metrics"
-    path.mkdir()
-    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
-    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(path))
-    return path
+def folder(tmp_path: Path) -> Path:
+    return tmp_path / "metrics"
 
 
-def program(pid: int) -> WorkerMetrics:
-    """The metrics of a program running as ``pid`` (in this process, writing ``<type>_<pid>.db``)."""
-    values.ValueClass = values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
-    return WorkerMetrics(registry=None)
+@pytest.fixture
+def program(folder: Path) -> Iterator[object]:
+    """program(name, owner=None) -> the WorkerMetrics of a program writing <folder>/<name>.json."""
+    stores: list[Store] = []
+
+    def start(name: str, owner: Owner | None = None) -> WorkerMetrics:
+        store = Store(folder / f"{name}.json", owner=owner, delay=0)
+        stores.append(store)
+        return WorkerMetrics(store)
+
+    yield start
+    for store in stores:
+        store.close()
 
 
-def served(folder: Path) -> Served:
+def flush(*programs: WorkerMetrics) -> None:
+    for metrics in programs:
+        metrics.store.flush()
+
+
+def served(folder: Path, own: Store | None = None) -> Served:
     """What the heartbeat's /metrics would say now, as {(sample name, labels): value}."""
-    text = generate_latest(multiprocess_registry(folder)).decode()
-    samples: Served = {}
+    text = generate_latest(worker_registry(folder, own)).decode()
+    found: Served = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             key = (sample.name, frozenset(sample.labels.items()))
-            assert key not in samples, f"{key} served twice"
-            samples[key] = sample.value
-    return samples
+            assert key not in found, f"{key} served twice"
+            found[key] = sample.value
+    return found
 
 
-def value(samples: Served, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+def value(found: Served, name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
 
 
-def live_gauge_pids(folder: Path) -> set[int]:
-    return {int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("gauge_live*_*.db")}
+def dead() -> Owner:
+    return Owner(NEVER_A_PID, "1", samples.BOOT_ID)
 
 
-def test_names_types_and_labels_follow_the_table() -> None:
-    worker_metrics = WorkerMetrics(registry=CollectorRegistry())
-    every = [m for m in vars(worker_metrics).values() if isinstance(m, MetricWrapperBase)]
-    every.append(worker_metrics.redis_connected)
+def reused() -> Owner:
+    """This process's pid, but another process start: what a pid reused in a container looks like."""
+    me = Owner.me()
+    return Owner(me.pid, str(int(me.start) + 1), me.boot)
+
+
+def test_names_types_labels_and_help_follow_the_table(folder: Path, program) -> None:
+    metrics = program("all")
+    for family in (metrics.tasks_completed, metrics.tasks_dead_lettered, metrics.listener_events):
+        family.labels(*["x"] * len(family.spec.labels)).inc()
+    metrics.agent_timeouts.inc()
+    metrics.listener_refused.labels("r").inc()
+    metrics.inotify_overflows.inc()
+    metrics.task_queue_size.labels("w1").set(1)
+    metrics.worker_up.set(1)
+    metrics.redis_connected.set(1)
+    for family in (metrics.task_processing_seconds, metrics.activation_latency_seconds):
+        family.labels("w1", "x").observe(1)
+    flush(metrics)
+    text = generate_latest(worker_registry(folder)).decode()
     found = {}
-    for metric in every:
-        kind = metric._type  # type: ignore[attr-defined]
-        name = metric._name + ("_total" if kind == "counter" else "")  # type: ignore[attr-defined]
-        found[name] = (kind, set(metric._labelnames))  # type: ignore[attr-defined]
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for s in family.samples for k in s.labels} - {"le"}
+        found[name] = (family.type, labels)
+        assert family.documentation == catalog.CATALOG[family.name].help
     assert found == TABLE
 
 
 def test_every_histogram_is_in_seconds_with_sorted_buckets() -> None:
-    for buckets in (metrics.LATENCY_BUCKETS, metrics.DURATION_BUCKETS):
+    for buckets in (catalog.LATENCY_BUCKETS, catalog.DURATION_BUCKETS):
         assert list(buckets) == sorted(set(buckets))
     # The latency targets (p50 1.5 ms, p99 5 ms) and the poll interval (1 s) are bucket edges.
-    assert {0.0015, 0.005, 1.0} <= set(metrics.LATENCY_BUCKETS)
-    assert metrics.DURATION_BUCKETS[-1] >= 3600
+    assert {0.0015, 0.005, 1.0} <= set(catalog.LATENCY_BUCKETS)
+    assert catalog.DURATION_BUCKETS[-1] >= 3600
 
 
-def test_redis_connected_is_exported_only_once_a_program_uses_it(folder: Path) -> None:
-    program(os.getpid())
-    assert value(served(folder), "redis_connected") is None  # a worker without Redis: no false alert
-    program(os.getpid()).redis_connected.set(1)
+def test_histogram_buckets_are_cumulative_with_prometheus_le(folder: Path, program) -> None:
+    executor = program("executor")
+    latency = executor.activation_latency_seconds.labels("w1", "inotify")
+    for seconds in (0.0005, 0.0007, 0.002, 99):  # a value on a bound counts in that bucket (le)
+        latency.observe(seconds)
+    latency.observe(float("nan"))  # never stored: it would spoil the sum for good
+    flush(executor)
+    found = served(folder)
+    labels = {"worker": "w1", "source": "inotify"}
+    assert value(found, "activation_latency_seconds_bucket", le="0.0005", **labels) == 1
+    assert value(found, "activation_latency_seconds_bucket", le="0.001", **labels) == 2
+    assert value(found, "activation_latency_seconds_bucket", le="0.002", **labels) == 3
+    assert value(found, "activation_latency_seconds_bucket", le="30.0", **labels) == 3
+    assert value(found, "activation_latency_seconds_bucket", le="+Inf", **labels) == 4
+    assert value(found, "activation_latency_seconds_count", **labels) == 4
+    assert value(found, "activation_latency_seconds_sum", **labels) == pytest.approx(99.0032)
+
+
+def test_redis_connected_is_exported_only_once_a_program_uses_it(folder: Path, program) -> None:
+    listener = program("listener")
+    listener.listener_events.labels("inotify").inc()
+    flush(listener)
+    found = served(folder)
+    assert value(found, "redis_connected") is None  # a worker without Redis: no false alert
+    assert value(found, "inotify_overflows_total") == 0  # an unlabelled counter reads 0 from the start
+    listener.redis_connected.set(1)
+    flush(listener)
     assert value(served(folder), "redis_connected") == 1
 
 
-def test_redis_connected_is_zero_when_any_live_program_lost_redis(folder: Path) -> None:
-    program(os.getpid()).redis_connected.set(1)
-    program(os.getppid()).redis_connected.set(0)  # a live pid: its file is young, so it counts
+def test_redis_connected_is_zero_when_any_live_program_lost_redis(folder: Path, program) -> None:
+    listener, executor = program("listener"), program("executor")
+    listener.redis_connected.set(1)
+    executor.redis_connected.set(0)
+    flush(listener, executor)
     assert value(served(folder), "redis_connected") == 0
 
 
-def test_counters_and_histograms_are_summed_over_programs_dead_or_alive(folder: Path) -> None:
-    dead = program(NEVER_A_PID)
-    dead.tasks_completed.labels("w1", "completed").inc(2)
-    dead.task_processing_seconds.labels("w1", "completed").observe(0.2)
-    alive = program(os.getpid())
+def test_counters_and_histograms_are_summed_over_programs_dead_or_alive(folder: Path, program) -> None:
+    gone = program("old-executor", dead())
+    gone.tasks_completed.labels("w1", "completed").inc(2)
+    gone.task_processing_seconds.labels("w1", "completed").observe(0.2)
+    alive = program("executor")
     alive.tasks_completed.labels("w1", "completed").inc()
     alive.tasks_completed.labels("w1", "failed").inc()
     alive.task_processing_seconds.labels("w1", "completed").observe(7)
     alive.agent_timeouts.inc()
-    samples = served(folder)
-    assert value(samples, "tasks_completed_total", worker="w1", status="completed") == 3
-    assert value(samples, "tasks_completed_total", worker="w1", status="failed") == 1
-    assert value(samples, "task_processing_seconds_count", worker="w1", status="completed") == 2
-    assert value(samples, "task_processing_seconds_sum", worker="w1", status="completed") == pytest.approx(7.2)
-    assert value(samples, "task_processing_seconds_bucket", worker="w1", status="completed", le="0.5") == 1
-    assert value(samples, "task_processing_seconds_bucket", worker="w1", status="completed", le="+Inf") == 2
-    assert value(samples, "agent_timeouts_total") == 1
-    assert (folder / f"counter_{NEVER_A_PID}.db").exists()  # never dropped: the sums must not go back
+    flush(gone, alive)
+    found = served(folder)
+    assert value(found, "tasks_completed_total", worker="w1", status="completed") == 3
+    assert value(found, "tasks_completed_total", worker="w1", status="failed") == 1
+    assert value(found, "task_processing_seconds_count", worker="w1", status="completed") == 2
+    assert value(found, "task_processing_seconds_sum", worker="w1", status="completed") == pytest.approx(7.2)
+    assert value(found, "task_processing_seconds_bucket", worker="w1", status="completed", le="0.5") == 1
+    assert value(found, "task_processing_seconds_bucket", worker="w1", status="completed", le="+Inf") == 2
+    assert value(found, "agent_timeouts_total") == 1
 
 
-def test_a_dead_programs_live_gauges_leave_the_sum(folder: Path) -> None:
-    killed = program(NEVER_A_PID)  # the heartbeat before its SIGKILL
-    killed.worker_up.set(1)
-    killed.task_queue_size.labels("w1").set(50)
-    restarted = program(os.getpid())
-    restarted.worker_up.set(0)  # say, stopping
-    restarted.task_queue_size.labels("w1").set(3)
-    samples = served(folder)
-    assert value(samples, "worker_up") == 0
-    assert value(samples, "task_queue_size", worker="w1") == 3
-    assert [key for key in samples if key[0] == "task_queue_size"] == [
-        ("task_queue_size", frozenset({("worker", "w1")}))
-    ]
-    assert live_gauge_pids(folder) == {os.getpid()}
+@pytest.mark.parametrize("owner", [dead, reused], ids=["dead", "pid-reused"])
+def test_a_gone_programs_gauges_leave_what_is_served(folder: Path, program, owner) -> None:
+    killed = program("listener", owner())  # its last file before a SIGKILL
+    killed.redis_connected.set(0)
+    killed.listener_events.labels("inotify").inc(4)
+    heartbeat = program("heartbeat")
+    heartbeat.worker_up.set(1)
+    heartbeat.redis_connected.set(1)
+    flush(killed, heartbeat)
+    found = served(folder)
+    assert value(found, "redis_connected") == 1  # the dead listener's 0 no longer counts
+    assert value(found, "listener_events_total", source="inotify") == 4  # its counts stay
+    assert value(found, "worker_up") == 1
 
 
-def test_forget_dead_processes_keeps_live_programs_and_reports_the_dead(folder: Path) -> None:
-    program(os.getpid()).worker_up.set(1)
-    program(NEVER_A_PID).worker_up.set(1)
-    program(NEVER_A_PID + 1).task_queue_size.labels("w1").set(1)
-    (folder / "gauge_livemax_notapid.db").write_bytes(b"")
-    assert forget_dead_processes(folder) == [NEVER_A_PID, NEVER_A_PID + 1]
-    assert live_gauge_pids_or_junk(folder) == {str(os.getpid()), "notapid"}
-    assert forget_dead_processes(folder) == []
+def test_a_restarted_program_continues_its_counters_but_not_its_gauges(folder: Path, program) -> None:
+    first = program("executor", dead())
+    first.tasks_completed.labels("w1", "completed").inc(5)
+    first.activation_latency_seconds.labels("w1", "rescan").observe(0.01)
+    first.redis_connected.set(1)
+    flush(first)
+    second = program("executor")  # the same file, a new process: it loads what its predecessor wrote
+    assert value(served(folder), "redis_connected") is None
+    second.tasks_completed.labels("w1", "completed").inc()
+    second.activation_latency_seconds.labels("w1", "rescan").observe(0.01)
+    flush(second)
+    found = served(folder)
+    assert value(found, "tasks_completed_total", worker="w1", status="completed") == 6
+    assert value(found, "activation_latency_seconds_count", worker="w1", source="rescan") == 2
+    assert read_file(folder / "executor.json").owner == Owner.me()
 
 
-def live_gauge_pids_or_junk(folder: Path) -> set[str]:
-    return {p.stem.rsplit("_", 1)[1] for p in folder.glob("gauge_live*_*.db")}
-
-
-def test_a_reused_pid_does_not_keep_a_dead_programs_gauges(folder: Path) -> None:
-    # The parent of this test is alive and is no program of ours: it does not map the file.
-    reused = os.getppid()
-    assert psutil.pid_exists(reused)
-    program(reused).task_queue_size.labels("w1").set(50)
-    path = next(folder.glob(f"gauge_live*_{reused}.db"))
-    assert forget_dead_processes(folder) == []  # young: it may be a program still starting
-    old = time.time() - 60
-    os.utime(path, (old, old))
-    assert forget_dead_processes(folder) == [reused]
-    assert not path.exists()
-
-
-def test_a_live_program_that_maps_its_file_keeps_it_however_old(folder: Path) -> None:
-    program(os.getpid()).task_queue_size.labels("w1").set(4)
-    path = next(folder.glob(f"gauge_live*_{os.getpid()}.db"))
-    old = time.time() - 3600
-    os.utime(path, (old, old))
-    assert forget_dead_processes(folder) == []
-    assert value(served(folder), "task_queue_size", worker="w1") == 4
-
-
-def test_enable_multiprocess_drops_live_gauges_an_earlier_owner_of_its_pid_left(folder: Path) -> None:
-    # A container restart: pids start again, and a new program gets the pid of an old heartbeat.
-    earlier = program(os.getpid())
-    earlier.task_queue_size.labels("w1").set(50)
-    earlier.worker_up.set(1)
-    earlier.tasks_completed.labels("w1", "completed").inc(5)
-    adopt_folder(folder)  # what enable_multiprocess does besides setting PROMETHEUS_MULTIPROC_DIR
-    assert not list(folder.glob(f"gauge_live*_{os.getpid()}.db"))
-    now = program(os.getpid())  # the new program (fresh files): a listener that never sets the queue size
-    samples = served(folder)
-    assert value(samples, "task_queue_size", worker="w1") is None
-    assert value(samples, "worker_up") == 0
-    now.tasks_completed.labels("w1", "completed").inc()
-    assert value(served(folder), "tasks_completed_total", worker="w1", status="completed") == 6
-
-
-def test_multiprocess_registry_needs_a_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(multiprocess, "_folder", None)
-    with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess_registry()
-    with pytest.raises(ValueError):
-        multiprocess_registry(tmp_path / "missing")
-
-
-def test_mapped_files_of_this_process_include_an_open_metrics_file(folder: Path) -> None:
-    program(os.getpid()).worker_up.set(1)
-    mapped: Callable[[int], set[str] | None] = metrics._mapped_files
-    files = mapped(os.getpid())
-    assert files is not None
-    assert str(next(folder.glob("gauge_livemax_*.db")).resolve()) in files
-    assert mapped(NEVER_A_PID) == set()
-
-
-def test_enable_multiprocess_refuses_once_prometheus_client_chose_its_value_class(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"format": 1}',
+        b'{"format": 1, "pid": true, "start": "1", "boot": "", "metrics": {}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["w1"], 3]]}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["w1", "ok"], -3]]}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["a", "b"], NaN]]}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"agent_timeouts": [[[], 1], [[], 2]]}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"task_processing_seconds": [[["a", "b"], [1]]]}}',
+        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"agent_timeouts": {"x": 1}}}',
+        b"[" * 100_000,
+        b" " * (samples.MAX_FILE + 1),
+    ],
+)
+def test_a_corrupt_or_hostile_file_means_starting_from_zero_with_one_line(
+    folder: Path, program, content: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """prometheus_client is imported in this process already: enabling another folder now would
-    silently keep samples in memory, so it refuses instead of patching the library."""
-    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
-    with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.enable_multiprocess(tmp_path / "metrics")
-
-
-def test_a_program_started_by_the_cli_writes_its_samples_to_the_run_folder(tmp_path: Path) -> None:
-    """The public way, end to end: a fresh interpreter sets the folder before importing the library."""
-    import subprocess
-    import sys
-
-    folder = tmp_path / "metrics"
-    code = (
-        "from pathlib import Path; import sys\n"
-        "from activation.observability.multiprocess import enable_multiprocess\n"
-        f"enable_multiprocess(Path({str(folder)!r}))\n"
-        "from activation.observability.metrics import worker_metrics\n"
-        "worker_metrics().tasks_completed.labels('w1', 'completed').inc()\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    assert list(folder.glob("counter_*.db"))
+    folder.mkdir()
+    (folder / "executor.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="activation.metrics"):
+        executor = program("executor")
+    assert [r.getMessage() for r in caplog.records if "start from zero" in r.getMessage()], caplog.text
+    assert len(caplog.records) == 1
+    executor.tasks_completed.labels("w1", "completed").inc()
+    flush(executor)
     assert value(served(folder), "tasks_completed_total", worker="w1", status="completed") == 1
+
+
+def test_unusable_files_are_left_out_of_what_is_served_and_logged_once(
+    folder: Path, program, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = program("executor")
+    executor.agent_timeouts.inc(2)
+    flush(executor)
+    (folder / "junk.json").write_text('{"format": 1, "pid": "x"}')
+    os.symlink(folder / "executor.json", folder / "link.json")  # never followed: it would count twice
+    with caplog.at_level(logging.WARNING, logger="activation.metrics"):
+        assert value(served(folder), "agent_timeouts_total") == 2
+        assert value(served(folder), "agent_timeouts_total") == 2
+    assert len([r for r in caplog.records if "junk.json" in r.getMessage()]) == 1
+
+
+def test_the_reader_takes_its_own_samples_from_memory(folder: Path, program) -> None:
+    heartbeat = program("heartbeat")
+    heartbeat.task_queue_size.labels("w1").set(3)  # not written yet
+    assert value(served(folder, own=heartbeat.store), "task_queue_size", worker="w1") == 3
+    heartbeat.store.flush()
+    heartbeat.task_queue_size.labels("w1").set(0)
+    assert value(served(folder, own=heartbeat.store), "task_queue_size", worker="w1") == 0  # not its file's 3
+
+
+def test_labels_must_match_the_catalog(folder: Path, program) -> None:
+    metrics = program("listener")
+    with pytest.raises(ValueError):
+        metrics.tasks_completed.labels("w1")
+    with pytest.raises(ValueError):
+        metrics.tasks_completed.labels(worker="w1", reason="x")
+    with pytest.raises(ValueError):
+        metrics.agent_timeouts.inc(-1)
+    assert metrics.tasks_dead_lettered.labels(worker="w1", reason="r") is metrics.tasks_dead_lettered.labels("w1", "r")
+
+
+def test_changes_are_written_by_the_writer_thread_and_the_file_is_not_world_readable(folder: Path) -> None:
+    store = Store(folder / "listener.json")  # the programs' delay: a burst shares one write
+    try:
+        WorkerMetrics(store).listener_events.labels("inotify").inc()
+        from tests.conftest import wait_for
+
+        wait_for(lambda: (folder / "listener.json").exists(), 10, 0.01, "the listener's metrics file")
+        assert (folder / "listener.json").stat().st_mode & 0o077 == 0
+        assert read_file(folder / "listener.json").values["listener_events"] == {("inotify",): 1.0}
+    finally:
+        store.close()
+
+
+def test_real_programs_write_their_files_and_a_killed_ones_gauge_goes(folder: Path) -> None:
+    """Fresh interpreters record the way the CLI's programs do (record_to, then the singleton)."""
+    run_dir = folder.parent
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "from activation.observability.samples import record_to, worker_metrics\n"
+        f"record_to(Path({str(run_dir)!r}), sys.argv[1])\n"
+        "m = worker_metrics()\n"
+        "m.tasks_completed.labels('w1', 'completed').inc()\n"
+        "m.redis_connected.set(int(sys.argv[2]))\n"
+        "assert 'prometheus_client' not in sys.modules\n"
+        "print('recorded', flush=True)\n"
+        "if sys.argv[3] == 'hang': time.sleep(60)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, "executor", "1", "exit"], check=True, timeout=60)
+    hung = subprocess.Popen([sys.executable, "-c", code, "listener", "0", "hang"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hung.stdout is not None and hung.stdout.readline() == "recorded\n"
+        from tests.conftest import wait_for
+
+        wait_for(lambda: (folder / "listener.json").exists(), 10, 0.01, "the listener's file")
+        found = served(folder)
+        assert value(found, "redis_connected") == 0  # the live listener lost Redis
+        assert value(found, "tasks_completed_total", worker="w1", status="completed") == 2
+    finally:
+        hung.send_signal(signal.SIGKILL)
+        hung.wait(10)
+        if hung.stdout is not None:
+            hung.stdout.close()
+    found = served(folder)
+    assert value(found, "redis_connected") is None  # both gone: no live program says anything
+    assert value(found, "tasks_completed_total", worker="w1", status="completed") == 2
+    assert json.loads((folder / "executor.json").read_text())["program"] == "executor"

@@ -367,19 +367,8 @@ def test_a_bad_task_with_a_broken_dead_letter_degrades_the_executor_and_stays_sa
     assert beat_state(executor.settings)["reason"] == "spool_error"
 
 
-def test_the_heartbeat_survives_a_taken_metrics_port_and_reports_it(
-    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from prometheus_client import values
-
-    from activation.observability import metrics, multiprocess
+def test_the_heartbeat_survives_a_taken_metrics_port_and_reports_it(make_settings) -> None:
     from activation.worker.heartbeat import Heartbeat
-
-    (tmp_path / "metrics").mkdir()
-    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
-    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path / "metrics"))
-    # The folder this process adopted, as the program's start does; undone after the test.
-    monkeypatch.setattr(multiprocess, "_folder", tmp_path / "metrics")
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

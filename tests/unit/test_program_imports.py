@@ -1,6 +1,7 @@
 """What a worker program imports in files mode: redis (with asyncio, about 9 MB of every idle
-process) only where Redis is configured. The idle tree's memory is a target (issue 15); this
-keeps the import graph from growing it back unnoticed."""
+process) only where Redis is configured, and prometheus_client (about 12 MB) only in the heartbeat,
+which serves the metrics. The idle tree's memory is a target (issue 15); this keeps the import
+graph from growing it back unnoticed."""
 
 from __future__ import annotations
 
@@ -12,21 +13,21 @@ import pytest
 
 PROBE = """
 import json, sys, tempfile, pathlib
-from activation.observability.multiprocess import enable_multiprocess
-enable_multiprocess(pathlib.Path(tempfile.mkdtemp()))
+from activation.observability.samples import record_to
+record_to(pathlib.Path(tempfile.mkdtemp()), "{module}")
 from activation.config import load_settings
 import activation.worker.{module} as program
 settings = load_settings({{"WORKER_NAME": "w1", "ACTIVATION_SPOOL": sys.argv[1], "ACTIVATION_RUN_DIR": sys.argv[2],
                           "ACTIVATION_METRICS_PORT": "0"}})
 program.{cls}(settings)
-print(json.dumps(sorted(m for m in ("redis", "asyncio") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("redis", "asyncio", "prometheus_client") if m in sys.modules)))
 """
 
+PROGRAMS = [("listener", "Listener"), ("executor", "Executor"), ("heartbeat", "Heartbeat")]
 
-@pytest.mark.parametrize(
-    ("module", "cls"), [("listener", "Listener"), ("executor", "Executor"), ("heartbeat", "Heartbeat")]
-)
-def test_a_files_mode_program_does_not_import_redis(module: str, cls: str, tmp_path) -> None:
+
+def imported(module: str, cls: str, tmp_path) -> list[str]:
+    """Which of the heavy modules a program has loaded once it is built."""
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(module=module, cls=cls), str(tmp_path / "spool"), str(tmp_path / "run")],
         capture_output=True,
@@ -34,4 +35,15 @@ def test_a_files_mode_program_does_not_import_redis(module: str, cls: str, tmp_p
         timeout=60,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(("module", "cls"), PROGRAMS)
+def test_a_files_mode_program_does_not_import_redis(module: str, cls: str, tmp_path) -> None:
+    assert not {"redis", "asyncio"} & set(imported(module, cls, tmp_path))
+
+
+@pytest.mark.parametrize(("module", "cls"), [p for p in PROGRAMS if p[0] != "heartbeat"])
+def test_listener_and_executor_do_not_import_prometheus_client(module: str, cls: str, tmp_path) -> None:
+    """They record in observability/samples.py; only the heartbeat, which serves /metrics, loads it."""
+    assert "prometheus_client" not in imported(module, cls, tmp_path)

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import redis
-from prometheus_client import REGISTRY
 
 from activation.config import Settings
+from activation.observability.samples import worker_metrics
 from activation.spool.layout import Spool
 from activation.transport import pubsub as events
 from activation.worker.done_events import DoneEvents
@@ -69,7 +69,7 @@ def publish(redis_server: RedisServer) -> Iterator[Callable[[bytes | str], int]]
 
 
 def refused(reason: str) -> float:
-    return REGISTRY.get_sample_value("listener_refused_total", {"reason": reason}) or 0.0
+    return float(worker_metrics().store.copy()["listener_refused"].get((reason,), 0.0))
 
 
 # -- vetting, as a pure function ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from activation.clock import iso_now
 from activation.config import redact_url
-from activation.observability.metrics import worker_metrics
+from activation.observability.samples import worker_metrics
 from activation.spool.layout import Spool
 from activation.spool.task import TASK_SUFFIX
 from activation.transport import pubsub as events
