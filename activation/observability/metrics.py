@@ -55,7 +55,7 @@ def _family(spec: Spec, series: Series) -> Metric | None:
             gauge.add_metric(list(key), value)
         return gauge
     histogram = HistogramMetricFamily(spec.name, spec.help, labels=labels)
-    bounds = [floatToGoString(bound) for bound in spec.buckets] + ["+Inf"]
+    bounds = [floatToGoString(bound) for bound in spec.buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
     for key, row in rows:
         cumulative, buckets = 0.0, []
         for bound, count in zip(bounds, row[:-1], strict=True):

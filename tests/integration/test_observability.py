@@ -214,8 +214,10 @@ def test_sigkilled_programs_leave_no_stale_or_doubled_gauges(make_tree):
     # The executor counts the task, then observes its latency: two writes, so wait for both.
     samples = scrape_until(
         tree,
-        lambda s: get(s, "tasks_completed_total", worker="w1", status="completed") == 5
-        and sum(matching(s, "activation_latency_seconds_count").values()) >= 5,
+        lambda s: (
+            get(s, "tasks_completed_total", worker="w1", status="completed") == 5
+            and sum(matching(s, "activation_latency_seconds_count").values()) >= 5
+        ),
         "5 completed after the executor's restart",
     )
     assert sum(matching(samples, "activation_latency_seconds_count").values()) == 5

@@ -216,6 +216,9 @@ def test_a_restarted_program_continues_its_counters_but_not_its_gauges(folder: P
     assert read_file(folder / "executor.json").owner == Owner.me()
 
 
+HEAD = b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": '
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -224,12 +227,12 @@ def test_a_restarted_program_continues_its_counters_but_not_its_gauges(folder: P
         b"[]",
         b'{"format": 1}',
         b'{"format": 1, "pid": true, "start": "1", "boot": "", "metrics": {}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["w1"], 3]]}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["w1", "ok"], -3]]}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"tasks_completed": [[["a", "b"], NaN]]}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"agent_timeouts": [[[], 1], [[], 2]]}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"task_processing_seconds": [[["a", "b"], [1]]]}}',
-        b'{"format": 1, "pid": 1, "start": "1", "boot": "", "metrics": {"agent_timeouts": {"x": 1}}}',
+        HEAD + b'{"tasks_completed": [[["w1"], 3]]}}',
+        HEAD + b'{"tasks_completed": [[["w1", "ok"], -3]]}}',
+        HEAD + b'{"tasks_completed": [[["a", "b"], NaN]]}}',
+        HEAD + b'{"agent_timeouts": [[[], 1], [[], 2]]}}',
+        HEAD + b'{"task_processing_seconds": [[["a", "b"], [1]]]}}',
+        HEAD + b'{"agent_timeouts": {"x": 1}}}',
         b"[" * 100_000,
         b" " * (samples.MAX_FILE + 1),
     ],
