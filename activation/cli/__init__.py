@@ -355,19 +355,17 @@ def up(obj: Context, workers: str) -> None:
     sys.exit(run_local_stack(obj.settings, names))
 
 
-# -- the orchestrator and its admin commands ------------------------------------------------
-# Imported last: admin_cli uses this module's helpers (inside its functions).
-from activation.cli.admin import config_group, dlq_group, orchestrator_command, recover_command  # noqa: E402
-from activation.cli.logs import logs_command  # noqa: E402
-from activation.cli.results import results_group, where_command  # noqa: E402
-from activation.cli.tasks import status_command, tasks_command  # noqa: E402
-
-main.add_command(orchestrator_command)
-main.add_command(config_group)
-main.add_command(dlq_group)
-main.add_command(recover_command)
-main.add_command(tasks_command)
-main.add_command(status_command)
-main.add_command(results_group)
-main.add_command(where_command)
-main.add_command(logs_command)
+# -- the orchestrator and the operator's views: imported when used (support.Group's ``lazy``) --
+main.lazy.update(
+    {
+        "orchestrator": "activation.cli.admin:orchestrator_command",
+        "config": "activation.cli.admin:config_group",
+        "dlq": "activation.cli.admin:dlq_group",
+        "recover": "activation.cli.admin:recover_command",
+        "tasks": "activation.cli.tasks:tasks_command",
+        "status": "activation.cli.tasks:status_command",
+        "results": "activation.cli.results:results_group",
+        "where": "activation.cli.results:where_command",
+        "logs": "activation.cli.logs:logs_command",
+    }
+)

@@ -93,7 +93,31 @@ pass_ctx = click.make_pass_decorator(Context)
 
 class Group(click.Group):
     """Turns ActivationError into a one-line message and exit code, and a closed pipe
-    (``activation tasks | head``) into a quiet exit."""
+    (``activation tasks | head``) into a quiet exit.
+
+    ``lazy`` names commands by ``module:attribute``, imported only when that command runs or
+    help lists it (click's documented lazy-loading pattern): each program of a worker tree
+    starts through this group and must not carry the operator commands' imports (urllib and
+    ssl, rich, the spool readers) in its memory for its whole life.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute = self.lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy[cmd_name]} is no click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -47,3 +47,34 @@ def test_a_files_mode_program_does_not_import_redis(module: str, cls: str, tmp_p
 def test_listener_and_executor_do_not_import_prometheus_client(module: str, cls: str, tmp_path) -> None:
     """They record in observability/samples.py; only the heartbeat, which serves /metrics, loads it."""
     assert "prometheus_client" not in imported(module, cls, tmp_path)
+
+
+ENTRY_PROBE = """
+import json, sys
+import click
+from activation.cli import main
+main.get_command(click.Context(main), "worker")
+print(json.dumps(sorted(m for m in sys.argv[1:] if m in sys.modules)))
+"""
+OPERATOR_MODULES = ("activation.cli.admin", "activation.cli.tasks", "activation.cli.logs", "urllib.request", "rich")
+
+
+def test_the_programs_entry_point_does_not_load_the_operator_commands() -> None:
+    """Every program starts as `activation worker <program>`: the admin, tasks and logs commands (with
+    urllib, ssl and rich, about 5 MB) load only when an operator runs them (support.Group's lazy)."""
+    out = subprocess.run(
+        [sys.executable, "-c", ENTRY_PROBE, *OPERATOR_MODULES], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == []
+
+
+def test_every_lazy_command_resolves_to_its_name() -> None:
+    import click
+
+    from activation.cli import main
+
+    ctx = click.Context(main)
+    for name in main.lazy:
+        command = main.get_command(ctx, name)
+        assert command is not None and command.name == name
