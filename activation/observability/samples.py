@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from activation.observability.catalog import CATALOG, Spec
+from activation.process_start import boot_id, start_ticks
 from activation.spool.atomic import TEMP_PREFIX, atomic_write_bytes, remove_temp_files
 
 log = logging.getLogger("activation.metrics")
@@ -48,25 +49,7 @@ def metrics_folder(run_dir: Path) -> Path:
 # -- who wrote a file ----------------------------------------------------------------------------
 
 
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            return file.read()
-    except OSError:
-        return None
-
-
-def start_ticks(pid: int) -> str | None:
-    """The process's start in clock ticks since boot (field 22 of /proc/<pid>/stat); None if unknown."""
-    stat = _read_proc(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    # The command name may hold spaces and parentheses: count fields after its closing one.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-BOOT_ID = (_read_proc("/proc/sys/kernel/random/boot_id") or "").strip()
+BOOT_ID = boot_id()
 
 
 class Owner(NamedTuple):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from activation.config import WORKER_NAME_PATTERN
 from activation.errors import ConfigError
+from activation.process_start import boot_id, start_ticks
 
 ORCHESTRATOR_GROUP = "orchestrator"  # the group that reads a role's result and dead-letter streams
 HANDBACK_CONSUMER = "handback"  # where a drained task waits, already past the lease, for a taker
@@ -118,18 +119,8 @@ def replica_name(*, host: str | None = None, run_dir: Path | None = None) -> str
 
 
 def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "") or "noboot"
-    except OSError:
-        return "noboot"
+    return boot_id().replace("-", "") or "noboot"
 
 
 def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "0"
-    # The command name may hold spaces and parentheses: count fields after its closing one.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else "0"
+    return start_ticks(pid) or "0"
