@@ -11,7 +11,6 @@ whatever dies, a task is in the inbox, claimed, done or dead.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
 import time
@@ -19,19 +18,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from activation.clock import iso_now
 from activation.config import Settings
 from activation.errors import ActivationError, BadTask, NotReady, QueueError, StreamsError
 from activation.lifecycle import Program, StopFlag
 from activation.observability.samples import worker_metrics
 from activation.spool import cancel as cancels
-from activation.spool import codec, tasklog
 from activation.spool import outcome as outcomes
 from activation.spool import task as tasks
+from activation.spool import tasklog
 from activation.spool.atomic import remove_temp_files
 from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
-from activation.spool.records import KillRecord, ResultRecord, ResultStatus
+from activation.spool.records import ResultRecord
 from activation.transport.streams.lease import LeaseKeeper
 from activation.worker import liveness
 from activation.worker.agent import (
@@ -43,6 +41,7 @@ from activation.worker.agent import (
 )
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 from activation.worker.done_events import DoneEvents
+from activation.worker.result_record import FAILED, TIMEOUT, build_result, note_kill
 from activation.worker.spawn import CannotStart, plan_launch, preflight
 from activation.worker.stream_answers import DEAD_LETTERED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
 from activation.worker.supervision import check_drain_fits
@@ -58,10 +57,6 @@ SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held re
 RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
 
-COMPLETED: ResultStatus = "completed"
-FAILED: ResultStatus = "failed"
-TIMEOUT: ResultStatus = "timeout"
-CANCELLED: ResultStatus = "cancelled"
 EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
 
 
@@ -81,47 +76,6 @@ class WorkQueueClient(Protocol):
 
     def get(self, timeout: float, interrupt: StopFlag | None = None) -> QueuedItem | None: ...
     def close(self) -> None: ...
-
-
-def iso_from(epoch: float) -> str:
-    """Epoch seconds as ISO 8601 UTC, the same shape as spool.iso_now()."""
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="microseconds")
-
-
-def parse_envelope(stdout: str) -> dict[str, Any] | None:
-    """Claude Code's result envelope: stdout itself (``--output-format json``), or its last line
-    when that is a ``result`` event (``--output-format stream-json``, one JSON event per line)."""
-    text = stdout.strip()
-    envelope = _envelope_of(text)
-    if envelope is None and "\n" in text:
-        envelope = _envelope_of(text.rpartition("\n")[2].strip())
-    return envelope
-
-
-def _envelope_of(text: str) -> dict[str, Any] | None:
-    if not text.startswith("{") or not text.endswith("}"):
-        return None
-    try:
-        # The result carries the envelope: lone surrogates become U+FFFD, as stdout's undecodable
-        # bytes do; NaN, huge numbers or absurd nesting make it no envelope at all.
-        envelope = codec.loads(text, surrogates="replace")
-    except ValueError:
-        return None
-    if isinstance(envelope, dict) and envelope.get("type") == "result":
-        return envelope
-    return None
-
-
-def result_status(
-    run: AgentRun, envelope: dict[str, Any] | None, *, expects_envelope: bool = False
-) -> ResultStatus:
-    if run.timed_out:
-        return TIMEOUT
-    if run.exit_code != 0 or (envelope is not None and envelope.get("is_error") is True):
-        return FAILED  # claude reports errors with rc 1, or rc 0 and is_error in JSON mode
-    if expects_envelope and envelope is None and not run.truncated:
-        return FAILED
-    return COMPLETED
 
 
 def _stream_feed(settings: Settings, spool: Spool, log: logging.Logger, condition: liveness.Condition) -> StreamFeed:
@@ -550,22 +504,14 @@ class Executor(Program):
         return self._cancel is not None or self._past_drain()
 
     def _note_kill(self, result: ResultRecord, run: AgentRun, timeout: float) -> None:
-        """Say how activation stopped the tree, if it did; a cancelled run's result is ``cancelled``."""
-        if run.truncated:  # so that `show` can say how much was kept
-            result["output_limit"] = self.settings.output_limit
-        if run.aborted and self._cancel is not None:
-            result["status"] = CANCELLED
-            request = self._cancel
-            result["cancelled"] = {"at": request.get("at"), "by": request.get("by"), "while": "running"}
-        elif not run.timed_out:
-            return
-        kill: KillRecord = {
-            "reason": "cancelled" if result["status"] == CANCELLED else "timeout",
-            "timeout_s": timeout,
-            "kill_grace_s": self.settings.kill_grace,
-            "signals": list(run.signals_sent),
-        }
-        result["kill"] = kill
+        note_kill(
+            result,
+            run,
+            timeout=timeout,
+            kill_grace=self.settings.kill_grace,
+            output_limit=self.settings.output_limit,
+            cancel=self._cancel,
+        )
 
     def _finished(self, result: ResultRecord) -> None:
         """A result is on disk: announce it, count it, log it."""
@@ -591,35 +537,15 @@ class Executor(Program):
         )
 
     def _result(self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str) -> ResultRecord:
-        # stdout past the limit: its tail still ends with a stream-json run's envelope
-        envelope = (
-            parse_envelope(run.stdout_tail)
-            if run.stdout_tail
-            else (None if run.truncated else parse_envelope(run.stdout))
+        return build_result(
+            task,
+            run,
+            worker=self.worker,
+            attempts=attempts,
+            visible_ns=visible_ns,
+            source=source,
+            expects_envelope=self._expects_envelope,
         )
-        return {
-            "task_id": task["task_id"],
-            "worker": self.worker,
-            "status": result_status(run, envelope, expects_envelope=self._expects_envelope),
-            "exit_code": run.exit_code,
-            "signal": run.signal,
-            "attempts": attempts,
-            "description": task["description"],
-            "created_at": task.get("created_at"),
-            "started_at": iso_from(run.started_at_wall),
-            "finished_at": iso_now(),
-            "duration_s": round(run.duration_s, 6),
-            "activation_latency_ms": round((run.started_at_wall * 1e9 - visible_ns) / 1e6, 3),
-            "source": source,
-            "stdout": run.stdout,
-            "stderr": run.stderr,
-            "stdout_bytes": run.stdout_bytes,
-            "stderr_bytes": run.stderr_bytes,
-            "truncated": run.truncated,
-            "resources": {"cpu_seconds": run.cpu_seconds, "rss_peak_bytes": run.rss_peak_bytes},
-            "agent": envelope,
-            "metadata": task.get("metadata") or {},
-        }
 
     # -- when the agent cannot start, or the result cannot be written -----------------------
 

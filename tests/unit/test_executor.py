@@ -20,7 +20,8 @@ from activation.errors import QueueError
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
 from activation.worker import executor as executor_module
-from activation.worker.executor import Executor, parse_envelope
+from activation.worker.executor import Executor
+from activation.worker.result_record import parse_envelope
 from tests.conftest import WORKER, wait_for
 
 RESULT_FIELDS = {

@@ -15,7 +15,7 @@ from activation.cli.agent_log import PARSE_LIMIT, LineSplitter, render_line
 from activation.cli.explain import outcome_notes
 from activation.spool import tasklog
 from activation.spool.layout import Spool
-from activation.worker.executor import parse_envelope
+from activation.worker.result_record import parse_envelope
 from tests.conftest import WORKER
 
 INIT = {"type": "system", "subtype": "init", "session_id": "s-1", "model": "opus", "cwd": "/w", "tools": ["Bash"]}
