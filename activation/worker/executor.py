@@ -57,7 +57,9 @@ SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held re
 RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
 
-EVENT_SOURCES = frozenset({"inotify", "redis"})  # wake-ups that arrive as the file appears
+# Wake-ups whose time is when the file appeared: an event's, or a stream entry's (written into the
+# inbox a moment before it is processed; the ctime's coarse kernel clock would overstate it).
+EVENT_SOURCES = frozenset({"inotify", "redis", "streams"})
 
 
 class QueuedItem(Protocol):
