@@ -14,8 +14,8 @@ import time
 
 import redis
 
+from activation.errors import StreamsError
 from activation.transport.streams.client import Delivery, StreamsTransport
-from activation.transport.streams.connect import StreamsError
 from activation.transport.streams.lease import LeaseKeeper
 
 stopping = False

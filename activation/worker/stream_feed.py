@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from activation.config import Settings
-from activation.errors import BadTask
+from activation.errors import BadTask, StreamsError
 from activation.spool import outcome as outcomes
 from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
 from activation.spool.records import ResultRecord
 from activation.spool.task import task_id_of
 from activation.transport.streams.client import Delivery, StreamsTransport, Verdict
-from activation.transport.streams.connect import SOCKET_TIMEOUT, StreamsError
+from activation.transport.streams.connect import SOCKET_TIMEOUT
 from activation.transport.streams.inbox import STREAM_METADATA, delivery_of, take_one
 from activation.transport.streams.keys import replica_name
 from activation.transport.streams.lease import RENEWALS_PER_LEASE, LeaseKeeper

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from activation.errors import StreamsError
 from activation.transport.streams.client import REFUSED, RENEWED, Verdict
-from activation.transport.streams.connect import StreamsError
 from activation.transport.streams.lease import LeaseKeeper
 
 

@@ -23,11 +23,11 @@ from typing import Any
 import redis
 
 from activation.config import Settings
-from activation.errors import DispatchError
+from activation.errors import DispatchError, StreamsError
 from activation.spool.task import MAX_TASK_BYTES, TASK_ID_PATTERN, is_valid_task_id
 from activation.transport.pubsub import describe
 from activation.transport.streams import scripts
-from activation.transport.streams.connect import REDIS_ERRORS, RedisClient, StreamsError, connect
+from activation.transport.streams.connect import REDIS_ERRORS, RedisClient, connect
 from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys, consumer_name
 
 log = logging.getLogger("activation.streams")

@@ -14,12 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from activation.errors import BadTask, NotReady
+from activation.errors import BadTask, NotReady, StreamsError
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
 from activation.spool.task import INVALID_FIELD, INVALID_JSON, MAX_TASK_BYTES, TOO_LARGE, parse_task
 from activation.transport.streams.client import Delivery, StreamsTransport, Token
-from activation.transport.streams.connect import StreamsError
 
 log = logging.getLogger("activation.listener")
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from activation.config import Settings, redact_url
+from activation.errors import StreamsError
 from activation.transport.redis_link import Outage
 from activation.transport.streams.client import StreamsTransport
-from activation.transport.streams.connect import SOCKET_TIMEOUT, StreamsError, connect
+from activation.transport.streams.connect import SOCKET_TIMEOUT, connect
 
 T = TypeVar("T")
 
