@@ -161,6 +161,17 @@ def surviving_agents(trees: list[WorkerTree]) -> list[int]:
     return found
 
 
+def tear_down(faults: Faults, trees: list[WorkerTree], redis: RedisServer) -> None:
+    """Whatever the run came to: the faults stop first (they would restart what goes), then every
+    tree with all its descendants, then Redis."""
+    faults.stop.set()
+    if faults.is_alive():
+        faults.join()
+    for tree in trees:
+        tree.kill_everything()
+    redis.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_chaos(tmp_path: Path) -> None:
@@ -256,12 +267,7 @@ def test_chaos(tmp_path: Path) -> None:
         assert not violations, [v.as_dict() for v in violations[:10]]
         assert faults.redis_restarts == 2 and sum(faults.kills.values()) > 0
     finally:
-        faults.stop.set()
-        if faults.is_alive():
-            faults.join()
-        for tree in trees:
-            tree.kill_everything()
-        redis.stop()
+        tear_down(faults, trees, redis)
 
 
 # -- streams mode -------------------------------------------------------------------------------
@@ -462,10 +468,5 @@ def test_chaos_streams(tmp_path: Path) -> None:
         assert not violations, [v.as_dict() for v in violations[:10]]
         assert faults.redis_restarts == 2 and sum(faults.kills.values()) > 0
     finally:
-        faults.stop.set()
-        if faults.is_alive():
-            faults.join()
-        for tree in trees:
-            tree.kill_everything()
         client.close()
-        redis.stop()
+        tear_down(faults, trees, redis)

@@ -9,37 +9,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from activation.orchestrator.endpoint import ENDPOINT_FILE, read_endpoint, write_endpoint
+from activation.orchestrator.endpoint import ENDPOINT_FILE, write_endpoint
 from activation.spool.layout import Spool
 from tests.conftest import wait_for
 from tests.harness import WorkerTree, free_port, new_orchestrator
+from tests.integration.conftest import api
 from tests.integration.test_orchestrator import call
 
 W = "w1"
 
 
 @pytest.fixture
-def orchestrator(tmp_path: Path) -> Iterator[WorkerTree]:
-    tree = new_orchestrator(tmp_path, ORCHESTRATOR_MODE="files")
-    tree.spool.init([W])
-    try:
-        tree.start()
-        wait_for(lambda: read_endpoint(tree.spool), 20, 0.1, "the orchestrator to publish its API in the spool")
-        yield tree
-    finally:
-        tree.kill_everything()
-
-
-def api(tree: WorkerTree) -> str:
-    url = read_endpoint(tree.spool)
-    assert url is not None
-    return url
+def orchestrator(start_orchestrator: Callable[..., WorkerTree]) -> WorkerTree:
+    return start_orchestrator(W, ORCHESTRATOR_MODE="files")
 
 
 def dispatched_count(tree: WorkerTree, transport: str = "files") -> float:

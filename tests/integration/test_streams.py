@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,18 +17,10 @@ from activation.transport.streams import client as streams
 from activation.transport.streams.client import Delivery, StreamsTransport
 from activation.transport.streams.keys import HANDBACK_CONSUMER, ORCHESTRATOR_GROUP, StreamKeys, consumer_name
 from tests.conftest import wait_for
-from tests.harness import RedisServer
 
 WORKER = "marie"
 KEYS = StreamKeys(WORKER)
 LEASE = 0.2  # seconds: short, because expiry is waited for (by polling Redis), never slept
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

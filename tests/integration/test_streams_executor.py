@@ -4,7 +4,7 @@ start (a predecessor's claims, saved outcomes, inbox files) and what it refuses 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,13 +25,6 @@ from tests.harness import RedisServer
 KEYS = StreamKeys(WORKER)
 SHORT = 0.3  # seconds: a lease that lapses while the test waits on Redis's clock
 LONG = 60.0  # a lease that cannot lapse during a test: what happens, happens at once
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

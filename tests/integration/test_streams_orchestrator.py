@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
-from activation.orchestrator.endpoint import read_endpoint
 from activation.transport.streams.client import DONE, Delivery, StreamsTransport
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
-from tests.harness import BIN, RedisServer, WorkerTree, new_orchestrator
+from tests.harness import BIN, RedisServer, WorkerTree
+from tests.integration.conftest import api
 from tests.integration.test_orchestrator import call
 
 W = "marie"
@@ -26,37 +25,14 @@ KEYS = StreamKeys(W)
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def orchestrator(tmp_path: Path, redis_server: RedisServer) -> Iterator[WorkerTree]:
-    tree = new_orchestrator(
-        tmp_path,
-        ACTIVATION_TRANSPORT="streams",
-        REDIS_URL=redis_server.url,
-        ACTIVATION_REDIS_BACKOFF_MAX="0.5",
+def orchestrator(start_orchestrator: Callable[..., WorkerTree], redis_server: RedisServer) -> WorkerTree:
+    return start_orchestrator(
+        W, ACTIVATION_TRANSPORT="streams", REDIS_URL=redis_server.url, ACTIVATION_REDIS_BACKOFF_MAX="0.5"
     )
-    tree.spool.init([W])
-    try:
-        tree.start()
-        wait_for(lambda: read_endpoint(tree.spool), 20, 0.1, "the orchestrator to publish its API in the spool")
-        yield tree
-    finally:
-        tree.kill_everything()
 
 
 def replica(client: redis.Redis, name: str = "standin-1") -> StreamsTransport:
     return StreamsTransport(client, W, consumer=name, lease=30)
-
-
-def api(tree: WorkerTree) -> str:
-    url = read_endpoint(tree.spool)
-    assert url is not None
-    return url
 
 
 def receive(transport: StreamsTransport) -> Delivery:

@@ -40,13 +40,6 @@ class Replica:
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
 def replica_on(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
     """Start a replica process of WORKER on a given Redis; all are killed after the test."""
     started: list[Replica] = []

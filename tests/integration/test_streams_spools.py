@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import redis
 
 from activation.spool.layout import Spool
 from activation.spool.task import load_task
@@ -28,13 +27,6 @@ def spools(tmp_path: Path) -> tuple[Spool, Spool]:
     orchestrator.init([WORKER])
     worker.init([WORKER])
     return orchestrator, worker
-
-
-@pytest.fixture
-def client(redis_server):
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 def task(task_id: str) -> dict[str, str]:

@@ -39,13 +39,6 @@ AGENT = shlex.join([sys.executable, str(ROOT / "tests" / "streams_agent.py")]) +
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
 def orchestrator(client: redis.Redis) -> StreamsTransport:
     transport = StreamsTransport(client, WORKER, consumer="orchestrator", lease=float(LEASE))
     transport.ensure_groups()
