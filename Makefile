@@ -109,15 +109,19 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
+# The whole suite in TEST_WORKERS pytest-xdist workers: most slow tests wait on processes and
+# timers, not on the CPU. tests/conftest.py puts the tests that share something of the machine
+# (podman, network namespaces, the chaos runs) in groups; a group runs in one worker, a test at a time.
+TEST_WORKERS ?= 4
 test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 unit: $(STAMP) ## the unit tests only
 	$(BIN)/pytest tests/unit
 
 # The development loop: lint, types and the fast tests (no process trees), in under 2 minutes.
 check: lint ## lint and the fast tests (not slow), the development loop
-	$(BIN)/pytest -m 'not slow' -p no:cacheprovider
+	$(BIN)/pytest -m 'not slow' -p no:cacheprovider -n $(TEST_WORKERS)
 
 # Every figure of issue 15 beside its target, in one run (about 10 minutes; BENCH="--quick" for a
 # short one, BENCH="--help" for the flags). The peers it measures against (RQ) are the bench extra.

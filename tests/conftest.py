@@ -119,9 +119,29 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 # outside tests/unit and is slow by that fact; `make check` runs the rest.
 SLOW_FOLDERS = ("integration", "chaos", "e2e", "containers", "observability", "hosts")
 
+# `make test` runs the suite in several pytest-xdist workers (--dist loadgroup): most slow tests
+# wait on timers and processes, not on the CPU. The tests of a folder named here run one after
+# the other, in one worker, because they share something of the machine's:
+SERIAL_FOLDERS = (
+    "containers",  # podman: the image builds, the compose stacks and the API service of a module
+    "hosts",  # network namespaces: each Network takes a /24 that no route uses yet
+    "chaos",  # the chaos runs and the 30,000-file burst, which take the machine's CPU and disk
+)
+TESTS = Path(__file__).resolve().parent
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        parts = item.path.parts
-        if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_FOLDERS:
+        parts = item.path.relative_to(TESTS).parts if item.path.is_relative_to(TESTS) else ()
+        if len(parts) > 1 and parts[0] in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With --dist loadgroup, the groups are the SERIAL_FOLDERS (tests/xdist_groups.py says why
+    not xdist_group marks)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.xdist_groups import FolderGroups
+
+    return FolderGroups(config, log, SERIAL_FOLDERS)

@@ -70,10 +70,30 @@ ORCHESTRATOR_CONF = ROOT / "supervisor_conf" / "orchestrator.conf"
 PROGRAMS = ("listener", "executor", "heartbeat")
 
 
+# Under pytest-xdist (`make test`) each worker picks its ports from a block of its own, below the
+# kernel's ephemeral range (32768 and up on Linux): between the pick and the bind of the program
+# it is for, no other worker and no outgoing connection can take the same port.
+PORT_BLOCKS = range(20000, 32000, 500)
+_next_port: dict[str, int] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port that nothing is bound to now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else len(PORT_BLOCKS)
+    if index >= len(PORT_BLOCKS):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    block = range(PORT_BLOCKS[index], PORT_BLOCKS[index] + PORT_BLOCKS.step)
+    for _ in block:
+        offset = _next_port.get(worker, 0)
+        _next_port[worker] = (offset + 1) % len(block)
+        port = block[offset]
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise OSError(f"no free port in {block.start}-{block.stop - 1}, the block of xdist worker {worker}")
 
 
 class WorkerTree:

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from filelock import FileLock
 
 from tests.containers.engine import (
     IMAGE_TAG,
@@ -74,23 +75,29 @@ class Builds:
         self.base_made = False
 
 
+# The images and their tags are the machine's, not the session's: one session builds at a time
+# (another pytest-xdist worker, another checkout's run), and the base is debootstrapped once.
+BUILD_LOCK = Path(tempfile.gettempdir()) / "activation-test-images.lock"
+
+
 @pytest.fixture(scope="session")
 def images(podman: Podman) -> Builds:
     builds = Builds()
-    provide_extra_ca()
-    started = time.monotonic()
-    try:
-        builds.base_made = podman.ensure_base()
-    except EngineUnavailable as exc:
-        pytest.skip(f"podman cannot run here: {exc}")
-    builds.seconds["base"] = time.monotonic() - started
-    for image in IMAGES:
+    with FileLock(BUILD_LOCK):
+        provide_extra_ca()
         started = time.monotonic()
-        podman.build(image)
-        builds.seconds[image.name] = time.monotonic() - started
-        image_id = podman.image_id(image.tag)
-        assert image_id, image.tag
-        builds.ids[image.name] = image_id
+        try:
+            builds.base_made = podman.ensure_base()
+        except EngineUnavailable as exc:
+            pytest.skip(f"podman cannot run here: {exc}")
+        builds.seconds["base"] = time.monotonic() - started
+        for image in IMAGES:
+            started = time.monotonic()
+            podman.build(image)
+            builds.seconds[image.name] = time.monotonic() - started
+            image_id = podman.image_id(image.tag)
+            assert image_id, image.tag
+            builds.ids[image.name] = image_id
     with podman.log.open("a") as log:
         log.write(json.dumps({"seconds": builds.seconds, "base_made": builds.base_made}) + "\n")
     return builds
