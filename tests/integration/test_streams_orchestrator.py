@@ -16,7 +16,7 @@ import redis
 from activation.transport.streams.client import DONE, Delivery, StreamsTransport
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
-from tests.harness import BIN, RedisServer, WorkerTree
+from tests.harness import BIN, RedisServer, WorkerTree, new_orchestrator
 from tests.integration.conftest import api
 from tests.integration.test_orchestrator import call
 
