@@ -74,6 +74,7 @@ PROGRAMS = ("listener", "executor", "heartbeat")
 # kernel's ephemeral range (32768 and up on Linux): between the pick and the bind of the program
 # it is for, no other worker and no outgoing connection can take the same port.
 PORT_BLOCKS = range(20000, 32000, 500)
+PORT_STRIDE = 10
 _next_port: dict[str, int] = {}
 
 
@@ -85,7 +86,9 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
-    block = range(PORT_BLOCKS[index], PORT_BLOCKS[index] + PORT_BLOCKS.step)
+    # Every PORT_STRIDE-th port of the block: a test that uses the ports after one it was given
+    # (`activation up` numbers its workers' metrics ports from the one given) finds them free.
+    block = range(PORT_BLOCKS[index], PORT_BLOCKS[index] + PORT_BLOCKS.step, PORT_STRIDE)
     for _ in block:
         offset = _next_port.get(worker, 0)
         _next_port[worker] = (offset + 1) % len(block)
