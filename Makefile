@@ -109,11 +109,13 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-# The whole suite in TEST_WORKERS pytest-xdist workers: most slow tests wait on processes and
-# timers, not on the CPU. tests/conftest.py puts the tests that share something of the machine
-# (podman, network namespaces, the chaos runs) in groups; a group runs in one worker, a test at a time.
-TEST_WORKERS ?= 4
-test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite
+# The whole suite, serially by default. TEST_WORKERS=4 runs it in 4 pytest-xdist workers (about
+# 10 minutes instead of 24): tests/conftest.py puts the tests that share something of the machine
+# (podman, network namespaces, the chaos runs) in groups, a group in one worker a test at a time.
+# It is not the default yet: on these 2-core machines a few timing-bound tests still fail under
+# 4 workers' load (issue 11's note lists them).
+TEST_WORKERS ?= 0
+test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite (TEST_WORKERS=4: in parallel)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 unit: $(STAMP) ## the unit tests only
@@ -121,7 +123,7 @@ unit: $(STAMP) ## the unit tests only
 
 # The development loop: lint, types and the fast tests (no process trees), in under 2 minutes.
 check: lint ## lint and the fast tests (not slow), the development loop
-	$(BIN)/pytest -m 'not slow' -p no:cacheprovider -n $(TEST_WORKERS)
+	$(BIN)/pytest -m 'not slow' -p no:cacheprovider -n 4
 
 # Every figure of issue 15 beside its target, in one run (about 10 minutes; BENCH="--quick" for a
 # short one, BENCH="--help" for the flags). The peers it measures against (RQ) are the bench extra.

@@ -542,19 +542,8 @@ def test_config_get_and_set_mode_over_the_api(start, spool, monkeypatch):
 # -- the real program, in its own process ---------------------------------------------------------
 
 
-SHIM = (
-    "from activation.cli import main; from activation.admin_cli import orchestrator_command; "
-    "main.add_command(orchestrator_command); main()"
-)
-
-
 def orchestrator_argv() -> list[str]:
-    """``activation orchestrator``; until cli.py registers it, the same command through a shim."""
-    from activation.cli import main
-
-    if "orchestrator" in main.commands:
-        return [str(BIN / "activation"), "orchestrator"]
-    return [sys.executable, "-c", SHIM, "orchestrator"]
+    return [str(BIN / "activation"), "orchestrator"]
 
 
 def program_env(spool: Spool, run_dir: Path, **extra: str) -> dict[str, str]:
