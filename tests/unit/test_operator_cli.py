@@ -129,11 +129,11 @@ def test_tasks_reads_at_most_limit_results(spool, monkeypatch):
     spool.init(["marie"])
     for i in range(300):
         _result(spool, "marie", f"t{i:04d}", "completed", age=1000 - i)
-    import activation.spool.listing as listing
+    import activation.spool.readers as readers
 
     reads = []
-    real = listing.read_json
-    monkeypatch.setattr(listing, "read_json", lambda p: reads.append(p) or real(p))
+    real = readers.read_json
+    monkeypatch.setattr(readers, "read_json", lambda p: reads.append(p) or real(p))
     rows = list_tasks(spool, Query(limit=10))
     assert [r.task_id for r in rows] == [f"t{i:04d}" for i in range(299, 289, -1)]
     assert len(reads) == 10
