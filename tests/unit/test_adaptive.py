@@ -26,7 +26,8 @@ def write_results(spool: Spool, worker: str, count: int, response_ms: float, pre
     now = time.time()
     for i in range(count):
         task_id = f"{prefix}{i:06d}"
-        result = {"task_id": task_id, "status": "completed", "created_at": iso(now - response_ms / 1000), "finished_at": iso(now)}
+        created = iso(now - response_ms / 1000)
+        result = {"task_id": task_id, "status": "completed", "created_at": created, "finished_at": iso(now)}
         (folder / f"{task_id}.json").write_text(json.dumps(result))
 
 
