@@ -10,7 +10,7 @@ import contextlib
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 
@@ -19,6 +19,9 @@ from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail
 from activation.config import load_settings
 from activation.procctl import make_undumpable
 from activation.spool.layout import Spool
+
+if TYPE_CHECKING:
+    from activation.spool.records import DeadLetterRecord, ResultRecord
 
 
 @click.group(cls=Group)
@@ -153,22 +156,24 @@ def dispatch(
         sys.exit(EXIT_FAILED)
 
 
-def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
+def _print_outcome(state: str, outcome: ResultRecord | DeadLetterRecord) -> None:
     from activation.cli.explain import outcome_notes
 
-    if state == "dead":
+    if state == "dead" or "status" not in outcome:
         click.echo(f"{outcome.get('task_id')}: dead letter ({outcome.get('reason')}: {outcome.get('detail')})")
         return
+    result = cast("ResultRecord", outcome)
     click.echo(
-        f"{outcome.get('task_id')}: {outcome.get('status')} (exit {outcome.get('exit_code')}, "
-        f"{outcome.get('duration_s', 0):.3f}s, attempt {outcome.get('attempts')})"
+        f"{result['task_id']}: {result['status']} (exit {result.get('exit_code')}, "
+        f"{result.get('duration_s') or 0:.3f}s, attempt {result.get('attempts')})"
     )
-    for note in outcome_notes(outcome):
+    for note in outcome_notes(result):
         click.echo(f"  {note}")
-    if outcome.get("stdout"):
-        click.echo(outcome["stdout"], nl=not str(outcome["stdout"]).endswith("\n"))
-    if outcome.get("stderr"):
-        click.echo(outcome["stderr"], nl=not str(outcome["stderr"]).endswith("\n"), err=True)
+    stdout, stderr = result.get("stdout"), result.get("stderr")
+    if stdout:
+        click.echo(stdout, nl=not stdout.endswith("\n"))
+    if stderr:
+        click.echo(stderr, nl=not stderr.endswith("\n"), err=True)
 
 
 @main.command()
@@ -177,18 +182,20 @@ def _print_outcome(state: str, outcome: dict[str, Any]) -> None:
 @pass_ctx
 def show(obj: Context, task_id: str, as_json: bool) -> None:
     """Show where TASK_ID is, and its result or dead-letter record."""
-    from activation.orchestrator.dispatch import read_outcome
+    from activation.orchestrator.dispatch import read_outcome, read_pending
 
     location = obj.spool.locate(task_id)
     if location is None:
         fail(f"no task {task_id!r} in {obj.spool.root}")
-    record = read_outcome(location) if location.state in ("done", "dead", "pending", "processing") else {}
+    finished = location.state in ("done", "dead")
     if as_json:
+        pending = location.state in ("pending", "processing")
+        record: object = read_outcome(location) if finished else read_pending(location) if pending else {}
         print_json({"state": location.state, "worker": location.worker, "path": str(location.path), "record": record})
         return
     click.echo(f"{task_id}: {location.state} (worker {location.worker}, {location.path})")
-    if location.state in ("done", "dead"):
-        _print_outcome(location.state, record)
+    if finished:  # a record that is none is one line (DispatchError), after the line that says where
+        _print_outcome(location.state, read_outcome(location))
 
 
 @main.command()

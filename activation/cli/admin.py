@@ -165,21 +165,28 @@ def dlq_group() -> None:
 @_json_option
 def dlq_list(worker: str | None, as_json: bool) -> None:
     """List dead letters, oldest first."""
+    from activation.cli.tasks import skipped_note
     from activation.orchestrator.recovery import dead_letters
 
-    letters = [d.summary() for d in dead_letters(_context().spool)]
+    skipped: list[str] = []
+    letters = [d.summary() for d in dead_letters(_context().spool, skipped)]
     if worker:
         letters = [d for d in letters if d["worker"] == worker]
+    note = skipped_note(skipped, "dead-letter record") if skipped else None
     if as_json:
         print_json(letters)
+        if note:
+            click.echo(note, err=True)
         return
     if not letters:
-        click.echo("no dead letters")
+        click.echo("no dead letters" + (f"; {note}" if note else ""))
         return
     click.echo(f"{'ID':<32} {'WORKER':<12} {'REASON':<16} {'DEAD SINCE':<32}  DETAIL")
     for d in letters:
         mark = "" if d["retryable"] else "  (not retryable: original did not parse)"
         click.echo(f"{d['id']:<32} {d['worker'] or '-':<12} {d['reason']:<16} {d['dead_at']!s:<32} {d['detail']}{mark}")
+    if note:
+        click.echo(note)
 
 
 @dlq_group.command("show")

@@ -3,7 +3,10 @@ agent's tree (a timeout, a cancel), and whether the output was cut."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from activation.spool.records import ResultRecord
 
 
 def _seconds(value: Any) -> str:
@@ -33,7 +36,7 @@ def how_killed(kill: Any) -> str:
     return "the agent had already exited"
 
 
-def outcome_notes(result: dict[str, Any]) -> list[str]:
+def outcome_notes(result: ResultRecord) -> list[str]:
     notes = []
     status, kill = result.get("status"), result.get("kill")
     if status == "timeout":

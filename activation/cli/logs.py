@@ -15,15 +15,15 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 
 from activation.cli.agent_log import Line, LineSplitter, render_line, styled
 from activation.cli.support import EXIT_USAGE, Context, fail, pass_ctx
 from activation.spool import tasklog
-from activation.spool.atomic import read_json
 from activation.spool.layout import Location, Spool
+from activation.spool.readers import BadRecord, peek_record, read_record, result_record
 from activation.spool.task import is_valid_task_id
 
 READ_CHUNK = 1024 * 1024
@@ -111,11 +111,8 @@ def _remote(spool: Spool, obj: Context, worker: str, task_id: str, echo: Callabl
 def _status_of(found: Location | None) -> str:
     if found is None or found.state != "done":
         return found.state if found is not None else "gone"
-    try:
-        record = read_json(found.path)
-    except (OSError, ValueError):
-        return "?"
-    return str(record.get("status")) if isinstance(record, dict) else "?"
+    record = peek_record(found.path, result_record)
+    return "?" if record is None else record["status"]
 
 
 def _echo(raw: bool) -> Callable[[bytes], None]:
@@ -142,15 +139,12 @@ def _print_file(path: Path, echo: Callable[[bytes], None]) -> None:
 def _print_result_output(found: Location, echo: Callable[[bytes], None]) -> None:
     """A result without a log (cancelled before it ran, or older than logs): what the result kept."""
     try:
-        result: Any = read_json(found.path)
-    except (OSError, ValueError) as exc:
+        result = read_record(found.path, result_record)
+    except (OSError, BadRecord) as exc:
         fail(f"cannot read the result {found.path}: {exc}")
-    if not isinstance(result, dict):
-        fail(f"{found.path} is not a result record")
-    click.echo(styled(Line(f"── no log was kept; the output the result holds ({result.get('status')}):", "meta")))
-    for stream in ("stdout", "stderr"):
-        text = result.get(stream)
-        if isinstance(text, str) and text:
+    click.echo(styled(Line(f"── no log was kept; the output the result holds ({result['status']}):", "meta")))
+    for text in (result.get("stdout"), result.get("stderr")):
+        if text:
             for line in text.encode("utf-8", "surrogateescape").splitlines(keepends=True):
                 echo(line)
 

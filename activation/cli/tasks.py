@@ -84,6 +84,12 @@ def _cells(row: TaskRow, now: float) -> list[str]:
     ]
 
 
+def skipped_note(skipped: list[str], what: str = "result file") -> str:
+    """One line for the records a listing skipped because they are no record: how many, and the first."""
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return f"note: skipped {len(skipped)} {what}(s) that are not valid: {skipped[0]}{more}"
+
+
 HEADERS = ["TASK", "WORKER", "STATE", "ATTEMPT", "WHEN", "TIME", "DESCRIPTION / REASON"]
 
 
@@ -143,21 +149,26 @@ def tasks_command(
     def query() -> Query:
         return Query(workers=workers, states=states or STATES, since=_since(since), limit=limit)
 
-    def rows() -> list[TaskRow]:
+    def rows(skipped: list[str] | None = None) -> list[TaskRow]:
         remote = None
         if settings.transport == "streams" and not settings.worker_name and RUNNING in query().states:
             from activation.cli.remote import remote_runs
 
             remote = remote_runs(settings, spool, workers)
-        return list_tasks(spool, query(), remote=remote)
+        return list_tasks(spool, query(), remote=remote, skipped=skipped)
 
     if as_json:
-        print_json([r.as_dict() for r in rows()])
+        skipped: list[str] = []
+        print_json([r.as_dict() for r in rows(skipped)])
+        if skipped:
+            click.echo(skipped_note(skipped), err=True)
         return
 
     def plain() -> list[str]:
-        found = rows()
-        return task_lines(found, time.time()) if found else [f"no tasks in {spool.root}"]
+        skipped: list[str] = []
+        found = rows(skipped)
+        lines = task_lines(found, time.time()) if found else [f"no tasks in {spool.root}"]
+        return lines + ([skipped_note(skipped)] if skipped else [])
 
     if watch:
         from activation.cli.watch import watch as run_watch
@@ -233,6 +244,8 @@ def status_lines(
             f"results: {s.results_total} in the folder; {window}: {recent}" if s.results_total else "results: none yet"
         )
         lines.append(f"{'':<12} {results}" + (f"; problems: {'; '.join(h.problems)}" if h.problems else ""))
+        if s.unreadable:
+            lines.append(f"{'':<12} {skipped_note(s.unreadable)}")
         if h.refused:
             lines.append(
                 f"{'':<12} refused a second tree: {h.refused.get('program')} "

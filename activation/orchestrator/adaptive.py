@@ -19,8 +19,8 @@ from typing import Any
 
 from activation.clock import iso_now, parse_iso
 from activation.config import Settings
-from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.readers import peek_record, result_record
 from activation.spool.result_index import MTIME_GUARD_NS  # one rule for trusting a folder's mtime
 from activation.spool.task import is_task_name
 
@@ -262,12 +262,9 @@ class ResultWindow:
 
     def _take(self, worker: str, name: str) -> None:
         self.reads += 1
-        try:
-            result = read_json(self.spool.results(worker) / name)
-        except (OSError, ValueError):
+        result = peek_record(self.spool.results(worker) / name, result_record)
+        if result is None:
             return  # vanished or unreadable: it still counted towards the rate
-        if not isinstance(result, dict):
-            return
         created, finished = parse_iso(result.get("created_at")), parse_iso(result.get("finished_at"))
         if created is not None and finished is not None and finished >= created:
             self._response_ms.append((finished - created) * 1000.0)

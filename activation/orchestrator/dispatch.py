@@ -21,9 +21,11 @@ from watchdog.observers import Observer
 from activation.clock import iso_now
 from activation.errors import BadTask, DispatchError
 from activation.spool import codec
-from activation.spool.atomic import atomic_write_json, json_bytes, read_json
+from activation.spool.atomic import atomic_write_json, json_bytes
 from activation.spool.layout import Location, Spool
-from activation.spool.task import is_valid_task_id, validate_task
+from activation.spool.readers import BadRecord, dead_letter_record, read_record, result_record
+from activation.spool.records import DeadLetterRecord, ResultRecord, TaskRecord
+from activation.spool.task import is_valid_task_id, task_record, validate_task
 from activation.transport import pubsub as events
 
 log = logging.getLogger("activation.dispatch")
@@ -242,9 +244,25 @@ def _listen_done(redis_url: str, worker: str, task_id: str, woken: threading.Eve
         log.debug("done events unavailable: %s", events.describe(exc))
 
 
-def read_outcome(location: Location) -> dict[str, Any]:
-    """The result (or dead-letter record) at ``location``."""
-    data = read_json(location.path)
-    if not isinstance(data, dict):
-        raise DispatchError(f"{location.path} is not a JSON object")
-    return data
+def read_outcome(location: Location) -> ResultRecord | DeadLetterRecord:
+    """The result (state ``done``) or dead-letter record (``dead``) at ``location``.
+
+    Raises DispatchError, one line naming the file, when it is no such record; OSError when it
+    cannot be read (FileNotFoundError: it moved on).
+    """
+    try:
+        if location.state == "dead":
+            return read_record(location.path, dead_letter_record)
+        return read_record(location.path, result_record)
+    except BadRecord as exc:
+        raise DispatchError(f"{location.path.parent}/{exc}") from None
+
+
+def read_pending(location: Location) -> TaskRecord:
+    """The task a pending or claimed file at ``location`` holds; raises DispatchError when it is none."""
+    try:
+        return read_record(location.path, task_record)
+    except BadRecord as exc:
+        raise DispatchError(f"{location.path.parent}/{exc}") from None
+    except BadTask as exc:
+        raise DispatchError(f"{location.path}: not a valid task ({exc})") from None

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from activation.spool import ownership
-from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.readers import heartbeat_record, peek_record
 
 Signature = tuple[tuple[int, int, int] | None, ...]
 
@@ -119,9 +119,5 @@ class LivenessWatch:
             return {name: now - at for name, at in first.items()}
 
     def _state(self, worker: str) -> str | None:
-        try:
-            beat = read_json(self.spool.heartbeat_path(worker))
-        except (OSError, ValueError):
-            return None
-        state = beat.get("state") if isinstance(beat, dict) else None
-        return state if isinstance(state, str) else None
+        beat = peek_record(self.spool.heartbeat_path(worker), heartbeat_record)
+        return None if beat is None else beat.get("state")

@@ -27,10 +27,12 @@ from activation.config import WORKER_NAME_PATTERN
 from activation.errors import ActivationError, BadTask, NotReady
 from activation.orchestrator.liveness import STOPPED, LivenessWatch
 from activation.spool import claims, codec
-from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.atomic import atomic_write_json
 from activation.spool.claims import DROPPED, GAVE_UP, PUT_BACK, REQUEUED, UNREADABLE, Action
 from activation.spool.layout import RAW_SUFFIX, Spool
 from activation.spool.ownership import executor_gone
+from activation.spool.readers import BadRecord, dead_letter_record, last_history, read_record
+from activation.spool.records import DeadLetterRecord
 from activation.spool.task import ORPHANED, is_valid_task_id, read_task_bytes, task_id_of
 
 log = logging.getLogger("activation.orchestrator")
@@ -189,11 +191,11 @@ class DeadLetter:
 
     key: str
     path: Path
-    record: dict[str, Any]
+    record: DeadLetterRecord
 
     @property
     def retryable(self) -> bool:
-        return isinstance(self.record.get("task"), dict)
+        return "task" in self.record
 
     @property
     def dead_at(self) -> float | None:
@@ -211,16 +213,19 @@ class DeadLetter:
         }
 
 
-def dead_letters(spool: Spool) -> list[DeadLetter]:
-    """Every readable dead-letter record, oldest first."""
+def dead_letters(spool: Spool, skipped: list[str] | None = None) -> list[DeadLetter]:
+    """Every readable dead-letter record, oldest first; ``skipped`` collects a line for each other one."""
     found = []
     for path in spool.dead_letters():
         try:
-            record = read_json(path)
-        except (OSError, ValueError):
+            record = read_record(path, dead_letter_record)
+        except FileNotFoundError:  # retried or purged while we looked
             continue
-        if isinstance(record, dict):
-            found.append(DeadLetter(task_id_of(path.name), path, record))
+        except (OSError, BadRecord) as exc:
+            if skipped is not None:
+                skipped.append(str(exc) if isinstance(exc, BadRecord) else f"{path.name}: {exc}")
+            continue
+        found.append(DeadLetter(task_id_of(path.name), path, record))
     return sorted(found, key=lambda d: (d.record.get("dead_at") or "", d.key))
 
 
@@ -230,13 +235,11 @@ def get_dead_letter(spool: Spool, key: str) -> DeadLetter:
         raise UnknownDeadLetter(f"no dead letter {key[:140]!r}")
     path = spool.dead_letter_path(key)
     try:
-        record = read_json(path)
+        record = read_record(path, dead_letter_record)
     except FileNotFoundError:
         raise UnknownDeadLetter(f"no dead letter {key!r}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, BadRecord) as exc:
         raise DeadLetterError(f"dead letter {key!r} is unreadable: {exc}") from None
-    if not isinstance(record, dict):
-        raise DeadLetterError(f"dead letter {key!r} is not a JSON object")
     return DeadLetter(key, path, record)
 
 
@@ -266,7 +269,7 @@ def retry_dead_letter(spool: Spool, key: str, *, send: Callable[[str, dict[str, 
     letter = get_dead_letter(spool, key)
     record = letter.record
     task = record.get("task")
-    if not isinstance(task, dict):
+    if task is None:
         raw = record.get("raw") or spool.dead_letter_dir / f"{key}{RAW_SUFFIX}"
         raise NotRetryable(f"dead letter {key!r} cannot be retried: its original did not parse (kept at {raw})")
     worker = record.get("worker")
@@ -286,7 +289,7 @@ def retry_dead_letter(spool: Spool, key: str, *, send: Callable[[str, dict[str, 
     }
     found = spool.locate(task_id)
     if found is not None and found.state != "dead":
-        if found.state in ("pending", "processing") and _same_death(_last_history(found.path), entry):
+        if found.state in ("pending", "processing") and _same_death(last_history(found.path), entry):
             _remove(letter.path)  # an earlier retry wrote the task, then stopped before this
             return Retried(key, task_id, worker, found.path)
         raise NotRetryable(f"dead letter {key!r} cannot be retried: task {task_id} is already {found.state}")
@@ -308,12 +311,6 @@ def retry_dead_letter(spool: Spool, key: str, *, send: Callable[[str, dict[str, 
 
 def _same_death(earlier: Any, entry: dict[str, Any]) -> bool:
     return isinstance(earlier, dict) and all(earlier.get(k) == entry[k] for k in ("reason", "dead_at"))
-
-
-def _last_history(path: Path) -> Any:
-    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError, TypeError):
-        return read_json(path).get("history")[-1]
-    return None
 
 
 def purge_dead_letters(

@@ -32,6 +32,7 @@ from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.cancel import Cancelled
 from activation.spool.health import WorkerHealth, dead_letter_counts, worker_health
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, dead_letter_record, read_record, result_record
 from activation.spool.retention import Sweeper
 from activation.spool.status import live
 from activation.transport.pubsub import EventsError
@@ -463,15 +464,15 @@ class Orchestrator(Program):
             if found.state not in ("done", "dead"):
                 return answer
             try:
-                record = read_json(found.path)
+                if found.state == "done":
+                    answer["result"] = read_record(found.path, result_record)
+                else:
+                    letter = read_record(found.path, dead_letter_record)
+                    answer["dead_letter"] = {k: letter.get(k) for k in ("reason", "detail", "dead_at")}
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, BadRecord) as exc:
                 raise Broken(f"cannot read {found.state} record: {exc}") from None
-            if found.state == "done":
-                answer["result"] = record
-            else:
-                answer["dead_letter"] = {k: record.get(k) for k in ("reason", "detail", "dead_at")}
             return answer
         raise NotFound(f"no task {task_id[:140]!r}")
 

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from activation.spool import ownership
-from activation.spool.atomic import TEMP_PREFIX, read_json
+from activation.spool.atomic import TEMP_PREFIX
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, dead_letter_record, last_history, read_record
 from activation.spool.task import DUPLICATE, TASK_SUFFIX, is_task_name
 
 
@@ -113,23 +114,22 @@ def audit(spool: Spool, *, heartbeat_timeout: float, temp_age: float, now: float
             continue
         path = spool.dead_letter_dir / name
         try:
-            record = read_json(path)
-        except (OSError, ValueError) as exc:
+            record = read_record(path, dead_letter_record)
+        except FileNotFoundError:  # retried or purged while we looked
+            continue
+        except OSError as exc:
             violations.append(Violation("dead_letter_without_reason", None, f"{path}: unreadable ({exc})"))
             continue
-        if not isinstance(record, dict):
-            violations.append(Violation("dead_letter_without_reason", None, f"{path} is not a JSON object"))
+        except BadRecord as exc:  # no reason (or no record) to give up on the task for
+            violations.append(Violation("dead_letter_without_reason", exc.task_id, f"{path.parent}/{exc}"))
             continue
-        named = record.get("task_id")
-        dead_id = named if isinstance(named, str) and named else None
-        if not record.get("reason"):
-            violations.append(Violation("dead_letter_without_reason", dead_id, f"{path} has no reason"))
+        dead_id = record.get("task_id") or None
         # A refused copy of a task that has a result is no second place of that task.
         if dead_id is not None and record.get("reason") != DUPLICATE:
             if "dead" not in more.get(dead_id, (place.get(dead_id),)):  # several dead letters of one id are one place
                 seen(dead_id, "dead")
             source = record.get("source")
-            if isinstance(source, str):
+            if source is not None:
                 dead_sources[dead_id].add((source, str(record.get("dead_at"))))
     for task_id, places in sorted(more.items()):
         if not _allowed(spool, task_id, places, dead_sources.get(task_id, set())):
@@ -176,6 +176,5 @@ def _place_path(spool: Spool, task_id: str, where: str) -> str | None:
 
 def _retried_from(path: Path) -> str | None:
     """The ``dead_at`` of the death a task file was retried from, if it was."""
-    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError, TypeError, KeyError):
-        return str(read_json(path)["history"][-1]["dead_at"])
-    return None
+    last = last_history(path)
+    return None if last is None or "dead_at" not in last else str(last["dead_at"])

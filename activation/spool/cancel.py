@@ -27,6 +27,9 @@ from activation.clock import iso_now
 from activation.errors import ActivationError
 from activation.spool.atomic import atomic_write_json, read_json
 from activation.spool.layout import Spool
+from activation.spool.readers import peek_record
+from activation.spool.records import ResultRecord, TaskRecord
+from activation.spool.task import task_record
 
 CANCEL_SUFFIX = ".cancel"
 
@@ -144,18 +147,14 @@ def settle_cancelled_claim(
     return Cancelled(task_id, worker, str(path), was=was)
 
 
-def read_task(path: Path) -> dict[str, Any]:
-    """The task a claim or an outbox file holds, as far as it can be read ({} otherwise)."""
-    with contextlib.suppress(OSError, ValueError):
-        loaded = read_json(path)
-        if isinstance(loaded, dict):
-            return loaded
-    return {}
+def read_task(path: Path) -> TaskRecord | None:
+    """The task a claim or an outbox file holds, or None when it holds no valid task."""
+    return peek_record(path, task_record)
 
 
 def cancelled_record(
-    task_id: str, worker: str, task: dict[str, Any], *, by: str, was: str, at: str | None = None
-) -> dict[str, Any]:
+    task_id: str, worker: str, task: TaskRecord | None, *, by: str, was: str, at: str | None = None
+) -> ResultRecord:
     """The ``cancelled`` result of a task that did not run (again): what a cancel records."""
     now = iso_now()
     return {
@@ -163,9 +162,9 @@ def cancelled_record(
         "worker": worker,
         "status": "cancelled",
         "exit_code": None,
-        "attempts": int(task.get("attempts") or 0) if isinstance(task.get("attempts"), int) else 0,
-        "description": task.get("description"),
-        "created_at": task.get("created_at"),
+        "attempts": task.get("attempts", 0) if task else 0,
+        "description": task["description"] if task else None,
+        "created_at": task.get("created_at") if task else None,
         "started_at": None,
         "finished_at": now,
         "duration_s": 0.0,
@@ -173,5 +172,5 @@ def cancelled_record(
         "stderr": "",
         "truncated": False,
         "cancelled": {"at": at or now, "by": by, "while": was},
-        "metadata": task.get("metadata") if isinstance(task.get("metadata"), dict) else {},
+        "metadata": task.get("metadata", {}) if task else {},
     }

@@ -9,7 +9,6 @@ the spool has room for a result.
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from activation.clock import parse_iso
-from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
 from activation.spool.ownership import foreign_owner, last_refusal
+from activation.spool.readers import BadRecord, dead_letter_record, heartbeat_record, peek_record, read_record
 
 EXPECTED_PROGRAMS = ("listener", "executor", "heartbeat")
 
@@ -83,15 +82,13 @@ def _from_heartbeat(
     path = spool.heartbeat_path(worker)
     layout = layout_problems(spool, worker) + space_problems(spool)
     try:
-        beat = read_json(path)
-        if not isinstance(beat, dict):
-            raise ValueError("not an object")
+        beat = read_record(path, lambda value: heartbeat_record(value, worker=worker))
     except FileNotFoundError:
         return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=["no heartbeat", *layout])
-    except (OSError, ValueError) as exc:
+    except (OSError, BadRecord) as exc:
         problems = [f"unreadable heartbeat: {exc}", *layout]
         return WorkerHealth(worker, False, None, dead_letters=dead_letters, problems=problems)
-    stamp = _epoch(beat.get("epoch")) or parse_iso(beat.get("timestamp"))
+    stamp = beat.get("epoch") or parse_iso(beat.get("timestamp"))
     age = max(0.0, now - stamp) if stamp is not None else None
     if observed_age is not None:
         age = observed_age
@@ -100,13 +97,13 @@ def _from_heartbeat(
         worker=worker,
         alive=age is not None and age <= timeout and beat.get("state") != "stopped",
         age_s=None if age is None else round(age, 1),
-        state=_typed(beat.get("state"), str),
-        current_task=_typed(beat.get("current_task"), str),
-        queue_size=_typed(beat.get("queue_size"), int),
-        programs={str(k): str(v) for k, v in programs.items()} if isinstance(programs, dict) else None,
-        counts=_typed(beat.get("counts"), dict) or {},
+        state=beat.get("state"),
+        current_task=beat.get("current_task"),
+        queue_size=beat.get("queue_size"),
+        programs=programs,
+        counts=beat.get("counts", {}),
         dead_letters=dead_letters,
-        wake_sources=_typed(beat.get("wake_sources"), list) or [],
+        wake_sources=beat.get("wake_sources", []),
     )
     if beat.get("state") == "stopped":
         health.problems.append("stopped")
@@ -137,21 +134,6 @@ def _from_heartbeat(
             health.problems.append(f"heartbeat {metrics['error']}")
     health.problems.extend(layout)
     return health
-
-
-def _epoch(value: object) -> float | None:
-    """A heartbeat's ``epoch``, when it is a finite number; a written heartbeat may hold anything."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        epoch = float(value)
-    except OverflowError:
-        return None
-    return epoch if math.isfinite(epoch) else None
-
-
-def _typed(value: Any, kind: type) -> Any:
-    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def _executor_problems(executor: Any) -> list[str]:
@@ -216,10 +198,8 @@ def dead_letter_counts(spool: Spool) -> dict[str | None, int]:
     """Dead letters per worker (records that name none count under None)."""
     counts: dict[str | None, int] = {}
     for path in spool.dead_letters():
-        try:
-            worker = read_json(path).get("worker")
-        except (OSError, ValueError, AttributeError):
-            worker = None
+        record = peek_record(path, dead_letter_record)
+        worker = record.get("worker") if record is not None else None
         counts[worker] = counts.get(worker, 0) + 1
     return counts
 

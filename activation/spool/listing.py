@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from activation.clock import iso_from_epoch
-from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, dead_letter_record, peek_record, read_record, result_record
+from activation.spool.records import TaskRecord
 from activation.spool.result_index import ResultIndex
-from activation.spool.task import is_task_name, task_id_of
+from activation.spool.task import is_task_name, task_id_of, task_record
 
 PENDING = "pending"
 RUNNING = "running"
@@ -112,12 +113,9 @@ def _entries(folder: Path, since: float | None) -> list[_Entry]:
     return found
 
 
-def _peek(path: str) -> dict[str, Any] | None:
-    try:
-        data = read_json(Path(path))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def _task(path: str) -> TaskRecord | None:
+    """The task a pending or claimed file holds, or None (the listener dead-letters a bad one)."""
+    return peek_record(Path(path), task_record)
 
 
 def _int(value: object) -> int | None:
@@ -151,7 +149,7 @@ def running(spool: Spool, query: Query, now: float, remote: Remote | None = None
         for entry in sorted(entries, key=lambda e: e.ctime, reverse=True):
             if query.since is not None and entry.ctime < query.since:
                 continue
-            task = _peek(entry.path) or {}
+            task: TaskRecord | dict[str, Any] = _task(entry.path) or {}
             yield TaskRow(
                 task_id=task_id_of(entry.name),
                 worker=worker,
@@ -173,7 +171,7 @@ def _running_elsewhere(spool: Spool, query: Query, now: float, remote: Remote) -
         started = now - run.elapsed_s if run.elapsed_s is not None else now
         if query.since is not None and started < query.since:
             continue
-        task = _peek(str(path))
+        task = _task(str(path))
         if task is None:
             continue  # its result came back meanwhile (or it was never dispatched from here)
         yield TaskRow(
@@ -197,7 +195,7 @@ def pending(spool: Spool, query: Query, remote: Remote | None = None) -> Iterato
         if remote:
             entries = [e for e in entries if (worker, task_id_of(e.name)) not in remote]
         for entry in entries[: query.limit]:
-            task = _peek(entry.path) or {}
+            task: TaskRecord | dict[str, Any] = _task(entry.path) or {}
             yield TaskRow(
                 task_id=task_id_of(entry.name),
                 worker=worker,
@@ -209,9 +207,10 @@ def pending(spool: Spool, query: Query, remote: Remote | None = None) -> Iterato
             )
 
 
-def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
+def finished(spool: Spool, query: Query, skipped: list[str] | None = None) -> Iterator[TaskRow]:
     """Results of every worker, newest first; reads only as many files as it yields (plus the
-    ones whose status the query filters out)."""
+    ones whose status the query filters out). A result file that is no result (hostile,
+    hand-edited) is skipped, its one-line error appended to ``skipped``."""
     wanted = set(query.states) & set(FINISHED)
     if not wanted:
         return
@@ -221,10 +220,15 @@ def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
     if wanted == set(FINISHED) and query.limit is not None:
         ordered = itertools.islice(ordered, query.limit)
     for mtime, name, path, worker in ordered:
-        result = _peek(path)
-        if result is None:
+        try:
+            result = read_record(Path(path), result_record)
+        except FileNotFoundError:  # purged while we looked
             continue
-        state = _RESULT_STATES.get(str(result.get("status")), FAILED)
+        except (OSError, BadRecord) as exc:
+            if skipped is not None:
+                skipped.append(f"{worker}/{exc}" if isinstance(exc, BadRecord) else f"{path}: {exc}")
+            continue
+        state = _RESULT_STATES[result["status"]]
         if state not in wanted:
             continue
         yield TaskRow(
@@ -232,9 +236,9 @@ def finished(spool: Spool, query: Query) -> Iterator[TaskRow]:
             worker=worker,
             state=state,
             since=mtime,
-            attempt=_int(result.get("attempts")),
+            attempt=result.get("attempts"),
             duration_s=_float(result.get("duration_s")),
-            exit_code=_int(result.get("exit_code")),
+            exit_code=result.get("exit_code"),
             description=_short(result.get("description")),
             path=path,
         )
@@ -249,12 +253,19 @@ def dead(spool: Spool, query: Query) -> Iterator[TaskRow]:
     """Dead letters, newest first, of the queried workers."""
     entries = sorted(_entries(spool.dead_letter_dir, query.since), key=lambda e: e.mtime, reverse=True)
     for entry in entries:
-        record = _peek(entry.path) or {}
-        worker = record.get("worker") if isinstance(record.get("worker"), str) else None
+        try:
+            record = read_record(Path(entry.path), dead_letter_record)
+        except FileNotFoundError:  # retried or purged while we looked
+            continue
+        except (OSError, BadRecord) as exc:  # still a task given up on: listed, with what is wrong
+            if not query.workers:
+                detail = f"unreadable: {exc}"
+                yield TaskRow(task_id_of(entry.name), None, DEAD, entry.mtime, detail=detail, path=entry.path)
+            continue
+        worker = record.get("worker")
         if query.workers and worker not in query.workers:
             continue
-        original = record.get("task")
-        task: dict[str, Any] = original if isinstance(original, dict) else {}
+        task = record.get("task", {})
         yield TaskRow(
             task_id=task_id_of(entry.name),
             worker=worker,
@@ -267,9 +278,17 @@ def dead(spool: Spool, query: Query) -> Iterator[TaskRow]:
         )
 
 
-def list_tasks(spool: Spool, query: Query, *, now: float | None = None, remote: Remote | None = None) -> list[TaskRow]:
+def list_tasks(
+    spool: Spool,
+    query: Query,
+    *,
+    now: float | None = None,
+    remote: Remote | None = None,
+    skipped: list[str] | None = None,
+) -> list[TaskRow]:
     """Running first, then pending (next first), then finished and dead, newest first; at most
-    ``query.limit`` rows. ``remote``: outbox tasks that replicas hold (streams mode) run."""
+    ``query.limit`` rows. ``remote``: outbox tasks that replicas hold (streams mode) run.
+    ``skipped`` collects a line for each result file that was no result."""
     now = time.time() if now is None else now
     rows: list[TaskRow] = []
     limit = query.limit
@@ -291,7 +310,7 @@ def list_tasks(spool: Spool, query: Query, *, now: float | None = None, remote: 
         return rows
     rest = Query(query.workers, query.states, query.since, None if limit is None else limit - len(rows))
     tail = heapq.merge(
-        finished(spool, rest), dead(spool, rest) if DEAD in query.states else iter(()), key=lambda r: -r.since
+        finished(spool, rest, skipped), dead(spool, rest) if DEAD in query.states else iter(()), key=lambda r: -r.since
     )
     for row in tail:
         if full():

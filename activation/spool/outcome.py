@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import cast
 
-from activation.spool.atomic import atomic_write_json, read_json
+from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
+from activation.spool.readers import peek_record, result_record
 from activation.spool.records import ResultRecord
 from activation.spool.task import is_valid_task_id
 
@@ -44,13 +44,7 @@ def saved_outcomes(spool: Spool, worker: str) -> list[str]:
 
 def load_outcome(spool: Spool, worker: str, task_id: str) -> ResultRecord | None:
     """The saved result, or None when it is absent or unreadable (then it is no outcome at all)."""
-    try:
-        result = read_json(outcome_path(spool, worker, task_id))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(result, dict) or result.get("task_id") != task_id:
-        return None
-    return cast(ResultRecord, result)  # our own executor wrote it, from a ResultRecord
+    return peek_record(outcome_path(spool, worker, task_id), lambda value: result_record(value, task_id=task_id))
 
 
 def drop_outcome(spool: Spool, worker: str, task_id: str) -> None:

@@ -9,7 +9,7 @@ hostile file holds.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, Required, TypedDict
+from typing import Any, Literal, Required, TypedDict
 
 ResultStatus = Literal["completed", "failed", "timeout", "cancelled"]
 
@@ -31,21 +31,26 @@ class Resources(TypedDict):
     rss_peak_bytes: int
 
 
-class ResultRecord(TypedDict):
-    """``results/<worker>/<task_id>.json``: exactly one per task, written by the executor."""
+class ResultRecord(TypedDict, total=False):
+    """``results/<worker>/<task_id>.json``: exactly one per task, written by the executor.
 
-    task_id: str
+    The executor writes every field; a cancel of a task that never ran writes fewer (no
+    ``signal``, ``resources``, ...) and nulls where nothing ran. A reader (spool/readers.py)
+    is promised only ``task_id`` and ``status``, and the type of any other field that is there.
+    """
+
+    task_id: Required[str]
     worker: str
-    status: ResultStatus
-    exit_code: int
+    status: Required[ResultStatus]
+    exit_code: int | None  # None: no agent ran (cancelled while pending)
     signal: str | None
     attempts: int
-    description: str
+    description: str | None
     created_at: str | None
-    started_at: str
-    finished_at: str
-    duration_s: float
-    activation_latency_ms: float
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float | None
+    activation_latency_ms: float | None
     source: str  # the wake source that queued it
     stdout: str
     stderr: str
@@ -57,49 +62,57 @@ class ResultRecord(TypedDict):
     metadata: dict[str, Any]
     # How the tree was stopped when activation stopped it (timeout or cancel), for `show`:
     # {"reason": "timeout"|"cancelled", "timeout_s", "kill_grace_s", "signals": ["SIGINT", "SIGKILL"]}
-    kill: NotRequired[KillRecord]
-    cancelled: NotRequired[dict[str, Any]]  # {"at", "by", "while": "pending"|"running"}
-    output_limit: NotRequired[int]  # when truncated: bytes of each stream the result keeps
+    kill: KillRecord
+    cancelled: dict[str, Any]  # {"at", "by", "while": "pending"|"running"}
+    output_limit: int  # when truncated: bytes of each stream the result keeps
 
 
-class KillRecord(TypedDict):
+class KillRecord(TypedDict, total=False):
     reason: str
-    timeout_s: float
-    kill_grace_s: float
+    timeout_s: float | None
+    kill_grace_s: float | None
     signals: list[str]
 
 
-class DeadLetterRecord(TypedDict):
-    """``tasks/.dead_letter/<key>.json``: a task given up on, with the reason."""
+class DeadLetterRecord(TypedDict, total=False):
+    """``tasks/.dead_letter/<key>.json``: a task given up on, with the reason.
+
+    Its writer (Spool.dead_letter) sets every field but ``task``/``raw`` (one of the two); a
+    reader is promised only ``reason``, and the type of any other field that is there.
+    """
 
     task_id: str | None  # None when the file's name was no valid task id
     worker: str | None
-    reason: str  # a machine-readable reason: invalid_json, max_attempts, orphaned, ...
-    detail: str
-    dead_at: str
-    source: str  # the path it came from
-    task: NotRequired[dict[str, Any]]  # the parsed task, when it parsed as a JSON object
-    raw: NotRequired[str]  # otherwise: where the original file was moved
+    reason: Required[str]  # a machine-readable reason: invalid_json, max_attempts, orphaned, ...
+    detail: str | None
+    dead_at: str | None
+    source: str | None  # the path it came from
+    task: dict[str, Any]  # the parsed task, when it parsed as a JSON object
+    raw: str  # otherwise: where the original file was moved
 
 
 class HeartbeatRecord(TypedDict, total=False):
-    """``heartbeats/<worker>.json``: the worker's last sign of life, written by its heartbeat."""
+    """``heartbeats/<worker>.json``: the worker's last sign of life, written by its heartbeat.
+
+    The heartbeat writes every field; a reader is promised only ``worker``, and the type of any
+    other field that is there.
+    """
 
     worker: Required[str]
-    state: Required[str]  # running | restarting | stopped
+    state: str  # running | restarting | stopped
     host: str
-    pid: int
-    timestamp: str  # UTC, ISO 8601: for people; no decision compares it with another clock
-    epoch: float
-    interval_s: float
-    started_at: str
+    pid: int | None
+    timestamp: str | None  # UTC, ISO 8601: for people; no decision compares it with another clock
+    epoch: float | None
+    interval_s: float | None
+    started_at: str | None
     current_task: str | None
-    queue_size: int
+    queue_size: int | None
     counts: dict[str, int]
     programs: dict[str, str] | None  # supervisord's state of each program
     listener: dict[str, Any] | None
     wake_sources: list[str]
     executor: dict[str, Any] | None  # the executor's liveness and condition, while running
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] | None
     redis: str | None  # up | down, None without Redis
-    version: str
+    version: str | None

@@ -30,6 +30,7 @@ class LiveStatus:
     results_total: int = 0
     recent: dict[str, int] = field(default_factory=dict)  # by state, over RECENT_WINDOW_S
     recent_capped: bool = False  # True: more than RECENT_CAP results in the window; counts are the newest
+    unreadable: list[str] = field(default_factory=list)  # result files in the window that are no result
 
     @property
     def worker(self) -> str:
@@ -45,6 +46,7 @@ class LiveStatus:
             recent_counts=self.recent,
             recent_window_s=RECENT_WINDOW_S,
             recent_capped=self.recent_capped,
+            unreadable_results=self.unreadable,
             heartbeat_current_task=self.health.current_task,
             heartbeat_queue_size=self.health.queue_size,
         )
@@ -63,7 +65,8 @@ def live(spool: Spool, health: WorkerHealth, *, now: float | None = None) -> Liv
     recent: dict[str, int] = {}
     query = Query(workers=(worker,), states=FINISHED, since=now - RECENT_WINDOW_S, limit=RECENT_CAP)
     seen = 0
-    for row in finished(spool, query):
+    unreadable: list[str] = []
+    for row in finished(spool, query, unreadable):
         recent[row.state] = recent.get(row.state, 0) + 1
         seen += 1
     return LiveStatus(
@@ -74,6 +77,7 @@ def live(spool: Spool, health: WorkerHealth, *, now: float | None = None) -> Liv
         results_total=count_results(spool, worker),
         recent=recent,
         recent_capped=seen >= RECENT_CAP,
+        unreadable=unreadable,
     )
 
 

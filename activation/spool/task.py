@@ -15,10 +15,11 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from activation.errors import BadTask, NotReady
 from activation.spool import codec
+from activation.spool.records import TaskRecord
 
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_TASK_BYTES = 1024 * 1024
@@ -107,6 +108,17 @@ def parse_task(data: bytes, expected_id: str, *, max_timeout: float | None = Non
     except BadTask as exc:
         raise BadTask(exc.reason, exc.detail, task) from None
     return task
+
+
+def task_record(value: Any, expected_id: str | None = None, *, max_timeout: float | None = None) -> TaskRecord:
+    """A task file's (or a claim's, an outbox's) parsed value as a TaskRecord; raises BadTask.
+
+    The one reader of a task: the listener's validation, for every reader that uses a field.
+    """
+    if not isinstance(value, dict):
+        raise BadTask(NOT_AN_OBJECT, f"a task is a JSON object, got {type(value).__name__}")
+    validate_task(value, expected_id, max_timeout=max_timeout)
+    return cast(TaskRecord, value)
 
 
 def validate_task(task: dict[str, Any], expected_id: str | None, *, max_timeout: float | None = None) -> None:

@@ -25,8 +25,10 @@ def write_results(spool: Spool, worker: str, count: int, response_ms: float, pre
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for i in range(count):
-        result = {"task_id": f"{prefix}{i:06d}", "created_at": iso(now - response_ms / 1000), "finished_at": iso(now)}
-        (folder / f"{prefix}{i:06d}.json").write_text(json.dumps(result))
+        task_id = f"{prefix}{i:06d}"
+        created = iso(now - response_ms / 1000)
+        result = {"task_id": task_id, "status": "completed", "created_at": created, "finished_at": iso(now)}
+        (folder / f"{task_id}.json").write_text(json.dumps(result))
 
 
 # -- decide: one test per rule ---------------------------------------------------------------

@@ -129,11 +129,11 @@ def test_tasks_reads_at_most_limit_results(spool, monkeypatch):
     spool.init(["marie"])
     for i in range(300):
         _result(spool, "marie", f"t{i:04d}", "completed", age=1000 - i)
-    import activation.spool.listing as listing
+    import activation.spool.readers as readers
 
     reads = []
-    real = listing.read_json
-    monkeypatch.setattr(listing, "read_json", lambda p: reads.append(p) or real(p))
+    real = readers.read_json
+    monkeypatch.setattr(readers, "read_json", lambda p: reads.append(p) or real(p))
     rows = list_tasks(spool, Query(limit=10))
     assert [r.task_id for r in rows] == [f"t{i:04d}" for i in range(299, 289, -1)]
     assert len(reads) == 10
@@ -436,3 +436,76 @@ def test_make_up_with_claude_on_path_uses_the_json_envelope_and_a_workdir_per_wo
     )
     assert localstack.agent_command(own)[0] == "claude -p -- {description}"
     assert localstack.worker_environment(own, "marie", 0, "x")["ACTIVATION_AGENT_WORKDIR"] == "/srv"
+
+
+# -- records another process wrote are not trusted (spool/readers.py) ----------------------------
+
+HOSTILE_RESULTS = [
+    b'{"task_id": "bad-1", "status": "completed", "duration_s": "fast"}',  # ill-typed
+    b'{"task_id": "bad-1", "stat',  # truncated
+    b"[1, 2, 3]",
+    b'{"task_id": "bad-1", "status": {"nested": true}, "exit_code": []}',
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE_RESULTS)
+def test_a_hostile_result_is_one_note_in_tasks_status_and_show(spool, cli, data):
+    _result(spool, "marie", "ok-1", "completed")
+    spool.result_path("marie", "bad-1").write_bytes(data)
+
+    listed = cli("tasks")
+    assert listed.exit_code == 0, listed.output
+    assert "ok-1" in listed.output and "bad-1" not in listed.output.splitlines()[1]
+    (note,) = [line for line in listed.output.splitlines() if line.startswith("note:")]
+    assert "skipped 1 result file(s)" in note and "marie/bad-1.json" in note
+
+    status = cli("status", "marie")
+    assert "note: skipped 1 result file(s)" in status.output and "done=1" in status.output
+
+    shown = cli("show", "bad-1")
+    assert shown.exit_code == 1
+    assert shown.output.splitlines()[0].startswith("bad-1: done (worker marie")
+    (error,) = [line for line in shown.output.splitlines() if line.startswith("activation: ")]
+    assert "bad-1.json" in error and "Traceback" not in shown.output
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"worker": "marie", "state": "running", "epoch": "now", "programs": null}',
+        b'{"worker": "marie", "state": "running", "epoch": 1e999, "counts": {"completed": "3"}}',
+        b'{"worker": "anga", "state": "running"}',  # another worker's name in marie's file
+        b'{"worker": "marie", "programs": ["RUNNING"]}',
+        b"\xff\xfe{",
+    ],
+)
+def test_a_hostile_heartbeat_makes_an_honest_sick_status_in_one_line(spool, cli, data):
+    spool.heartbeat_path("marie").write_bytes(data)
+    out = cli("status", "marie")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "SICK" in out.output and "problems: unreadable heartbeat: marie.json: " in out.output
+    (data_out,) = json.loads(cli("status", "marie", "--json").output)
+    assert data_out["healthy"] is False and data_out["alive"] is False
+
+
+def test_a_hostile_dead_letter_is_one_note_in_dlq_list_tasks_and_show(spool, cli):
+    _dead(spool, "fix-7")
+    atomic_write_json(spool.dead_letter_path("bad-2"), {"task_id": "bad-2", "reason": 42, "dead_at": ["x"]})
+    spool.dead_letter_path("bad-3").write_bytes(b'{"task_id": "bad-3", "rea')
+
+    listed = cli("dlq", "list")
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[1].startswith("fix-7") and len(lines) == 3
+    assert lines[2].startswith("note: skipped 2 dead-letter record(s) that are not valid: bad-")
+    as_json = cli("dlq", "list", "--json")
+    assert [d["id"] for d in json.loads(as_json.stdout)] == ["fix-7"]
+
+    tasks = cli("tasks", "--state", "dead").output
+    assert "unreadable: bad-2.json: dead letter: reason must be a non-empty string, got int" in tasks
+
+    for command in (("show", "bad-2"), ("dlq", "show", "bad-3")):
+        out = cli(*command)
+        assert out.exit_code == 1 and "Traceback" not in out.output
+        (error,) = [line for line in out.output.splitlines() if line.startswith("activation: ")]
+        assert "bad-" in error, out.output
