@@ -200,8 +200,16 @@ def test_sigkilled_programs_leave_no_stale_or_doubled_gauges(make_tree):
     # Once the blocker is done the queue drains: a dead heartbeat's "3" must not linger.
     for task_id in ("blocker", "waiting-0", "waiting-1", "waiting-2"):
         tree.wait_result(task_id, 90)
-    samples = scrape_until(tree, lambda s: get(s, "task_queue_size", worker="w1") == 0, "queue size back to 0")
-    assert get(samples, "tasks_completed_total", worker="w1", status="completed") == 4
+    # The executor writes its samples a moment after its last change (observability/samples.py):
+    # wait for its count too, not only for the heartbeat's queue size.
+    samples = scrape_until(
+        tree,
+        lambda s: (
+            get(s, "task_queue_size", worker="w1") == 0
+            and get(s, "tasks_completed_total", worker="w1", status="completed") == 4
+        ),
+        "queue size back to 0 and 4 completed",
+    )
     assert get(samples, "worker_up") == 1
     assert not {old_heartbeat, old_listener} & live_gauge_pids(tree)
     assert all(psutil.pid_exists(pid) for pid in live_gauge_pids(tree))
