@@ -195,13 +195,20 @@ def acquire(
     mine = tree_id(run_dir) or ""
     path = lock_path(spool, worker, program)
     deadline = clock() + wait
+    reason = f"worker {worker}'s lock {mutex_path(spool, worker)} stayed taken"
     while True:
-        refusal = _try_acquire(spool, worker, program, mine, path)
-        if isinstance(refusal, ProgramLock):
-            return refusal
+        outcome = _try_acquire(spool, worker, program, mine, path)
+        if isinstance(outcome, ProgramLock):
+            return outcome
+        # A busy mutex says nothing about who owns the worker: refuse with the last real reason.
+        if outcome is not MUTEX_BUSY:
+            reason = outcome
         if clock() >= deadline:
-            raise WorkerOwned(refusal)
+            raise WorkerOwned(reason)
         sleep(RETRY_EVERY)
+
+
+MUTEX_BUSY = "mutex busy"
 
 
 def _try_acquire(spool: Spool, worker: str, program: str, mine: str, path: Path) -> ProgramLock | str:
@@ -209,7 +216,7 @@ def _try_acquire(spool: Spool, worker: str, program: str, mine: str, path: Path)
     assert mutex is not None
     try:
         if not _try_flock(mutex):  # held for microseconds by whoever has it: look again soon
-            return f"worker {worker}'s lock {mutex_path(spool, worker)} stayed taken"
+            return MUTEX_BUSY
         for other in PROGRAMS:
             if other == program:
                 continue

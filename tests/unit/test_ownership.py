@@ -58,6 +58,35 @@ def test_a_second_tree_is_refused_with_one_line_naming_the_owner(spool, run_dir,
         mine.release()
 
 
+def test_a_refusal_names_the_owner_even_when_the_mutex_is_busy_at_the_deadline(spool, run_dir, other_run_dir):
+    # The other programs of the refused tree retry under the same mutex: the last look may find it
+    # busy. The refusal still names the owner seen before, not the mutex (CI caught that line).
+    mine = ownership.acquire(spool, W, "listener", run_dir)
+    fake = NoWait()
+    with open(ownership.mutex_path(spool, W), "rb") as mutex:
+
+        def sleep(seconds: float) -> None:
+            fake.sleep(seconds)
+            if fake.now + seconds >= ownership.OWNERSHIP_WAIT:  # the last attempt comes next
+                fcntl.flock(mutex, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        try:
+            with pytest.raises(ownership.WorkerOwned) as refused:
+                ownership.acquire(spool, W, "executor", other_run_dir, clock=fake.clock, sleep=sleep)
+            assert "run by another tree" in str(refused.value) and "listener pid" in str(refused.value)
+        finally:
+            mine.release()
+
+
+def test_a_busy_mutex_alone_is_named_when_nothing_else_was_seen(spool, run_dir):
+    ownership.locks_dir(spool).mkdir(parents=True, exist_ok=True)
+    with open(ownership.mutex_path(spool, W), "ab") as mutex:
+        fcntl.flock(mutex, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fake = NoWait()
+        with pytest.raises(ownership.WorkerOwned, match="stayed taken"):
+            ownership.acquire(spool, W, "executor", run_dir, clock=fake.clock, sleep=fake.sleep)
+
+
 def test_the_programs_of_one_tree_share_the_worker(spool, run_dir):
     locks = [ownership.acquire(spool, W, program, run_dir) for program in ownership.PROGRAMS]
     try:
