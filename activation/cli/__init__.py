@@ -218,9 +218,7 @@ def cancel(obj: Context, task_id: str, no_wait: bool, wait_timeout: float, as_js
     """
     from activation.cli.cancelling import cancel_and_wait
 
-    cancel_and_wait(
-        obj.spool, task_id, wait=not no_wait, timeout=wait_timeout, as_json=as_json, settings=obj.settings
-    )
+    cancel_and_wait(obj.spool, task_id, wait=not no_wait, timeout=wait_timeout, as_json=as_json, settings=obj.settings)
 
 
 # -- the programs supervisord runs ------------------------------------------------------------
@@ -309,8 +307,8 @@ def check(obj: Context, worker: str) -> None:
 def _streams_health(obj: Context, worker: str, local: Any) -> Any:
     """In streams mode: the worker's own container keeps its heartbeat file, and needs Redis too;
     anywhere else (the orchestrator's host) only the replicas' heartbeats in Redis tell."""
+    from activation.errors import StreamsError
     from activation.orchestrator.relay import StreamsRelay, role_health
-    from activation.transport.streams.connect import StreamsError
 
     relay = StreamsRelay(obj.spool, obj.settings)
     try:

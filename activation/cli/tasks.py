@@ -190,6 +190,7 @@ def streams_statuses(
 ) -> tuple[list[LiveStatus], dict[str, dict[str, dict[str, Any]]]]:
     """In streams mode: each role's health from its replicas' heartbeats in Redis, and the replicas."""
     from activation.orchestrator.relay import StreamsRelay, role_health
+
     relay = StreamsRelay(spool, settings)
     replicas: dict[str, dict[str, dict[str, Any]]] = {}
     error = None

@@ -137,9 +137,7 @@ ROUTES = _routes()
 
 def index() -> dict[str, Any]:
     """``GET /``: what this API answers, so that a newcomer's first request is not a 404."""
-    routes = [
-        {"method": r.method, "path": r.pattern.pattern.strip("^$").replace("([^/]+)", "<id>")} for r in ROUTES
-    ]
+    routes = [{"method": r.method, "path": r.pattern.pattern.strip("^$").replace("([^/]+)", "<id>")} for r in ROUTES]
     return {"service": "activation orchestrator admin API", "routes": routes}
 
 

@@ -24,13 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 from activation.config import WORKER_NAME_PATTERN, Settings, redact_url
-from activation.errors import Unavailable
+from activation.errors import StreamsError, Unavailable
 from activation.spool.health import WorkerHealth
 from activation.spool.layout import Spool
 from activation.transport.redis_link import Outage
 from activation.transport.streams import outbox
 from activation.transport.streams.client import StreamsTransport
-from activation.transport.streams.connect import REDIS_ERRORS, RedisClient, StreamsError, connect
+from activation.transport.streams.connect import REDIS_ERRORS, RedisClient, connect
 from activation.transport.streams.keys import StreamKeys
 
 log = logging.getLogger("activation.orchestrator")

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from activation.clock import SYSTEM_CLOCK, Clock, iso_now
 from activation.config import ORCHESTRATOR_MODES, Settings
-from activation.errors import ActivationError, Broken, Conflict, Invalid, NotFound, Unavailable
+from activation.errors import ActivationError, Broken, Conflict, Invalid, NotFound, StreamsError, Unavailable
 from activation.lifecycle import Program
 from activation.orchestrator import recovery
 from activation.orchestrator.adaptive import MODE_CODES, Decision, ResultWindow, Snapshot, Thresholds, decide
@@ -36,7 +36,6 @@ from activation.spool.readers import BadRecord, dead_letter_record, read_record,
 from activation.spool.retention import Sweeper
 from activation.spool.status import live
 from activation.transport.pubsub import EventsError
-from activation.transport.streams.connect import StreamsError
 
 REFRESH_INTERVAL = 2.0  # seconds between metric refreshes: "every few seconds", and cheap
 REFRESH_COST_FACTOR = 10.0  # wait at least this many times as long as the last refresh took
@@ -390,8 +389,7 @@ class Orchestrator(Program):
 
     def set_mode(self, mode: Any) -> dict[str, Any]:
         if not isinstance(mode, str) or mode.strip().lower() not in ORCHESTRATOR_MODES:
-            raise Invalid(f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {ascii(mode)[:80]}"
-            )
+            raise Invalid(f"mode must be one of {', '.join(ORCHESTRATOR_MODES)}, got {ascii(mode)[:80]}")
         mode = mode.strip().lower()
         with self._mode_lock:
             try:
@@ -501,4 +499,3 @@ class Orchestrator(Program):
 
     def _dispatchable(self) -> list[str]:
         return [w for w in self.spool.workers() if self.spool.inbox(w).is_dir()]
-

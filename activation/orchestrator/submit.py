@@ -151,9 +151,9 @@ class Dispatcher:
         return Sent(task["task_id"], worker, written.transport, chosen.rule, written.fallback)
 
     def _by_stream(self, worker: str, task: dict[str, Any]) -> Sent:
+        from activation.errors import StreamsError
         from activation.transport.streams import outbox
         from activation.transport.streams.client import DUPLICATE
-        from activation.transport.streams.connect import StreamsError
 
         assert self.streams is not None, "streams mode needs a streams transport"
         try:

@@ -34,6 +34,7 @@ import psutil
 import pytest
 import redis as redis_py
 
+from activation.errors import StreamsError
 from activation.orchestrator.dispatch import EventPublisher, build_task, dispatch
 from activation.spool.atomic import read_json
 from activation.spool.audit import audit
@@ -41,7 +42,6 @@ from activation.spool.layout import Spool
 from activation.spool.task import MAX_TASK_BYTES, is_task_name, task_id_of
 from activation.transport.streams import outbox
 from activation.transport.streams.client import StreamsTransport
-from activation.transport.streams.connect import StreamsError
 from activation.transport.streams.keys import StreamKeys
 from activation.worker.containment import STRAY_MARKER, containment_id
 from tests.harness import RedisServer, WorkerTree, new_orchestrator, new_tree, wait_until

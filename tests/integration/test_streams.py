@@ -499,7 +499,8 @@ def test_a_renewal_against_a_hung_redis_fails_within_the_socket_timeout_instead_
     import signal
 
     from activation.config import load_settings
-    from activation.transport.streams.connect import StreamsError, connect
+    from activation.errors import StreamsError
+    from activation.transport.streams.connect import connect
 
     settings = load_settings(env={"REDIS_URL": redis_server.url})
     keeper_client = connect(settings, socket_timeout=0.3)

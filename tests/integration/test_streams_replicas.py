@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from activation.transport.streams.connect import StreamsError
+from activation.errors import StreamsError
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
 from tests.harness import ROOT, RedisServer

@@ -12,10 +12,11 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from activation.config import load_settings
+from activation.errors import StreamsError
 from activation.transport.streams import client as streams
 from activation.transport.streams import scripts
 from activation.transport.streams.client import StreamsTransport
-from activation.transport.streams.connect import StreamsError, connect
+from activation.transport.streams.connect import connect
 from activation.transport.streams.keys import StreamKeys
 from tests.conftest import wait_for
 from tests.redis_topologies import RedisClusterOfThree, SentinelSet

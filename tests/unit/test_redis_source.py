@@ -155,6 +155,7 @@ def test_each_hostile_message_is_refused_counted_and_survived(
     before = refused(reason)
     with caplog.at_level(logging.WARNING, logger="activation.listener"):
         publish(build(inbox, other))
+
         # The count goes up just before the line is logged, on the source's thread: wait for both.
         def logged() -> bool:
             return any("refused a message" in r.getMessage() and reason in r.getMessage() for r in caplog.records)

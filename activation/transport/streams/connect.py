@@ -19,7 +19,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from activation.config import Settings, redact_url
-from activation.errors import StreamsError as StreamsError  # raised here; defined without redis
+from activation.errors import StreamsError
 from activation.transport.pubsub import describe
 
 RedisClient = redis.Redis | RedisCluster
