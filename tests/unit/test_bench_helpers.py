@@ -208,3 +208,24 @@ def test_the_report_puts_each_streams_figure_beside_its_target():
     reclaimed = next(line for line in lines if "reclaim #1" in line)
     assert "7000 ms" in reclaimed and "3000 ms past lease expiry" in reclaimed and reclaimed.endswith("NOT met")
     assert "104858 B/result" in text
+
+
+def _profiled_step(n: int) -> int:
+    return sum(range(n))
+
+
+def test_the_profile_probe_sums_a_steps_cumulative_time_and_calls_from_pstats(tmp_path):
+    import cProfile
+    import pstats
+
+    from benchmarks.profile_path import cumulative_ms
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(3):
+        _profiled_step(10_000)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    total, calls = cumulative_ms(stats, ("tests/unit/test_bench_helpers.py", "_profiled_step"))
+    assert calls == 3 and total > 0
+    assert cumulative_ms(stats, ("elsewhere.py", "_profiled_step")) == (0.0, 0)
