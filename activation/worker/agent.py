@@ -1,4 +1,4 @@
-"""Running one agent process tree: its argv, its environment, its output, its deadline, its end.
+"""Running one agent process tree: its output, its deadline, its end.
 
 It knows nothing of the spool. `run_agent` starts the agent in a new session with stdin from
 /dev/null, keeps the first ``output_limit`` bytes of each stream, and makes sure that when it
@@ -8,20 +8,7 @@ that exited by itself get the same treatment. The tree is the agent's cgroup whe
 (containment.py); otherwise it is what psutil finds below this process, which for descendants
 whose parent already exited needs this process to be a child subreaper (`become_subreaper`).
 
-What the agent gets:
-- argv: ``shlex.split(ACTIVATION_AGENT_COMMAND)`` with ``{description}`` and ``{task_id}``
-  replaced inside each word, so the description is always part of exactly one argument, whatever
-  it contains. No shell ever sees it, and no option parser: config.agent_words refuses a template
-  whose ``{description}`` is not after ``--`` (or an option's ``=value``).
-- environment: the executor's own, minus activation's secrets (``ACTIVATION_ADMIN_TOKEN``,
-  ``REDIS_URL``, ``REDIS_PASSWORD``, ``ACTIVATION_QUEUE_KEY``, any ``ACTIVATION_*_TOKEN``,
-  ``*_PASSWORD`` or ``*_KEY``, and the ``*_FILE`` variables naming them), minus the ways into the
-  worker (``ACTIVATION_RUN_DIR``, supervisord's ``SUPERVISOR_*``) and ``PROMETHEUS_MULTIPROC_DIR``;
-  plus ``ACTIVATION_TASK_ID``, ``ACTIVATION_ATTEMPT`` (the run's number: attempts + 1 in files mode,
-  the delivery count in streams mode, the same number), ``ACTIVATION_WORKER`` and
-  ``ACTIVATION_AGENT_OF`` (an opaque id of the executor, not its run folder, by which a restarted
-  executor without cgroups finds what a SIGKILLed one left running).
-  Everything else, such as ``ANTHROPIC_API_KEY``, ``HOME`` or ``IS_SANDBOX``, passes through.
+What the agent gets, besides its argv and environment (agent_inputs.py):
 - stdin: /dev/null (``claude -p`` waits 3 s for an open stdin), or the description itself when it
   is too long for argv (spawn.py decides); stdout and stderr: pipes.
 - its own session (setsid), so a terminal's Ctrl-C or supervisord's group signals never reach it.
@@ -30,10 +17,8 @@ What the agent gets:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import re
 import resource
 import selectors
 import signal
@@ -44,7 +29,6 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from activation.config import SECRET_FILE_SUFFIX, SECRET_VARIABLES, agent_words
 from activation.procctl import PR_SET_CHILD_SUBREAPER, prctl
 from activation.worker.containment import TaskCgroups
 
@@ -59,7 +43,6 @@ KILL_BOUND = 5.0  # SIGKILL rounds stop after this; only a process stuck in the 
 # Past output_limit, stdout's last bytes are still kept: a stream-json run ends with its envelope.
 STDOUT_TAIL = 1024 * 1024
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _subreaper = False  # whether this process adopts orphans (and so may reap any zombie child)
 
 
@@ -77,57 +60,6 @@ def become_subreaper(enable: bool = True) -> bool:
         return False
     _subreaper = enable
     return True
-
-
-@functools.lru_cache(maxsize=8)
-def _split_template(template: str) -> tuple[str, ...]:
-    return agent_words(template)  # refuses a template in which a description could be an option
-
-
-def build_argv(template: str, description: str, **fields: object) -> list[str]:
-    """The agent's argv: the template split like a shell would, placeholders filled word by word.
-
-    The template is split first and filled afterwards, in a single pass, so nothing in the
-    description (quotes, spaces, ``$(...)``, a ``{task_id}`` of its own) can change the words.
-    Unknown placeholders are left as they are.
-    """
-    values = {"description": description, **{key: str(value) for key, value in fields.items()}}
-
-    def fill(match: re.Match[str]) -> str:
-        return values.get(match.group(1), match.group(0))
-
-    return [_PLACEHOLDER.sub(fill, word) if "{" in word else word for word in _split_template(template)]
-
-
-def is_secret(name: str) -> bool:
-    """Whether an environment variable is one of activation's own secrets."""
-    name = name.removesuffix(SECRET_FILE_SUFFIX)  # where a secret lives is none of the agent's business
-    return name in SECRET_VARIABLES or (
-        name.startswith("ACTIVATION_") and name.endswith(("_TOKEN", "_PASSWORD", "_KEY"))
-    )
-
-
-# Not secrets, but ways in: the run folder (queue socket, supervisord's socket) and supervisord's
-# own variables, SUPERVISOR_SERVER_URL among them, which it gives every program it starts.
-HIDDEN_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR", "ACTIVATION_RUN_DIR"})
-HIDDEN_PREFIXES = ("SUPERVISOR_",)
-
-
-def agent_environment(base: Mapping[str, str], task_id: str, worker: str, *, attempt: int = 1) -> dict[str, str]:
-    """The agent's environment: ``base`` without activation's secrets, plus the task's identity.
-
-    ``attempt`` (ACTIVATION_ATTEMPT, 1 for the first run) and ACTIVATION_TASK_ID let an agent make
-    its side effects idempotent: delivery is at least once, in both transports.
-    """
-    env = {
-        k: v
-        for k, v in base.items()
-        if k not in HIDDEN_VARIABLES and not k.startswith(HIDDEN_PREFIXES) and not is_secret(k)
-    }
-    env["ACTIVATION_TASK_ID"] = task_id
-    env["ACTIVATION_WORKER"] = worker
-    env["ACTIVATION_ATTEMPT"] = str(attempt)
-    return env
 
 
 @dataclass

@@ -3,7 +3,8 @@
 It owns the claim → run → result sequence, the recovery of ``.processing/`` at start, the drain
 on SIGTERM, and the two ways a worker degrades without losing anything: no task can start (the
 task waits in the inbox) and a result cannot be written (the run's outcome is held, only the write
-is retried). Running the agent's process tree is agent.py's job, telling whether it can start is
+is retried). Recovery is claim_recovery.py's, bringing a result to disk (or holding it) is
+finishing.py's, running the agent's process tree is agent.py's, telling whether it can start is
 spawn.py's, the liveness beat is liveness.py's, moves in the spool are spool's. The spool decides:
 whatever dies, a task is in the inbox, claimed, done or dead.
 """
@@ -19,29 +20,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from activation.config import Settings
-from activation.errors import ActivationError, BadTask, NotReady, QueueError, StreamsError
+from activation.errors import ActivationError, BadTask, NotReady, QueueError
 from activation.lifecycle import Program, StopFlag
 from activation.observability.samples import worker_metrics
 from activation.spool import cancel as cancels
-from activation.spool import outcome as outcomes
 from activation.spool import task as tasks
 from activation.spool import tasklog
-from activation.spool.atomic import remove_temp_files
-from activation.spool.claims import DROPPED, GAVE_UP, settle_claim
 from activation.spool.layout import Spool
 from activation.spool.records import ResultRecord
 from activation.transport.streams.lease import LeaseKeeper
 from activation.worker import liveness
-from activation.worker.agent import (
-    AgentRun,
-    agent_environment,
-    become_subreaper,
-    build_argv,
-    run_agent,
-)
+from activation.worker.agent import AgentRun, become_subreaper, run_agent
+from activation.worker.agent_inputs import agent_environment, build_argv
+from activation.worker.claim_recovery import ClaimRecovery
 from activation.worker.containment import STRAY_MARKER, TaskCgroups, contain_agents, containment_id
 from activation.worker.done_events import DoneEvents
-from activation.worker.result_record import FAILED, TIMEOUT, build_result, note_kill
+from activation.worker.finishing import Finisher
+from activation.worker.result_record import FAILED, build_result, note_kill
 from activation.worker.spawn import CannotStart, plan_launch, preflight
 from activation.worker.stream_answers import DEAD_LETTERED, IDLE_BLOCK, NOT_STREAMED, PUT_BACK
 from activation.worker.supervision import check_drain_fits
@@ -53,8 +48,6 @@ QUEUE_BACKOFF_MIN = 0.05
 QUEUE_BACKOFF_MAX = 1.0
 QUEUE_OUTAGE_GRACE = 5.0  # seconds without the listener before it is worth a WARNING
 QUEUE_RETRY_STARTING = 0.01  # seconds between attempts within that grace (the listener is starting)
-SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held result
-RESULT_WRITE_FAILED = "result_write_failed"
 SPOOL_ERROR = "spool_error"
 
 # Wake-ups whose time is when the file appeared: an event's, or a stream entry's (written into the
@@ -109,7 +102,7 @@ class Executor(Program):
         self._program = probe[0]
         workdir = settings.agent_workdir  # a missing one is a degraded worker (preflight), not a crash loop
         self._cwd = str(workdir) if workdir is not None else None
-        # The environment the settings were read from; agent.py strips the secrets.
+        # The environment the settings were read from; agent_inputs.py strips the secrets.
         self._environ = dict(settings.environ if environ is None else environ)
         self._client: WorkQueueClient | None = None
         self._drain_deadline: float | None = None
@@ -123,13 +116,33 @@ class Executor(Program):
         self._queue_wait = liveness.beat_period(settings.heartbeat_interval)
         self.pulse = liveness.ExecutorBeat(settings.run_dir, self._queue_wait)
         self.condition = liveness.Condition(self.pulse, self.log, self.worker)
-        self._held = outcomes.HeldResults(self.spool, self.worker)  # finished runs, result not written yet
-        self._unsettled: set[str] = set()  # claims that recovery could not settle yet
         self._cancel: dict[str, Any] | None = None  # the cancel request of the running task, once seen
         self._streamed_run = False  # the running task came from the stream (a cancel may come that way)
         # ACTIVATION_TRANSPORT=streams: this executor is its replica's consumer of the task stream.
         self._feed = (
             _stream_feed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
+        )
+        self._finisher = Finisher(
+            self.spool,
+            self.worker,
+            log=self.log,
+            metrics=self.metrics,
+            condition=self.condition,
+            stopping=self.stopping,
+            wait=self._queue_wait,
+            done=self._done,
+            feed=self._feed,
+        )
+        self._recovery = ClaimRecovery(
+            self.spool,
+            self.worker,
+            max_attempts=settings.max_attempts,
+            log=self.log,
+            metrics=self.metrics,
+            finisher=self._finisher,
+            feed=self._feed,
+            beat=self.pulse.beat,
+            trouble=self._spool_trouble,
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -167,13 +180,14 @@ class Executor(Program):
 
     def loop(self) -> None:
         self.pulse.beat()
-        if self._held:
-            self._retry_held()
+        if self._finisher.held:
+            self._finisher.retry_held()
             return
-        if self._unsettled:
+        unsettled = self._recovery.unsettled
+        if unsettled:
             if self.condition.trouble is None or self.condition.trouble.retry_at <= time.monotonic():
-                self._settle_claims(sorted(self._unsettled))
-            if self._unsettled:
+                self._recovery.settle_claims(sorted(unsettled))
+            if unsettled:
                 self.stopping.wait(self._queue_wait)
                 return
         if self.condition.trouble is not None and not self._trouble_over():
@@ -196,7 +210,7 @@ class Executor(Program):
             self._idle_check()
 
     def shutdown(self) -> None:
-        self._flush_held()
+        self._finisher.flush_held(self._drain_deadline)
         if self._feed is not None:
             self._feed.give_back_inbox()
             self._feed.close()
@@ -252,74 +266,8 @@ class Executor(Program):
     # -- recovery ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Settle every claim a previous executor left in ``.processing/``.
-
-        Finished ones (a result exists) are dropped. The others crashed their executor, or were
-        running when it was killed: they go back to the inbox with ``attempts + 1``, or to the
-        dead letter once ``ACTIVATION_MAX_ATTEMPTS`` runs have started.
-        """
-        # Writes a killed executor cut short: it is the only writer of both folders (and of outcomes).
-        remove_temp_files(self.spool.processing(self.worker))
-        remove_temp_files(self.spool.results(self.worker))
-        held = self._settle_outcomes()
-        # A held outcome is written, never run again.
-        self._settle_claims([task_id for task_id in self.spool.claimed_ids(self.worker) if task_id not in held])
-        tasklog.remove_stray_logs(self.spool, self.worker)
-        cancels.remove_stale_requests(self.spool, self.worker)
-
-    def _settle_claims(self, task_ids: list[str]) -> None:
-        """Recover each claim; one the spool cannot take yet (a full disk) is retried from loop()."""
-        for task_id in task_ids:
-            self.pulse.beat()
-            try:
-                if self._feed is None or not self._feed.recover_claim(task_id):
-                    self._recover_claim(task_id)
-            except (OSError, StreamsError) as exc:
-                self._unsettled.add(task_id)
-                self._spool_trouble("cannot recover the claim of", task_id, exc)
-                continue
-            self._unsettled.discard(task_id)
-
-    def _settle_outcomes(self) -> set[str]:
-        """Finish the result writes a previous executor could not; the ids still waiting for theirs."""
-        for task_id in outcomes.saved_outcomes(self.spool, self.worker):
-            self.pulse.beat()
-            saved = None if self._feed is None else self._feed.saved_outcome(task_id)
-            if saved is not None:
-                self._held.hold(saved, saved=True)  # completed on the stream first, then written
-                continue
-            try:
-                tasklog.keep_log(self.spool, self.worker, task_id)  # before its result, as in a run
-                result = outcomes.settle_outcome(self.spool, self.worker, task_id)
-            except outcomes.UnwrittenOutcome as exc:
-                self._hold(exc.result, exc.error, saved=True)
-                continue
-            if result is not None:
-                self.log.info(
-                    "recovery: wrote the saved result of %s; its agent did not run again",
-                    task_id,
-                    extra=self._extra(task_id, "recovered"),
-                )
-                self._finished(result)
-        return set(self._held.results)
-
-    def _recover_claim(self, task_id: str) -> None:
-        if self._cancelled_while_away(task_id):
-            return
-        action = settle_claim(
-            self.spool,
-            self.worker,
-            task_id,
-            max_attempts=self.settings.max_attempts,
-            why="its executor stopped during the run",
-        )
-        if action is None:
-            return
-        extra = {"worker": self.worker, "task_id": task_id, "event": "recovered"}
-        if action.action == GAVE_UP:
-            self.metrics.tasks_dead_lettered.labels(self.worker, tasks.MAX_ATTEMPTS).inc()
-        level = logging.INFO if action.action == DROPPED else logging.WARNING
-        self.log.log(level, "recovery: %s %s: %s", action.action, task_id, action.detail, extra=extra)
+        """Settle every claim a previous executor left in ``.processing/`` (claim_recovery.py)."""
+        self._recovery.recover()
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -457,36 +405,9 @@ class Executor(Program):
         failed = result["status"] == FAILED
         self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
         tasklog.keep_log(self.spool, self.worker, task_id)  # before the result: a reader of it finds the whole log
-        if lease is not None:
-            cancels.clear_request(self.spool, self.worker, task_id)
-            return self._finish_streamed(result)
-        try:
-            outcomes.finish_write(self.spool, self.worker, result)
-        except OSError as exc:
-            # The run is done and paid for: keep its outcome and retry only the write.
-            self._hold(result, exc)
-            return None
-        cancels.clear_request(self.spool, self.worker, task_id)  # one that came too late is harmless
-        self._finished(result)
-        return result
+        return self._finisher.finish(result, streamed=lease is not None)
 
     # -- stopping one run: the drain deadline, or an operator's cancel ----------------------
-
-    def _cancelled_while_away(self, task_id: str) -> bool:
-        """Recovery: a claim whose cancel came while no executor ran is cancelled, not run again."""
-        request = cancels.cancel_requested(self.spool, self.worker, task_id)
-        if request is None or self.spool.has_result(self.worker, task_id):
-            return False
-        by = str(request.get("by") or "?")
-        at = request.get("at") if isinstance(request.get("at"), str) else None
-        cancels.settle_cancelled_claim(self.spool, self.worker, task_id, by=by, was="running", at=at)
-        self.log.warning(
-            "recovery: %s was cancelled (by %s) while its executor was down; it does not run again",
-            task_id,
-            by,
-            extra=self._extra(task_id, "recovered"),
-        )
-        return True
 
     def _should_abort(self, task_id: str) -> bool:
         """run_agent's abort check, each supervision tick: past the drain, or asked to cancel (one stat)."""
@@ -513,29 +434,6 @@ class Executor(Program):
             kill_grace=self.settings.kill_grace,
             output_limit=self.settings.output_limit,
             cancel=self._cancel,
-        )
-
-    def _finished(self, result: ResultRecord) -> None:
-        """A result is on disk: announce it, count it, log it."""
-        task_id, status = result["task_id"], result["status"]
-        if self._done is not None:
-            self._done.announce(task_id)  # after the write: a waiter woken by it finds the result
-        labels = (self.worker, status)
-        self.metrics.tasks_completed.labels(*labels).inc()
-        self.metrics.task_processing_seconds.labels(*labels).observe(float(result.get("duration_s") or 0.0))
-        latency = max(float(result.get("activation_latency_ms") or 0.0), 0.0) / 1000
-        self.metrics.activation_latency_seconds.labels(self.worker, str(result.get("source"))).observe(latency)
-        if status == TIMEOUT:
-            self.metrics.agent_timeouts.inc()
-        level = logging.WARNING if status in (FAILED, TIMEOUT) else logging.INFO  # failures stand out
-        self.log.log(
-            level,
-            "task %s %s (exit %s, %.3fs)",
-            task_id,
-            status,
-            result.get("exit_code"),
-            float(result.get("duration_s") or 0.0),
-            extra=self._extra(task_id, "task_finished"),
         )
 
     def _result(self, task: dict[str, Any], run: AgentRun, attempts: int, visible_ns: int, source: str) -> ResultRecord:
@@ -590,56 +488,6 @@ class Executor(Program):
         self.condition.degrade(problem.reason, f"{problem.detail}; tasks wait in the inbox", static=True)
         self.stopping.wait(self._queue_wait)
         return False
-
-    def _hold(self, result: ResultRecord, exc: OSError, *, saved: bool = False) -> None:
-        """Keep a finished run's result, saved beside its claim when the disk lets us, and degrade."""
-        task_id = result["task_id"]
-        kept = "saved beside its claim" if self._held.hold(result, saved=saved) else "kept in memory"
-        error = exc.strerror or exc
-        detail = f"cannot write the result of {task_id}: {error}; its outcome is {kept}, only the write is retried"
-        self.condition.degrade(RESULT_WRITE_FAILED, detail, task_id=task_id)
-
-    def _retry_held(self) -> None:
-        trouble = self.condition.trouble
-        if trouble is not None:
-            remaining = trouble.retry_at - time.monotonic()
-            if remaining > 0:
-                self.stopping.wait(min(remaining, self._queue_wait))
-                return
-        if self._write_held():
-            self.condition.recovered()
-
-    def _write_held(self) -> bool:
-        """Try to write every held result once; True when none is left."""
-        if self._feed is not None and not self._feed.complete_held(self._held):
-            self.stopping.wait(min(max(self._feed.pause_left(), 0.01), self._queue_wait))
-            return False
-        for task_id in self._held.results:
-            tasklog.keep_log(self.spool, self.worker, task_id)  # what the first try could not move
-        written, failure = self._held.flush()
-        for result in written:
-            self.log.info(
-                "wrote the held result of %s", result["task_id"], extra=self._extra(result["task_id"], "held")
-            )
-            self._finished(result)
-        if failure is not None:
-            self._hold(*failure)
-        return failure is None
-
-    def _flush_held(self) -> None:
-        """At shutdown: keep trying until the drain deadline; what is left stays claimed for recovery."""
-        while self._held and not self._write_held():
-            deadline = self._drain_deadline
-            if deadline is None or time.monotonic() + SPOOL_BACKOFF >= deadline:
-                break
-            time.sleep(SPOOL_BACKOFF)
-        for task_id in self._held.results:
-            if task_id in self._held.saved:
-                what = "its saved outcome is written when the executor starts again"
-            else:
-                what = "its outcome could not be saved either, so the task runs again (attempts + 1)"
-            extra = self._extra(task_id, "held")
-            self.log.error("exiting with the result of %s unwritten: %s", task_id, what, extra=extra)
 
     # -- moves that keep the task safe ------------------------------------------------------
 
@@ -728,16 +576,3 @@ class Executor(Program):
             feed.complete_again(delivery)  # sent again (after Redis lost it): the run is done, only its record goes
         else:
             self.process(delivery.task_id, source="streams", seen_at=time.time())
-
-    def _finish_streamed(self, result: ResultRecord) -> ResultRecord | None:
-        """Hold the outcome (saved beside its claim), complete it on the stream, then write it locally.
-
-        From the hold on, nothing runs the agent again: a crash, or Redis away, only delays the
-        completion, which is retried until Redis confirms or refuses it (StreamFeed.complete_held).
-        """
-        assert self._feed is not None
-        task_id = result["task_id"]
-        self._held.hold(result)
-        if not self._write_held() or task_id in self._held.results or self._feed.was_late(task_id):
-            return None
-        return result

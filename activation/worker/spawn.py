@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from activation.errors import ActivationError
-from activation.worker.agent import _split_template, build_argv
+from activation.worker.agent_inputs import build_argv, template_words
 
 DESCRIPTION_WORD = "{description}"
 
@@ -83,7 +83,7 @@ def plan_launch(template: str, description: str, env: Mapping[str, str], **field
     problem = argv_problem(argv, env)
     if problem is None:
         return Launch(argv)
-    words = _split_template(template)
+    words = template_words(template)
     if DESCRIPTION_WORD not in words:
         raise CannotStart(
             ARGV_TOO_LONG,

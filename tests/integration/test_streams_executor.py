@@ -79,7 +79,7 @@ def lapsed(client: redis.Redis, delivery: Delivery) -> bool:
 
 
 def settle_held(ex: Executor) -> None:
-    wait_for(lambda: (ex.loop(), not ex._held)[1], 20, 0.01, "the held results completed and written")
+    wait_for(lambda: (ex.loop(), not ex._finisher.held)[1], 20, 0.01, "the held results completed and written")
 
 
 def test_a_saved_outcome_is_completed_at_start_with_its_token_and_the_agent_does_not_run_again(

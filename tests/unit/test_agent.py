@@ -15,7 +15,8 @@ import pytest
 
 from activation.errors import ConfigError
 from activation.worker import agent
-from activation.worker.agent import AgentRun, agent_environment, build_argv, run_agent
+from activation.worker.agent import AgentRun, run_agent
+from activation.worker.agent_inputs import agent_environment, build_argv
 from activation.worker.spawn import CannotStart
 from tests.conftest import FAKE_AGENT, wait_for
 

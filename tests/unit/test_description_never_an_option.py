@@ -21,7 +21,7 @@ from activation.errors import ConfigError
 from activation.fake_agent import parse_args
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
-from activation.worker.agent import build_argv
+from activation.worker.agent_inputs import build_argv
 from activation.worker.executor import Executor
 from tests.conftest import WORKER
 

@@ -277,10 +277,10 @@ def test_recovery_holds_a_saved_outcome_it_cannot_write_yet_and_never_requeues_i
     failing_writes(monkeypatch, executor.spool, errno.ENOTDIR)
     executor.recover()
     assert spool.claim_path(WORKER, "held-3").exists() and not spool.task_path(WORKER, "held-3").exists()
-    assert executor._held.results == {"held-3": saved}
+    assert executor._finisher.held.results == {"held-3": saved}
     monkeypatch.undo()
-    executor._retry_held()
-    assert not executor._held and executor.condition.trouble is None
+    executor._finisher.retry_held()
+    assert not executor._finisher.held and executor.condition.trouble is None
     assert read_json(spool.result_path(WORKER, "held-3")) == saved
 
 

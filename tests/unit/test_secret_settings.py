@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from activation.config import SECRET_VARIABLES, load_settings, with_password
 from activation.errors import ConfigError
 from activation.procctl import is_dumpable
-from activation.worker.agent import agent_environment, is_secret
+from activation.worker.agent_inputs import agent_environment, is_secret
 
 
 def test_each_secret_may_come_from_a_file(tmp_path: Path) -> None:
