@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from activation.errors import StreamsError
@@ -29,32 +30,20 @@ if TYPE_CHECKING:
 SpoolTrouble = Callable[[str, str, Exception], None]
 
 
+@dataclass(kw_only=True)
 class ClaimRecovery:
     """Settles a previous executor's claims; one the spool cannot take yet stays in ``unsettled``."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        worker: str,
-        *,
-        max_attempts: int,
-        log: logging.Logger,
-        metrics: WorkerMetrics,
-        finisher: Finisher,
-        feed: StreamFeed | None,
-        beat: Callable[[], None],
-        trouble: SpoolTrouble,
-    ) -> None:
-        self.spool = spool
-        self.worker = worker
-        self.max_attempts = max_attempts
-        self.log = log
-        self.metrics = metrics
-        self.finisher = finisher
-        self.feed = feed
-        self.beat = beat  # recovery of many claims takes a while: the executor's beat goes on
-        self.trouble = trouble
-        self.unsettled: set[str] = set()  # claims that recovery could not settle yet
+    spool: Spool
+    worker: str
+    max_attempts: int
+    log: logging.Logger
+    metrics: WorkerMetrics
+    finisher: Finisher  # a saved outcome is written, or held, as a run's would be
+    feed: StreamFeed | None
+    beat: Callable[[], None]  # recovering many claims takes a while: the executor's beat goes on
+    trouble: SpoolTrouble
+    unsettled: set[str] = field(default_factory=set, init=False)  # claims recovery could not settle yet
 
     def recover(self) -> None:
         """Settle every claim a previous executor left in ``.processing/``.

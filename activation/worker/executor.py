@@ -123,8 +123,8 @@ class Executor(Program):
             _stream_feed(settings, self.spool, self.log, self.condition) if settings.transport == "streams" else None
         )
         self._finisher = Finisher(
-            self.spool,
-            self.worker,
+            spool=self.spool,
+            worker=self.worker,
             log=self.log,
             metrics=self.metrics,
             condition=self.condition,
@@ -134,8 +134,8 @@ class Executor(Program):
             feed=self._feed,
         )
         self._recovery = ClaimRecovery(
-            self.spool,
-            self.worker,
+            spool=self.spool,
+            worker=self.worker,
             max_attempts=settings.max_attempts,
             log=self.log,
             metrics=self.metrics,

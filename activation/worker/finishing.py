@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from activation.lifecycle import StopFlag
@@ -29,32 +30,23 @@ SPOOL_BACKOFF = 0.5  # at shutdown, between the last attempts to write a held re
 RESULT_WRITE_FAILED = "result_write_failed"
 
 
+@dataclass(kw_only=True)
 class Finisher:
     """Brings a finished run's result to disk, or holds it until the spool takes it."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        worker: str,
-        *,
-        log: logging.Logger,
-        metrics: WorkerMetrics,
-        condition: liveness.Condition,
-        stopping: StopFlag,
-        wait: float,
-        done: DoneEvents | None,
-        feed: StreamFeed | None,
-    ) -> None:
-        self.spool = spool
-        self.worker = worker
-        self.log = log
-        self.metrics = metrics
-        self.condition = condition
-        self.stopping = stopping
-        self.wait = wait  # the longest wait between beats
-        self.done = done
-        self.feed = feed
-        self.held = outcomes.HeldResults(spool, worker)  # finished runs, result not written yet
+    spool: Spool
+    worker: str
+    log: logging.Logger
+    metrics: WorkerMetrics
+    condition: liveness.Condition
+    stopping: StopFlag
+    wait: float  # the longest wait between beats
+    done: DoneEvents | None
+    feed: StreamFeed | None
+    held: outcomes.HeldResults = field(init=False)  # finished runs, result not written yet
+
+    def __post_init__(self) -> None:
+        self.held = outcomes.HeldResults(self.spool, self.worker)
 
     def finish(self, result: ResultRecord, *, streamed: bool) -> ResultRecord | None:
         """Write a run's result (its log is kept already); None when it is held, or late on the stream."""
