@@ -30,7 +30,7 @@ from activation.spool.records import ResultRecord
 from activation.spool.task import task_id_of
 from activation.transport.streams.client import Delivery, StreamsTransport, Verdict
 from activation.transport.streams.connect import SOCKET_TIMEOUT
-from activation.transport.streams.inbox import STREAM_METADATA, delivery_of, take_one
+from activation.transport.streams.inbox import STREAM_METADATA, delivery_metadata, delivery_of, take_one
 from activation.transport.streams.keys import replica_name
 from activation.transport.streams.lease import RENEWALS_PER_LEASE, LeaseKeeper
 from activation.transport.streams.link import StreamsLink
@@ -306,13 +306,7 @@ class StreamFeed:
             return
         if not isinstance(result, dict) or result.get("task_id") != task_id:
             return
-        metadata = dict(result.get("metadata") or {})
-        metadata[STREAM_METADATA] = {
-            "entry_id": delivery.entry_id,
-            "consumer": delivery.token.consumer,
-            "deliveries": delivery.token.deliveries,
-        }
-        result["metadata"] = metadata
+        result["metadata"] = delivery_metadata(result.get("metadata"), delivery)
         verdict = self._call(self.link, lambda t: t.complete(delivery, result))
         if verdict is None:
             return

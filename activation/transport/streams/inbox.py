@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,20 @@ log = logging.getLogger("activation.listener")
 STREAM_METADATA = "stream"
 
 
+def delivery_metadata(metadata: Mapping[str, Any] | None, delivery: Delivery) -> dict[str, Any]:
+    """A record's ``metadata`` with the delivery's token under ``stream``, which `delivery_of` reads back.
+
+    A task written into the inbox carries it, and so does a result recorded again for a new delivery.
+    """
+    stamped = dict(metadata or {})
+    stamped[STREAM_METADATA] = {
+        "entry_id": delivery.entry_id,
+        "consumer": delivery.token.consumer,
+        "deliveries": delivery.token.deliveries,
+    }
+    return stamped
+
+
 def task_of(delivery: Delivery, *, max_timeout: float | None = None) -> dict[str, Any]:
     """The task file's content for ``delivery``; BadTask if the payload is no valid task."""
     size = len(delivery.task.encode("utf-8"))
@@ -34,13 +49,7 @@ def task_of(delivery: Delivery, *, max_timeout: float | None = None) -> dict[str
         task = parse_task(delivery.task.encode("utf-8"), delivery.task_id, max_timeout=max_timeout)
     except NotReady as exc:  # a file may be half-written; an entry is whole, so empty is bad input
         raise BadTask(INVALID_JSON, f"the entry's payload is empty ({exc})") from None
-    metadata = dict(task.get("metadata") or {})
-    metadata[STREAM_METADATA] = {
-        "entry_id": delivery.entry_id,
-        "consumer": delivery.token.consumer,
-        "deliveries": delivery.token.deliveries,
-    }
-    task["metadata"] = metadata
+    task["metadata"] = delivery_metadata(task.get("metadata"), delivery)
     task["attempts"] = delivery.token.deliveries - 1
     return task
 
