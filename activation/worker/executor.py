@@ -1,12 +1,12 @@
 """The executor program: takes task ids off the work queue and brings each task to exactly one result.
 
-It owns the claim → run → result sequence, the recovery of ``.processing/`` at start, the drain
-on SIGTERM, and the two ways a worker degrades without losing anything: no task can start (the
-task waits in the inbox) and a result cannot be written (the run's outcome is held, only the write
-is retried). Recovery is claim_recovery.py's, bringing a result to disk (or holding it) is
-finishing.py's, running the agent's process tree is agent.py's, telling whether it can start is
-spawn.py's, the liveness beat is liveness.py's, moves in the spool are spool's. The spool decides:
-whatever dies, a task is in the inbox, claimed, done or dead.
+It owns the claim → run → result sequence, the drain on SIGTERM, and the two ways a worker
+degrades without losing anything: no task can start (the task waits in the inbox) and a result
+cannot be written (the run's outcome is held, only the write is retried: finishing.py). Settling
+what a previous executor left in ``.processing/`` is claim_recovery.py's, running the agent's
+process tree is agent.py's, telling whether it can start is spawn.py's, the liveness beat is
+liveness.py's, moves in the spool are spool's. The spool decides: whatever dies, a task is in the
+inbox, claimed, done or dead.
 """
 
 from __future__ import annotations

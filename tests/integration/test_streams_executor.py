@@ -45,7 +45,8 @@ def executor(make_settings: Callable[..., Settings], redis_server: RedisServer) 
     def make(consumer: str, lease: float = LONG) -> Executor:
         settings = make_settings(transport="streams", redis_url=redis_server.url, lease=lease, kill_grace=0.1)
         ex = Executor(settings)
-        ex._feed = StreamFeed(settings, ex.spool, ex.log, ex.condition, consumer=consumer)
+        feed = StreamFeed(settings, ex.spool, ex.log, ex.condition, consumer=consumer)
+        ex._feed = ex._finisher.feed = ex._recovery.feed = feed  # recovery and finishing use the feed too
         made.append(ex)
         return ex
 
