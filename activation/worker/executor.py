@@ -263,7 +263,7 @@ class Executor(Program):
             self._backoff = min(max(self._backoff * 2, QUEUE_BACKOFF_MIN), QUEUE_BACKOFF_MAX)
         self.stopping.wait(self._backoff)
 
-    # -- recovery ---------------------------------------------------------------------------
+    # -- recovery (claim_recovery.py) --------------------------------------------------------
 
     def recover(self) -> None:
         """Settle every claim a previous executor left in ``.processing/`` (claim_recovery.py)."""
@@ -447,7 +447,7 @@ class Executor(Program):
             expects_envelope=self._expects_envelope,
         )
 
-    # -- when the agent cannot start, or the result cannot be written -----------------------
+    # -- when the agent cannot start (a result that cannot be written: finishing.py) ---------
 
     def _cannot_start(self, task: dict[str, Any], exc: CannotStart) -> None:
         """This task cannot start: a terminal dead letter. No task can: back in the inbox, degraded."""
