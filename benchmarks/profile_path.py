@@ -51,7 +51,7 @@ STEPS: list[tuple[str, str, tuple[str, str]]] = [
     ("executor", "  plan the launch (argv, template)", ("worker/spawn.py", "plan_launch")),
     ("executor", "  Popen (fork/exec until it returns)", ("subprocess.py", "__init__")),
     ("executor", "  run_agent (spawn, supervise, reap)", ("worker/agent.py", "run_agent")),
-    ("executor", "  after the run: result written, durable", ("worker/executor.py", "_finished")),
+    ("executor", "  after the run: result written, durable", ("worker/finishing.py", "finish")),
 ]
 
 
