@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 import xmlrpc.client
 from typing import TYPE_CHECKING, Any
@@ -46,6 +45,7 @@ METRICS_RETRY = 5.0  # seconds between attempts to bind a metrics port that was 
 
 
 if TYPE_CHECKING:
+    from activation.observability.metrics import MetricsServer
     from activation.worker.replica_beat import ReplicaBeat
 
 
@@ -67,8 +67,7 @@ class Heartbeat(Program):
         self.path = self.spool.heartbeat_path(self.worker)
         self.metrics = worker_metrics()
         self.started_at = iso_now()
-        self._server: Any = None
-        self._server_thread: threading.Thread | None = None
+        self._server: MetricsServer | None = None
         self._queue_client: Any = None
         self._redis: Any = None  # a RedisLink, made on the first beat when REDIS_URL is set
         self._metrics_error: str | None = None
@@ -90,16 +89,12 @@ class Heartbeat(Program):
         """Bind the metrics port; a port that is taken is a reported problem, retried, never a crash."""
         if not self.settings.metrics_port or self._server is not None or time.monotonic() < self._metrics_retry_at:
             return
-        # Imported here: the heartbeat is the one program that loads prometheus_client, and only
-        # when it serves metrics.
-        from prometheus_client import start_http_server
-
-        from activation.observability.metrics import worker_registry
+        from activation.observability.metrics import MetricsServer, exposition
 
         port = self.settings.metrics_port
-        registry = worker_registry(metrics_folder(self.settings.run_dir), own=self.metrics.store)
+        body = exposition(metrics_folder(self.settings.run_dir), own=self.metrics.store)
         try:
-            self._server, self._server_thread = start_http_server(port, registry=registry)
+            self._server = MetricsServer(port, body)
         except OSError as exc:
             error = f"cannot serve metrics on :{port}: {exc.strerror or exc}"
             if error != self._metrics_error:
@@ -142,10 +137,7 @@ class Heartbeat(Program):
         if self._redis is not None:
             self._redis.close()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            if self._server_thread is not None:
-                self._server_thread.join(timeout=2)
+            self._server.close()
 
     def beat(self, state: str = "running") -> HeartbeatRecord:
         report = self.report(state)

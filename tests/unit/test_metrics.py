@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from activation.observability import catalog, samples
-from activation.observability.metrics import worker_registry
+from activation.observability.metrics import render
 from activation.observability.samples import Owner, Store, WorkerMetrics, read_file
 
 NEVER_A_PID = 4_194_305  # above the largest pid_max Linux allows: no process has it, ever
@@ -71,7 +70,7 @@ def flush(*programs: WorkerMetrics) -> None:
 
 def served(folder: Path, own: Store | None = None) -> Served:
     """What the heartbeat's /metrics would say now, as {(sample name, labels): value}."""
-    text = generate_latest(worker_registry(folder, own)).decode()
+    text = render(samples.merged(folder, own=own)).decode()
     found: Served = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -108,7 +107,7 @@ def test_names_types_labels_and_help_follow_the_table(folder: Path, program) -> 
     for family in (metrics.task_processing_seconds, metrics.activation_latency_seconds):
         family.labels("w1", "x").observe(1)
     flush(metrics)
-    text = generate_latest(worker_registry(folder)).decode()
+    text = render(samples.merged(folder)).decode()
     found = {}
     for family in text_string_to_metric_families(text):
         name = family.name + ("_total" if family.type == "counter" else "")
