@@ -16,7 +16,6 @@ import math
 import os
 import socket
 import time
-import xmlrpc.client
 from typing import TYPE_CHECKING, Any
 
 from activation import __version__
@@ -206,7 +205,7 @@ class Heartbeat(Program):
             return "stopped"  # not under supervisord: this program is all there is
         try:
             return "restarting" if supervisor_state(sock) == "RUNNING" else "stopped"
-        except (OSError, xmlrpc.client.Error):  # SHUTDOWN_STATE, or supervisord gone: the tree is stopping
+        except OSError:  # SHUTDOWN_STATE, or supervisord gone: the tree is stopping
             return "stopped"
 
     def _programs(self) -> dict[str, str] | None:
