@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: i
     The temp file lives in the same folder (a rename never crosses filesystems) and starts
     with a dot, so no reader ever takes it for a task.
     """
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.urandom(4).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:

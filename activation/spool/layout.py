@@ -6,9 +6,7 @@ A task is always in exactly one place. Writes go through spool.atomic; time thro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 from activation.clock import iso_now
 from activation.errors import SpoolError
+from activation.hashes import sha256_hex
 from activation.spool.atomic import atomic_write_bytes, atomic_write_json, json_bytes, read_json
 from activation.spool.records import DeadLetterRecord
 from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
@@ -234,13 +233,12 @@ class Spool:
         """
         name = source.name
         stem = task_id_of(name)
-        if is_valid_task_id(stem):
-            key = stem
-        else:  # a hostile or malformed name never becomes a path component
-            key = "invalid-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        # A hostile or malformed name never becomes a path component.
+        invalid = "invalid-" + sha256_hex(name.encode("utf-8", "surrogateescape"))[:16]
+        key = stem if is_valid_task_id(stem) else invalid
         record_path = self.dead_letter_path(key)
         if _is_other_entry(record_path, task):
-            key = f"{key}.{secrets.token_hex(3)}"
+            key = f"{key}.{os.urandom(3).hex()}"
             record_path = self.dead_letter_path(key)
         record: DeadLetterRecord = {
             "task_id": stem if is_valid_task_id(stem) else None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from activation.errors import ActivationError, ConfigError
+from activation.hashes import sha256_hex
 from activation.worker.supervision import program_infos, supervisor_socket, supervisord_pid
 
 log = logging.getLogger("activation.executor")
@@ -42,7 +42,7 @@ def containment_id(worker: str, run_dir: Path) -> str:
     Stable across restarts of the executor (a restarted one must find what its predecessor left)
     and distinct between trees that share a cgroup or a machine (their run folders differ).
     """
-    digest = hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:12]
+    digest = sha256_hex(str(Path(run_dir).absolute()).encode())[:12]
     return f"{worker}-{digest}"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -18,12 +17,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any, Protocol
 
 from activation.errors import QueueError
+from activation.hashes import compare_digest, hmac_md5
 
 log = logging.getLogger("activation.listener")
 
@@ -39,6 +39,34 @@ REPLY_GRACE = 5.0
 JOIN_TIMEOUT = 2.0
 # How long a client waits to connect and for the server's challenge.
 HANDSHAKE_TIMEOUT = 5.0
+
+
+# -- the handshake: multiprocessing.connection's, byte for byte, without hmac ---------------------
+# The stdlib's pair imports hmac, which loads OpenSSL's libcrypto (about 3.5 MB of every idle program)
+# for one MD5 per connection; activation.hashes computes the same HMAC. A peer on the stdlib's
+# deliver_challenge/answer_challenge speaks with this one (tests/unit/test_hashes.py).
+CHALLENGE, WELCOME, FAILURE = b"#CHALLENGE#", b"#WELCOME#", b"#FAILURE#"
+MESSAGE_LENGTH = 20  # bytes of the challenge's random part
+
+
+def deliver_challenge(connection: Connection, authkey: bytes) -> None:
+    message = os.urandom(MESSAGE_LENGTH)
+    connection.send_bytes(CHALLENGE + message)
+    response = connection.recv_bytes(256)  # reject a large message
+    if compare_digest(response, hmac_md5(authkey, message)):
+        connection.send_bytes(WELCOME)
+    else:
+        connection.send_bytes(FAILURE)
+        raise AuthenticationError("digest received was wrong")
+
+
+def answer_challenge(connection: Connection, authkey: bytes) -> None:
+    message = connection.recv_bytes(256)  # reject a large message
+    if not message.startswith(CHALLENGE):
+        raise AuthenticationError("not a challenge")
+    connection.send_bytes(hmac_md5(authkey, message[len(CHALLENGE) :]))
+    if connection.recv_bytes(256) != WELCOME:
+        raise AuthenticationError("digest sent was rejected")
 
 
 def socket_path(run_dir: Path) -> Path:
@@ -65,10 +93,10 @@ def load_authkey(run_dir: Path, key: bytes | None = None) -> bytes:
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
-            tmp = run_dir / f".{AUTHKEY_NAME}.{secrets.token_hex(4)}"
+            tmp = run_dir / f".{AUTHKEY_NAME}.{os.urandom(4).hex()}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, secrets.token_bytes(AUTHKEY_BYTES))
+                os.write(fd, os.urandom(AUTHKEY_BYTES))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -273,7 +301,7 @@ class QueueServer:
         # Bind under a temp name, make it private, then rename over the final name: there is
         # never a moment where the socket is reachable with the umask's mode, and a stale socket
         # left by SIGKILL is replaced atomically.
-        tmp = self.path.parent / f".qs-{secrets.token_hex(4)}"
+        tmp = self.path.parent / f".qs-{os.urandom(4).hex()}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(tmp))
