@@ -7,7 +7,6 @@ ends in a one-line message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -15,9 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import click
 
 from activation import __version__
-from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json, setup_logging
-from activation.config import load_settings
-from activation.procctl import make_undumpable
+from activation.cli.support import EXIT_FAILED, EXIT_USAGE, Context, Group, fail, pass_ctx, print_json
 from activation.spool.layout import Spool
 
 if TYPE_CHECKING:
@@ -224,37 +221,12 @@ def cancel(obj: Context, task_id: str, no_wait: bool, wait_timeout: float, as_js
 # -- the programs supervisord runs ------------------------------------------------------------
 
 
-def _run(program: str, factory: str, *, needs_metrics: bool = True) -> NoReturn:
-    """Run one program of a worker tree, holding its lock on the worker for its whole life.
+def _run(program: str) -> NoReturn:
+    """Run one program of a worker tree (worker/entry.py, which the console script also runs
+    without click for exactly ``activation worker <program>``)."""
+    from activation.worker.entry import run
 
-    ``factory`` is "module:Class". The program's metric samples go to its file in the run folder
-    (observability/samples.py), which the heartbeat serves.
-    The lock (spool/ownership.py) is what recovery trusts as proof that the program is alive, and
-    it refuses a second tree with the same WORKER_NAME on this spool (files mode: the worker's
-    inbox is one folder; replicas of a role come with the streams transport).
-    """
-    from activation.lifecycle import EXIT_OWNED, run_program
-    from activation.observability.samples import record_to
-    from activation.spool import ownership
-
-    make_undumpable()  # first: the secrets in this process's environment stay its own
-    settings = load_settings()
-    worker = settings.require_worker()
-    setup_logging(settings)
-    spool = Spool(settings.spool)
-    try:
-        lock = ownership.acquire(spool, worker, program, settings.run_dir)
-    except ownership.WorkerOwned as exc:
-        ownership.record_refusal(spool, worker, program, settings.run_dir, str(exc))
-        fail(str(exc), EXIT_OWNED)
-    try:
-        if needs_metrics:  # continue from the counters of this program's previous run
-            record_to(settings.run_dir, program)
-        module, _, name = factory.partition(":")
-        code = run_program(getattr(importlib.import_module(module), name)(settings))
-    finally:
-        lock.release()
-    sys.exit(code)
+    run(program)
 
 
 @main.group()
@@ -265,19 +237,19 @@ def worker() -> None:
 @worker.command()
 def listener() -> None:
     """Wake on new tasks and serve the work queue."""
-    _run("listener", "activation.worker.listener:Listener")
+    _run("listener")
 
 
 @worker.command()
 def executor() -> None:
     """Run the agent for each task, one at a time."""
-    _run("executor", "activation.worker.executor:Executor")
+    _run("executor")
 
 
 @worker.command()
 def heartbeat() -> None:
     """Report the worker's health and serve its metrics."""
-    _run("heartbeat", "activation.worker.heartbeat:Heartbeat")
+    _run("heartbeat")
 
 
 # -- health ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What a worker program imports in files mode: redis (with asyncio, about 9 MB of every idle
 process) only where Redis is configured, and never prometheus_client (about 12 MB): the heartbeat
-writes the exposition format itself (observability/metrics.py). The idle tree's memory is a target (issue 15); this keeps the import
-graph from growing it back unnoticed."""
+writes the exposition format itself (observability/metrics.py). The idle tree's memory is a
+target (issue 15); this keeps the import graph from growing it back unnoticed."""
 
 from __future__ import annotations
 
@@ -79,3 +79,27 @@ def test_every_lazy_command_resolves_to_its_name() -> None:
     for name in main.lazy:
         command = main.get_command(ctx, name)
         assert command is not None and command.name == name
+
+
+FAST_PATH_PROBE = """
+import json, sys
+sys.argv = ["activation", "worker", sys.argv[1]]
+from activation.worker import entry
+try:
+    entry.main()
+except SystemExit as exc:
+    print(json.dumps([exc.code, sorted(m for m in ("click", "activation.cli") if m in sys.modules)]))
+"""
+
+
+@pytest.mark.parametrize("module", [p[0] for p in PROGRAMS])
+def test_activation_worker_program_runs_without_click(module: str, tmp_path) -> None:
+    """supervisord's command line, ``activation worker <program>``, skips click (about 3.5 MB of each
+    program); its failures are still the CLI's one line and exit status (here: no WORKER_NAME)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ACTIVATION_SPOOL": str(tmp_path / "spool")}
+    out = subprocess.run(
+        [sys.executable, "-c", FAST_PATH_PROBE, module], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == [2, []]
+    assert out.stderr.startswith("activation: ") and out.stderr.count("\n") == 1, out.stderr
