@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -84,8 +83,8 @@ def tree_id(run_dir: Path, *, create: bool = True) -> str | None:
     if not create:
         return None
     Path(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{TREE_ID_NAME}.{secrets.token_hex(4)}")
-    tmp.write_text(secrets.token_hex(8))
+    tmp = path.with_name(f".{TREE_ID_NAME}.{os.urandom(4).hex()}")
+    tmp.write_text(os.urandom(8).hex())
     try:
         os.link(tmp, path)
     except FileExistsError:

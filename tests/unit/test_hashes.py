@@ -75,7 +75,9 @@ def test_a_worker_program_does_not_load_openssl() -> None:
     code = (
         "import sys\n"
         "import activation.worker.queue, activation.spool.layout, activation.spool.atomic\n"
-        "import activation.observability.samples, activation.worker.containment\n"
+        "import activation.observability.samples, activation.worker.containment, activation.spool.ownership\n"
+        "import activation.worker.entry, activation.worker.listener, activation.worker.heartbeat\n"
+        "import activation.worker.executor\n"
         "print(sorted(m for m in ('_hashlib', 'hashlib', 'hmac', 'secrets', '_ssl') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
