@@ -7,6 +7,7 @@ each) would serve only to parse two words. Every other command line goes to the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import NoReturn
@@ -25,6 +26,11 @@ def main() -> None:
     """The console script: a worker program at once, anything else through the click CLI."""
     args = sys.argv[1:]
     if len(args) == 2 and args[0] == "worker" and args[1] in PROGRAMS:
+        # As the CLI's group does for every command: whatever a record holds (a file name that is
+        # not UTF-8, say), printing it is no crash.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         try:
             run(args[1])
         except ActivationError as exc:  # what cli.support.Group.invoke says, in the same line
