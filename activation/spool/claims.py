@@ -16,7 +16,7 @@ from typing import Any
 from activation.errors import BadTask, NotReady
 from activation.spool import codec, outcome
 from activation.spool.layout import Spool
-from activation.spool.task import MAX_ATTEMPTS, read_task_bytes
+from activation.spool.task import MAX_ATTEMPTS, MAX_ATTEMPTS_FIELD, read_task_bytes
 
 # Action names, as logged, counted and printed by `activation recover`.
 REQUEUED = "requeued"  # back in the inbox with attempts + 1
@@ -41,11 +41,12 @@ class Action:
 
 
 def attempts_of(task: dict[str, Any]) -> int | None:
-    """The runs a task has started, as recorded in it: 0 when absent, None when ill-typed."""
+    """The runs a task has started, as recorded in it: 0 when absent, None when ill-typed or out of
+    the range the listener accepts (a 5,000-digit count is no count, and cannot even be printed)."""
     value = task.get("attempts", 0)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTEMPTS_FIELD:
         return None
     return value
 

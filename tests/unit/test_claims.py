@@ -104,6 +104,8 @@ def test_a_saved_outcome_that_still_cannot_be_written_stays_with_its_claim(spool
         ("attempts negative", b'{"task_id": "bad", "description": "x", "attempts": -1}'),
         ("attempts a boolean", b'{"task_id": "bad", "description": "x", "attempts": true}'),
         ("attempts a float", b'{"task_id": "bad", "description": "x", "attempts": 1.5}'),
+        ("attempts past the listener's range", b'{"task_id": "bad", "description": "x", "attempts": 10000001}'),
+        ("attempts of 4,000 digits", b'{"task_id": "bad", "description": "x", "attempts": ' + b"9" * 4000 + b"}"),
     ],
 )
 def test_a_claim_that_is_not_a_task_goes_back_unchanged_for_the_listener(spool, case, data):
