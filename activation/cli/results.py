@@ -27,9 +27,14 @@ def results_purge(obj: Context, older_than: str, dry_run: bool, as_json: bool) -
         seconds = parse_duration(older_than)
     except ValueError as exc:
         fail(f"--older-than: {exc}", EXIT_USAGE)
-    gone = purge(obj.spool, seconds, dry_run=dry_run)
+    skipped: list[str] = []
+    gone = purge(obj.spool, seconds, dry_run=dry_run, skipped=skipped)
+    if skipped:  # stderr, so that --json stays one document
+        click.echo(f"activation: {len(skipped)} expired result(s) could not be deleted, first {skipped[0]}", err=True)
     if as_json:
-        print_json({"dry_run": dry_run, "older_than_s": seconds, "purged": [g.as_dict() for g in gone]})
+        print_json(
+            {"dry_run": dry_run, "older_than_s": seconds, "purged": [g.as_dict() for g in gone], "skipped": skipped}
+        )
         return
     verb = "would delete" if dry_run else "deleted"
     for item in gone[:20]:

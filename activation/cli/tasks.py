@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from activation.config import Settings
     from activation.spool.layout import Spool
+    from activation.spool.records import ReplicaState
 
 _STYLE = {
     "running": "bold cyan",
@@ -187,17 +189,17 @@ def tasks_command(
 
 def streams_statuses(
     statuses: list[LiveStatus], settings: Settings, spool: Spool
-) -> tuple[list[LiveStatus], dict[str, dict[str, dict[str, Any]]]]:
+) -> tuple[list[LiveStatus], dict[str, dict[str, ReplicaState]]]:
     """In streams mode: each role's health from its replicas' heartbeats in Redis, and the replicas."""
     from activation.orchestrator.relay import StreamsRelay, role_health
 
     relay = StreamsRelay(spool, settings)
-    replicas: dict[str, dict[str, dict[str, Any]]] = {}
+    replicas: dict[str, dict[str, ReplicaState]] = {}
     error = None
     shown = []
     try:
         for s in statuses:
-            found: dict[str, dict[str, Any]] = {}
+            found: dict[str, ReplicaState] = {}
             if error is None:
                 try:
                     found = relay.replicas(s.worker)
@@ -210,19 +212,30 @@ def streams_statuses(
     return shown, replicas
 
 
-def replica_lines(replicas: dict[str, dict[str, Any]]) -> list[str]:
+def replica_lines(replicas: Mapping[str, ReplicaState]) -> list[str]:
+    """One line per replica, from its typed state (spool.readers.replica_state); an unreadable
+    one says why in its line. A name or state any Redis client wrote is shown as ASCII, clipped."""
     lines = []
     for name, state in sorted(replicas.items()):
         programs = " ".join(f"{k}={v}" for k, v in sorted((state.get("programs") or {}).items()))
-        lines.append(
-            f"{'':<12} replica {name}: {state.get('state', '?')} task={state.get('current_task') or '-'} "
-            f"queue={state.get('queue_size', '?')}" + (f" {programs}" if programs else "")
+        queue = state.get("queue_size")
+        line = (
+            f"{'':<12} replica {_shown(name)}: {_shown(state.get('state', '?'))} "
+            f"task={_shown(state.get('current_task') or '-')} queue={'?' if queue is None else queue}"
+            + (f" {_shown(programs, 200)}" if programs else "")
         )
+        if "problem" in state:
+            line += f" ({_shown(state['problem'], 200)})"
+        lines.append(line)
     return lines
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    return ascii(text)[1:-1][:limit] if not text.isprintable() or len(text) > limit else text
+
+
 def status_lines(
-    statuses: list[LiveStatus], root: object, replicas: dict[str, dict[str, dict[str, Any]]] | None = None
+    statuses: list[LiveStatus], root: object, replicas: Mapping[str, Mapping[str, ReplicaState]] | None = None
 ) -> list[str]:
     if not statuses:
         return [f"no workers in {root}"]
@@ -311,7 +324,7 @@ def status_command(
         fail(f"no worker {worker!r} in {spool.root} (known: {', '.join(spool.workers()) or 'none'})")
 
     streams = settings.transport == "streams"
-    replicas: dict[str, dict[str, dict[str, Any]]] | None = None
+    replicas: dict[str, dict[str, ReplicaState]] | None = None
 
     def statuses() -> list[LiveStatus]:
         nonlocal replicas

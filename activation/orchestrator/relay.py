@@ -20,13 +20,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from activation.config import WORKER_NAME_PATTERN, Settings, redact_url
 from activation.errors import StreamsError, Unavailable
 from activation.spool.health import WorkerHealth
 from activation.spool.layout import Spool
+from activation.spool.records import ReplicaState
 from activation.transport.redis_link import Outage
 from activation.transport.streams import outbox
 from activation.transport.streams.client import StreamsTransport
@@ -108,9 +109,9 @@ class StreamsRelay:
             raise StreamsError(f"SCAN for replica indexes failed: {exc}") from None
         return found
 
-    def replicas(self, worker: str) -> dict[str, dict[str, Any]]:
+    def replicas(self, worker: str) -> dict[str, ReplicaState]:
         """Each live replica of ``worker`` and the heartbeat state it published; StreamsError when down."""
-        found: dict[str, dict[str, Any]] = self._guard(lambda: self.transport(worker).replicas())
+        found: dict[str, ReplicaState] = self._guard(lambda: self.transport(worker).replicas())
         return found
 
     def status(self) -> dict[str, Any]:
@@ -130,7 +131,7 @@ class StreamsRelay:
         found = []
         error = None
         for worker in sorted(w for w in self.spool.workers() if self.spool.inbox(w).is_dir()):
-            replicas: dict[str, dict[str, Any]] = {}
+            replicas: dict[str, ReplicaState] = {}
             if error is None:
                 try:
                     replicas = self.replicas(worker)
@@ -200,23 +201,28 @@ class StreamsRelay:
 
 
 def role_health(
-    worker: str, replicas: dict[str, dict[str, Any]], dead_letters: int, redis_error: str | None
+    worker: str, replicas: Mapping[str, ReplicaState], dead_letters: int, redis_error: str | None
 ) -> WorkerHealth:
+    """A role's health from its replicas' states (typed by spool.readers.replica_state): alive while
+    one beats; a replica whose state was unreadable still beats, and is one problem line."""
     problems = []
     if redis_error is not None:
         problems.append(f"its replicas cannot be seen: redis unreachable ({redis_error})")
     elif not replicas:
         problems.append("no live replica: no heartbeat key in Redis")
     states = list(replicas.values())
-    tasks = [s.get("current_task") for s in states if s.get("current_task")]
-    queues = [s.get("queue_size") for s in states if isinstance(s.get("queue_size"), int)]
+    unreadable = [s["problem"] for s in states if "problem" in s]
+    if unreadable:
+        problems.append(f"{len(unreadable)} replica state(s) unreadable, first {unreadable[0]}")
+    tasks = [task for s in states if (task := s.get("current_task"))]
+    queues = [queue for s in states if (queue := s.get("queue_size")) is not None]
     return WorkerHealth(
         worker=worker,
         alive=bool(replicas),
         age_s=None,
         state="running" if replicas else None,
-        current_task=str(tasks[0]) if tasks else None,
-        queue_size=sum(q for q in queues if isinstance(q, int)) if queues else None,
+        current_task=tasks[0] if tasks else None,
+        queue_size=sum(queues) if queues else None,
         dead_letters=dead_letters,
         problems=problems,
     )

@@ -475,8 +475,10 @@ class Orchestrator(Program):
         raise NotFound(f"no task {task_id[:140]!r}")
 
     def list_dead_letters(self) -> dict[str, Any]:
-        letters = [d.summary() for d in recovery.dead_letters(self.spool)]
-        return {"count": len(letters), "dead_letters": letters}
+        """``GET /dlq``: the readable records; the others are counted, each with one line (the first 20)."""
+        skipped: list[str] = []
+        letters = [d.summary() for d in recovery.dead_letters(self.spool, skipped)]
+        return {"count": len(letters), "dead_letters": letters, "unreadable": len(skipped), "skipped": skipped[:20]}
 
     def retry_dead_letter(self, key: str) -> dict[str, Any]:
         try:

@@ -15,7 +15,8 @@ from typing import Any
 from activation.clock import iso_now
 from activation.errors import SpoolError
 from activation.hashes import sha256_hex
-from activation.spool.atomic import atomic_write_bytes, atomic_write_json, json_bytes, read_json
+from activation.spool.atomic import atomic_write_bytes, atomic_write_json, json_bytes
+from activation.spool.readers import BadRecord, dead_letter_record, peek_record, read_record
 from activation.spool.records import DeadLetterRecord
 from activation.spool.task import TASK_SUFFIX, is_task_name, is_valid_task_id, task_id_of
 
@@ -180,10 +181,8 @@ class Spool:
                     return Location(state, worker, path)
         path = self.dead_letter_path(task_id)
         if path.exists():
-            owner: str | None = None
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                owner = read_json(path).get("worker")
-            return Location("dead", owner, path)
+            letter = peek_record(path, dead_letter_record)  # a hostile record still says where the task is
+            return Location("dead", letter.get("worker") if letter is not None else None, path)
         return None
 
     # -- moves ------------------------------------------------------------------------------
@@ -277,16 +276,16 @@ def _is_other_entry(record_path: Path, task: dict[str, Any] | None) -> bool:
 
     A crash between writing the record and moving the source leaves a record whose raw file
     was never moved, or whose task equals this one: handling it again reuses the record.
+    Any record that is not a dead letter (unreadable, not JSON, ill-typed) is another entry: it is
+    kept as it is, and this one takes a new key beside it.
     """
     try:
-        record = read_json(record_path)
+        record = read_record(record_path, dead_letter_record)
     except FileNotFoundError:
         return False
-    except (OSError, ValueError):
-        return True
-    if not isinstance(record, dict):
+    except (OSError, BadRecord):
         return True
     if task is not None:
         return bool(record.get("task") != task)
     raw = record.get("raw")
-    return not isinstance(raw, str) or os.path.lexists(raw)
+    return raw is None or os.path.lexists(raw)

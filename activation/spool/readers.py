@@ -18,7 +18,8 @@ from typing import Any, TypeVar, cast, get_args
 
 from activation.errors import ActivationError
 from activation.spool.atomic import read_json
-from activation.spool.records import DeadLetterRecord, HeartbeatRecord, ResultRecord, ResultStatus
+from activation.spool.codec import loads
+from activation.spool.records import DeadLetterRecord, HeartbeatRecord, ReplicaState, ResultRecord, ResultStatus
 
 RESULT_STATUSES: tuple[str, ...] = get_args(ResultStatus)
 
@@ -41,7 +42,12 @@ class BadRecord(ActivationError, ValueError):
 # -- field checks ---------------------------------------------------------------------------------
 
 
+INT_LIMIT = 2**63  # no count, size or pid of ours comes near; a bigger one is hostile (and costly to print)
+
+
 def _kind(value: object) -> str:
+    if _is_int(value) and not _is_int64(value):
+        return "an int past 64 bits"
     return "null" if value is None else type(value).__name__
 
 
@@ -51,6 +57,10 @@ def _is_str(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int64(value: object) -> bool:
+    return _is_int(value) and -INT_LIMIT <= cast(int, value) < INT_LIMIT
 
 
 def _is_number(value: object) -> bool:
@@ -104,8 +114,8 @@ def _object(what: str, value: Any) -> dict[str, Any]:
 
 _STR = (_is_str, "a string")
 _STR_OR_NULL = (_or_null(_is_str), "a string or null")
-_INT = (_is_int, "an integer")
-_INT_OR_NULL = (_or_null(_is_int), "an integer or null")
+_INT = (_is_int64, "an integer")
+_INT_OR_NULL = (_or_null(_is_int64), "an integer or null")
 _NUMBER = (_is_number, "a finite number")
 _NUMBER_OR_NULL = (_or_null(_is_number), "a finite number or null")
 _BOOL = (_is_bool, "true or false")
@@ -168,7 +178,7 @@ _HEARTBEAT_FIELDS = {
     "started_at": _STR_OR_NULL,
     "current_task": _STR_OR_NULL,
     "queue_size": _INT_OR_NULL,
-    "counts": (_map_of(_is_int), "an object of integers"),
+    "counts": (_map_of(_is_int64), "an object of integers"),
     "programs": (_or_null(_map_of(_is_str)), "an object of strings or null"),
     "listener": _OBJECT_OR_NULL,
     "wake_sources": (_list_of_str, "a list of strings"),
@@ -177,6 +187,9 @@ _HEARTBEAT_FIELDS = {
     "redis": _STR_OR_NULL,
     "version": _STR_OR_NULL,
 }
+
+_REPLICA_FIELDS = {**_HEARTBEAT_FIELDS, "replica": _STR, "problem": _STR}
+UNREADABLE_STATE = "unreadable"  # a replica's state when what it published is not one
 
 
 # -- the readers ------------------------------------------------------------------------------------
@@ -211,6 +224,29 @@ def heartbeat_record(value: Any, *, worker: str | None = None) -> HeartbeatRecor
     if worker is not None and record["worker"] != worker:
         raise BadRecord(f"heartbeat: worker {record['worker'][:140]!a} is not {worker}")
     return cast(HeartbeatRecord, record)
+
+
+def replica_state(value: Any, *, replica: str | None = None) -> ReplicaState:
+    """A replica's heartbeat state from Redis (its JSON text, or the value parsed) as a ReplicaState;
+    raises BadRecord. ``replica``: the consumer name it was found under, for the message."""
+    what = f"replica {replica[:140]!a}" if replica is not None else "replica"
+    if isinstance(value, str | bytes):
+        try:
+            value = loads(value, surrogates="replace")  # for display: a stray byte costs nothing
+        except ValueError as exc:
+            raise BadRecord(f"{what}: state is not JSON ({_first_line(exc)})") from None
+    record = _object(f"{what} state", value)
+    _check_fields(what, record, _REPLICA_FIELDS, ())
+    return cast(ReplicaState, record)
+
+
+def replica_or_unreadable(raw: str | bytes, replica: str) -> ReplicaState:
+    """`replica_state`, or for a hostile one a state that says so in one line (the replica is alive:
+    its key is there, under its TTL; only what it says is not to be read)."""
+    try:
+        return replica_state(raw, replica=replica)
+    except BadRecord as exc:
+        return {"state": UNREADABLE_STATE, "problem": str(exc)}
 
 
 def read_record(path: Path, reader: Callable[[Any], R]) -> R:

@@ -1,4 +1,5 @@
-"""The spool's on-disk records, one typed definition each: task, result, dead letter, heartbeat.
+"""The spool's on-disk records, one typed definition each: task, result, dead letter, heartbeat
+(and a heartbeat as a streams replica publishes it in Redis).
 
 These are contracts between programs (and with users who read the files): every writer builds
 one of these, every reader reads one. They are TypedDicts, so the JSON stays plain and unknown
@@ -116,3 +117,31 @@ class HeartbeatRecord(TypedDict, total=False):
     metrics: dict[str, Any] | None
     redis: str | None  # up | down, None without Redis
     version: str | None
+
+
+class ReplicaState(TypedDict, total=False):
+    """A streams replica's heartbeat in Redis (worker/replica_beat.py): its heartbeat record plus
+    its consumer name. Nothing is required: a key any Redis client can write is read as a hint
+    (which task, how long a queue), never trusted; ``problem`` is the reader's, when it was unreadable.
+    """
+
+    worker: str
+    state: str
+    host: str
+    pid: int | None
+    timestamp: str | None
+    epoch: float | None
+    interval_s: float | None
+    started_at: str | None
+    current_task: str | None
+    queue_size: int | None
+    counts: dict[str, int]
+    programs: dict[str, str] | None
+    listener: dict[str, Any] | None
+    wake_sources: list[str]
+    executor: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    redis: str | None
+    version: str | None
+    replica: str  # its consumer name
+    problem: str  # set by the reader (never by a replica): why the state it published was unreadable

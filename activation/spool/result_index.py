@@ -57,16 +57,22 @@ class ResultIndex:
         if valid is not None:
             self.rebuilt = False
             with valid:
-                valid.readline()  # the header, checked
+                header = _header(valid.readline())  # checked by _open_valid
+                previous: tuple[int, str] | None = None
+                rows = 0
                 try:
                     for line in valid:
-                        mtime_ns, name = _split(line)
-                        mtime = seconds(mtime_ns)
+                        row = _split(line)
+                        if previous is not None and row >= previous:
+                            raise ValueError("rows out of order")  # not what _write wrote
+                        mtime = seconds(row[0])
                         if since is not None and mtime < since:
                             return
-                        last = (mtime, name)
-                        yield mtime, name, os.path.join(folder, name)
-                    return
+                        previous, rows, last = row, rows + 1, (mtime, row[1])
+                        yield mtime, row[1], os.path.join(folder, row[1])
+                    if header is not None and rows == header[2]:
+                        return
+                    # fewer or more rows than its header says: torn or not ours, list the folder
                 except ValueError:
                     pass  # a line that is not ours under a valid header: list the folder after all
         for mtime_ns, name in self._rebuild():
@@ -167,5 +173,17 @@ def _header(line: bytes) -> tuple[int, int, int] | None:
 
 
 def _split(line: bytes) -> tuple[int, str]:
+    """(mtime_ns, name) from a row; ValueError when it is not one _write writes.
+
+    The name becomes a path its caller reads: one that is no result's name (``../x.json``,
+    ``/etc/x.json``) makes the index corrupt, so that a hostile index never leads a reader out
+    of the folder.
+    """
     mtime_ns, name = line.rstrip(b"\n").split(b" ", 1)
-    return int(mtime_ns), os.fsdecode(name)
+    text = os.fsdecode(name)
+    if not is_task_name(text) or "/" in text or "\0" in text:
+        raise ValueError(f"no result's name: {text[:80]!a}")
+    value = int(mtime_ns)
+    if not 0 <= value < 2**63:  # st_mtime_ns is an int64; a bigger one would overflow seconds()
+        raise ValueError(f"no mtime: {value}")
+    return value, text

@@ -55,24 +55,40 @@ def _old(spool: Spool, worker: str, cutoff: float) -> Iterator[Purged]:
                     yield Purged(worker, task_id_of(entry.name), entry.path, mtime)
 
 
-def _delete(item: Purged) -> bool:
-    """Delete a result and the agent log kept beside it (spool.tasklog)."""
+def _delete(item: Purged, skipped: list[str] | None = None) -> bool:
+    """Delete a result and the agent log kept beside it (spool.tasklog).
+
+    Retention reads no record, only names and mtimes; what it cannot delete (a folder under a
+    result's name, a spool that refuses) is left, with one line in ``skipped``, not raised.
+    """
     try:
         os.unlink(item.path)
     except FileNotFoundError:
         return False
-    with contextlib.suppress(FileNotFoundError):
+    except OSError as exc:
+        if skipped is not None:
+            skipped.append(f"{item.worker}/{os.path.basename(item.path)}: {exc.strerror or exc}")
+        return False
+    with contextlib.suppress(OSError):  # the result went: a log it cannot delete is only a file
         os.unlink(log_of_result(Path(item.path)))
     return True
 
 
-def purge(spool: Spool, older_than: float, *, dry_run: bool = False, now: float | None = None) -> list[Purged]:
-    """Delete every result written more than ``older_than`` seconds ago; return what went."""
+def purge(
+    spool: Spool,
+    older_than: float,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+    skipped: list[str] | None = None,
+) -> list[Purged]:
+    """Delete every result written more than ``older_than`` seconds ago; return what went.
+    ``skipped`` collects one line for each that could not be deleted."""
     cutoff = (time.time() if now is None else now) - older_than
     gone = []
     for worker in spool.workers():
         for item in _old(spool, worker, cutoff):
-            if dry_run or _delete(item):
+            if dry_run or _delete(item, skipped):
                 gone.append(item)
     if gone and not dry_run:
         log.info("purged %d results older than %gs", len(gone), older_than, extra={"event": "results_purged"})
@@ -103,6 +119,7 @@ class Sweeper:
         self._worker: str | None = None
         self._resume_at = 0.0
         self.deleted = 0
+        self.skipped = 0  # expired results it could not delete, over its life
 
     def step(self, now: float | None = None) -> int:
         """Look at up to ``budget`` entries; returns how many results it deleted."""
@@ -115,6 +132,7 @@ class Sweeper:
                 return 0
             self._workers = self.spool.workers()
         cutoff, looked, deleted = now - self.ttl, 0, 0
+        skipped: list[str] = []
         while looked < self.budget:
             if self._entries is None:
                 if not self._workers:
@@ -134,12 +152,21 @@ class Sweeper:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 mtime = entry.stat(follow_symlinks=False).st_mtime
-                if mtime < cutoff and _delete(Purged(self._worker or "", task_id_of(entry.name), entry.path, mtime)):
+                item = Purged(self._worker or "", task_id_of(entry.name), entry.path, mtime)
+                if mtime < cutoff and _delete(item, skipped):
                     deleted += 1
         if deleted:
             self.deleted += deleted
             log.info(
                 "retention deleted %d results older than %gs", deleted, self.ttl, extra={"event": "results_expired"}
+            )
+        if skipped:
+            self.skipped += len(skipped)
+            log.warning(
+                "retention could not delete %d expired result(s), first %s",
+                len(skipped),
+                skipped[0],
+                extra={"event": "results_not_expired"},
             )
         return deleted
 

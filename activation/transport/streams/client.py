@@ -24,6 +24,8 @@ import redis
 
 from activation.config import Settings
 from activation.errors import DispatchError, StreamsError
+from activation.spool.readers import replica_or_unreadable
+from activation.spool.records import ReplicaState
 from activation.spool.task import MAX_TASK_BYTES, TASK_ID_PATTERN, is_valid_task_id
 from activation.transport.pubsub import describe
 from activation.transport.streams import scripts
@@ -346,18 +348,16 @@ class StreamsTransport:
         """Remove this replica's heartbeat at a clean exit."""
         self._run("leave", [self.keys.replica(self.consumer), self.keys.replicas], [self.consumer])
 
-    def replicas(self) -> dict[str, dict[str, Any]]:
-        """Each live replica of the role and the state it last published."""
+    def replicas(self) -> dict[str, ReplicaState]:
+        """Each live replica of the role and the state it last published (spool.readers: a hostile
+        one reads as state ``unreadable``, with its one-line ``problem``)."""
         names = self._run("live_replicas", [self.keys.replicas], [])
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, ReplicaState] = {}
         for name in names:
             key = self.keys.replica(name)
             raw = self._redis(lambda key=key: self.client.get(key))  # type: ignore[misc]
             if raw is not None:
-                try:
-                    found[name] = json.loads(raw)
-                except ValueError:
-                    found[name] = {"state": "unreadable"}
+                found[str(name)] = replica_or_unreadable(raw, str(name))
         return found
 
     def held(self, limit: int = 1000) -> dict[str, Held]:
