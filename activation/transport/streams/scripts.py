@@ -33,6 +33,20 @@ local function age_cutoff(retention_ms)
   return string.format('%.0f-0', math.max(0, now - tonumber(retention_ms)))
 end
 
+-- A result or dead letter on its stream, which keeps the retention's worth (by Redis's clock).
+local function add_outcome(stream, retention_ms, ...)
+  return redis.call('XADD', stream, 'MINID', age_cutoff(retention_ms), '*', ...)
+end
+
+-- An entry whose outcome is recorded in its task key leaves the stream and the pending list;
+-- the task key outlives it by the retention (a replay is answered from it). XACK of an entry no
+-- consumer holds (a cancel of one never delivered) is a no-op.
+local function retire(stream, group, id, task_key, retention_ms)
+  redis.call('PEXPIRE', task_key, retention_ms)
+  redis.call('XACK', stream, group, id)
+  redis.call('XDEL', stream, id)
+end
+
 local function field(fields, name)
   for i = 1, #fields, 2 do
     if fields[i] == name then return fields[i + 1] end
@@ -133,13 +147,11 @@ local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if #entry == 0 or field(entry[1][2], 'task_id') ~= ARGV[5] then
   return {'refused', 'wrong_task', ARGV[2] .. ' does not hold task ' .. ARGV[5]}
 end
-local rid = redis.call('XADD', KEYS[2], 'MINID', age_cutoff(ARGV[8]), '*', 'task_id', ARGV[5],
+local rid = add_outcome(KEYS[2], ARGV[8], 'task_id', ARGV[5],
   'result', ARGV[6], 'consumer', ARGV[3], 'deliveries', ARGV[4], 'entry', ARGV[2])
 redis.call('HSET', KEYS[3], 'state', 'done', 'entry', ARGV[2], 'digest', ARGV[7], 'consumer', ARGV[3],
   'deliveries', ARGV[4], 'result', ARGV[6], 'result_entry', rid)
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+retire(KEYS[1], ARGV[1], ARGV[2], KEYS[3], ARGV[8])
 return {'done', rid}
 """
 )
@@ -156,13 +168,11 @@ if refusal then return refusal end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 local task = ''
 if #entry > 0 then task = field(entry[1][2], 'task') or '' end
-local did = redis.call('XADD', KEYS[2], 'MINID', age_cutoff(ARGV[8]), '*', 'task_id', ARGV[5], 'task', task,
+local did = add_outcome(KEYS[2], ARGV[8], 'task_id', ARGV[5], 'task', task,
   'deliveries', ARGV[4], 'last_owner', ARGV[7], 'reason', ARGV[6], 'entry', ARGV[2])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'state', 'dead', 'entry', ARGV[2], 'reason', ARGV[6], 'dead_entry', did)
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+retire(KEYS[1], ARGV[1], ARGV[2], KEYS[3], ARGV[8])
 return {'dead', did}
 """
 )
@@ -207,13 +217,11 @@ if #p > 0 and p[1][2] ~= ARGV[5] then
   redis.call('HSET', KEYS[3], 'cancel', ARGV[6])
   return {'requested', p[1][2]}
 end
-local rid = redis.call('XADD', KEYS[2], 'MINID', age_cutoff(ARGV[4]), '*', 'task_id', ARGV[2],
+local rid = add_outcome(KEYS[2], ARGV[4], 'task_id', ARGV[2],
   'result', ARGV[3], 'consumer', 'cancel', 'deliveries', '0', 'entry', entry)
 redis.call('HSET', KEYS[3], 'state', 'done', 'consumer', 'cancel', 'deliveries', '0', 'result', ARGV[3],
   'result_entry', rid, 'cancel', ARGV[6])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-if #p > 0 then redis.call('XACK', KEYS[1], ARGV[1], entry) end
-redis.call('XDEL', KEYS[1], entry)
+retire(KEYS[1], ARGV[1], entry, KEYS[3], ARGV[4])
 return {'cancelled', rid}
 """
 )
