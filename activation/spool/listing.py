@@ -149,17 +149,7 @@ def running(spool: Spool, query: Query, now: float, remote: Remote | None = None
         for entry in sorted(entries, key=lambda e: e.ctime, reverse=True):
             if query.since is not None and entry.ctime < query.since:
                 continue
-            task: TaskRecord | dict[str, Any] = _task(entry.path) or {}
-            yield TaskRow(
-                task_id=task_id_of(entry.name),
-                worker=worker,
-                state=RUNNING,
-                since=entry.ctime,
-                attempt=(_int(task.get("attempts")) or 0) + 1,
-                elapsed_s=round(max(0.0, now - entry.ctime), 1),
-                description=_short(task.get("description")),
-                path=entry.path,
-            )
+            yield _file_row(worker, entry, RUNNING, entry.ctime, elapsed_s=round(max(0.0, now - entry.ctime), 1))
 
 
 def _running_elsewhere(spool: Spool, query: Query, now: float, remote: Remote) -> Iterator[TaskRow]:
@@ -195,16 +185,23 @@ def pending(spool: Spool, query: Query, remote: Remote | None = None) -> Iterato
         if remote:
             entries = [e for e in entries if (worker, task_id_of(e.name)) not in remote]
         for entry in entries[: query.limit]:
-            task: TaskRecord | dict[str, Any] = _task(entry.path) or {}
-            yield TaskRow(
-                task_id=task_id_of(entry.name),
-                worker=worker,
-                state=PENDING,
-                since=entry.mtime,
-                attempt=(_int(task.get("attempts")) or 0) + 1,
-                description=_short(task.get("description")),
-                path=entry.path,
-            )
+            yield _file_row(worker, entry, PENDING, entry.mtime)
+
+
+def _file_row(worker: str, entry: _Entry, state: str, since: float, elapsed_s: float | None = None) -> TaskRow:
+    """The row of a task file in an inbox or a claim: its next run is the one after its ``attempts``
+    (a file that is no valid task still lists, without a description)."""
+    task: TaskRecord | dict[str, Any] = _task(entry.path) or {}
+    return TaskRow(
+        task_id=task_id_of(entry.name),
+        worker=worker,
+        state=state,
+        since=since,
+        attempt=(_int(task.get("attempts")) or 0) + 1,
+        elapsed_s=elapsed_s,
+        description=_short(task.get("description")),
+        path=entry.path,
+    )
 
 
 def finished(spool: Spool, query: Query, skipped: list[str] | None = None) -> Iterator[TaskRow]:
