@@ -120,6 +120,11 @@ def stream_json(turns: int, gap: float, result: str, flags: set[str], started: f
         print(json.dumps(event), flush=True)
 
     session = "fake-session"
+
+    def say(role: str, *content: dict[str, object]) -> None:
+        """One conversation message (an ``assistant`` or ``user`` event), as Claude Code prints it."""
+        emit({"type": role, "session_id": session, "message": {"role": role, "content": list(content)}})
+
     emit(
         {
             "type": "system",
@@ -132,46 +137,16 @@ def stream_json(turns: int, gap: float, result: str, flags: set[str], started: f
     )
     for turn in range(1, turns + 1):
         tool_id = f"toolu_{turn:04d}"
-        emit(
-            {
-                "type": "assistant",
-                "session_id": session,
-                "message": {
-                    "role": "assistant",
-                    "content": [
-                        {"type": "text", "text": f"Turn {turn}: let me look."},
-                        {"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": f"echo turn {turn}"}},
-                    ],
-                },
-            }
+        say(
+            "assistant",
+            {"type": "text", "text": f"Turn {turn}: let me look."},
+            {"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": f"echo turn {turn}"}},
         )
         time.sleep(gap)
         if gate and turn == 1:
             wait_for(gate)
-        emit(
-            {
-                "type": "user",
-                "session_id": session,
-                "message": {
-                    "role": "user",
-                    "content": [
-                        {"type": "tool_result", "tool_use_id": tool_id, "content": f"turn {turn}", "is_error": False},
-                    ],
-                },
-            }
-        )
-    emit(
-        {
-            "type": "assistant",
-            "session_id": session,
-            "message": {
-                "role": "assistant",
-                "content": [
-                    {"type": "text", "text": result},
-                ],
-            },
-        }
-    )
+        say("user", {"type": "tool_result", "tool_use_id": tool_id, "content": f"turn {turn}", "is_error": False})
+    say("assistant", {"type": "text", "text": result})
     emit(
         {
             "type": "result",
