@@ -92,14 +92,10 @@ class DeadLetterRecord(TypedDict, total=False):
     raw: str  # otherwise: where the original file was moved
 
 
-class HeartbeatRecord(TypedDict, total=False):
-    """``heartbeats/<worker>.json``: the worker's last sign of life, written by its heartbeat.
+class BeatFields(TypedDict, total=False):
+    """What a heartbeat says of its worker: the file's (HeartbeatRecord) and a replica's copy in
+    Redis (ReplicaState) alike."""
 
-    The heartbeat writes every field; a reader is promised only ``worker``, and the type of any
-    other field that is there.
-    """
-
-    worker: Required[str]
     state: str  # running | restarting | stopped
     host: str
     pid: int | None
@@ -119,29 +115,22 @@ class HeartbeatRecord(TypedDict, total=False):
     version: str | None
 
 
-class ReplicaState(TypedDict, total=False):
+class HeartbeatRecord(BeatFields, total=False):
+    """``heartbeats/<worker>.json``: the worker's last sign of life, written by its heartbeat.
+
+    The heartbeat writes every field; a reader is promised only ``worker``, and the type of any
+    other field that is there.
+    """
+
+    worker: Required[str]
+
+
+class ReplicaState(BeatFields, total=False):
     """A streams replica's heartbeat in Redis (worker/replica_beat.py): its heartbeat record plus
     its consumer name. Nothing is required: a key any Redis client can write is read as a hint
     (which task, how long a queue), never trusted; ``problem`` is the reader's, when it was unreadable.
     """
 
     worker: str
-    state: str
-    host: str
-    pid: int | None
-    timestamp: str | None
-    epoch: float | None
-    interval_s: float | None
-    started_at: str | None
-    current_task: str | None
-    queue_size: int | None
-    counts: dict[str, int]
-    programs: dict[str, str] | None
-    listener: dict[str, Any] | None
-    wake_sources: list[str]
-    executor: dict[str, Any] | None
-    metrics: dict[str, Any] | None
-    redis: str | None
-    version: str | None
     replica: str  # its consumer name
     problem: str  # set by the reader (never by a replica): why the state it published was unreadable

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from activation.errors import BadTask
 from activation.spool import readers
 from activation.spool.cancel import cancelled_record
-from activation.spool.readers import BadRecord, dead_letter_record, heartbeat_record, read_record, result_record
+from activation.spool.readers import (
+    BadRecord,
+    dead_letter_record,
+    heartbeat_record,
+    read_record,
+    replica_state,
+    result_record,
+)
 from activation.spool.task import task_record
 
 PRIMITIVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text()
@@ -31,6 +38,7 @@ READERS: dict[str, tuple[Any, type[Exception]]] = {
     "result": (result_record, BadRecord),
     "dead_letter": (dead_letter_record, BadRecord),
     "heartbeat": (heartbeat_record, BadRecord),
+    "replica": (replica_state, BadRecord),
     "task": (task_record, BadTask),
 }
 
@@ -61,6 +69,7 @@ def _result(**fields: Any) -> dict[str, Any]:
         (_result(status="weird"), "result: status must be completed or failed or timeout or cancelled"),
         (_result(duration_s="0.5"), "result: duration_s must be a finite number or null, got str"),
         (_result(exit_code=True), "result: exit_code must be an integer or null, got bool"),
+        (_result(stdout_bytes=10**40), "result: stdout_bytes must be an integer, got an int past 64 bits"),
         (_result(stdout=["a"]), "result: stdout must be a string, got list"),
         (_result(kill={"signals": "SIGKILL"}), "result kill: signals must be a list of strings, got str"),
         (_result(cancelled=[]), "result: cancelled must be an object, got list"),
