@@ -202,3 +202,32 @@ def test_dispatch_refuses_a_description_it_cannot_carry(make_tree: Callable[...,
     assert done.returncode != 0
     assert "invalid task" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not list(tree.spool.inbox(W).glob("*.json"))
+
+
+HOSTILE_RECORDS: dict[str, bytes] = {
+    "list": b"[1, 2]",
+    "string": b'"completed"',
+    "torn": b'{"task_id": "r1", "sta',
+    "wrong_types": b'{"task_id": "r1", "status": "completed", "duration_s": "fast", "exit_code": [0]}',
+    "huge_int": b'{"task_id": "r1", "status": "completed", "stdout_bytes": ' + str(10**40).encode() + b"}",
+    "digits": b'{"task_id": "r1", "status": "completed", "exit_code": ' + b"9" * 5000 + b"}",
+    "not_utf8": b'{"task_id": "r1", "status": "\xff"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_RECORDS))
+def test_get_task_of_a_hostile_record_is_one_line_and_get_dlq_counts_it(api: OrchestratorThread, name: str) -> None:
+    spool = api.program.spool
+    spool.result_path(W, "r1").write_bytes(HOSTILE_RECORDS[name])
+    spool.dead_letter_path("d1").write_bytes(HOSTILE_RECORDS[name].replace(b"r1", b"d1"))
+    good = {"task_id": "d2", "worker": W, "reason": "orphaned", "detail": "x", "dead_at": "2026-01-01T00:00:00Z"}
+    spool.dead_letter_path("d2").write_text(json.dumps(good))
+    for task_id in ("r1", "d1"):
+        status, answer = call(api.url, "GET", f"/tasks/{task_id}")
+        assert status == 500 and isinstance(answer, dict), (status, answer)
+        assert "cannot read" in answer["error"] and "\n" not in answer["error"], answer
+    status, listing = call(api.url, "GET", "/dlq")
+    assert status == 200 and [d["id"] for d in listing["dead_letters"]] == ["d2"], listing
+    assert listing["unreadable"] == 1 and listing["skipped"][0].startswith("d1.json: "), listing
+    status, answer = call(api.url, "POST", "/dlq/d1/retry")
+    assert status == 500 and "unreadable" in answer["error"] and "\n" not in answer["error"], (status, answer)

@@ -181,6 +181,41 @@ def test_status_shows_each_replica_and_redis_down_is_one_line_and_an_honest_stat
     assert "Traceback" not in log
 
 
+HOSTILE_STATES = {
+    "list": "[1, 2]",
+    "torn": '{"state": "runn',
+    "typed": '{"current_task": 5, "queue_size": "many", "programs": ["listener"]}',
+    "huge": '{"queue_size": ' + str(10**40) + "}",
+    "deep": "[" * 50_000 + "]" * 50_000,
+}
+
+
+def test_status_of_replicas_with_hostile_states_in_redis_is_one_line_each_and_no_traceback(orchestrator, client):
+    """Any Redis client can write a replica's key: each hostile state is one replica whose state is
+    unreadable, in `status` (text and JSON) and in GET /status, and the good one is shown as it is."""
+    replica(client, "good").beat({"worker": W, "state": "running", "current_task": "t9", "queue_size": 1}, ttl=60)
+    for name, raw in HOSTILE_STATES.items():
+        replica(client, name).beat({}, ttl=60)
+        client.set(KEYS.replica(name), raw)
+    shown = orchestrator.cli("status")
+    assert "Traceback" not in shown.stderr, shown.stderr
+    assert "replica good: running task=t9 queue=1" in shown.stdout, shown.stdout
+    for name in HOSTILE_STATES:
+        [line] = [line for line in shown.stdout.splitlines() if f"replica {name}: unreadable" in line]
+        assert len(line) < 400, line
+    assert f"{len(HOSTILE_STATES)} replica state(s) unreadable" in shown.stdout
+    as_json = orchestrator.cli("status", "--json")
+    assert "Traceback" not in as_json.stderr, as_json.stderr
+    [role] = [s for s in json.loads(as_json.stdout) if s["worker"] == W]
+    assert {n: s["state"] for n, s in role["replicas"].items()} == {
+        "good": "running",
+        **dict.fromkeys(HOSTILE_STATES, "unreadable"),
+    }
+    status, answer = call(api(orchestrator), "GET", "/status")
+    assert status == 200 and answer["streams"]["replicas"][W]["typed"]["state"] == "unreadable", answer
+    assert "Traceback" not in orchestrator.log.read_text()
+
+
 def test_an_id_redis_knows_as_done_is_refused_even_when_the_spool_forgot_it(orchestrator, client):
     """The spool's result was purged, Redis still records the id: one run, and the second call says so."""
     sent = orchestrator.cli("dispatch", W, "once", "--task-id", "once-1")
