@@ -10,9 +10,9 @@ import click
 from activation.cli.support import fail, print_json
 from activation.config import Settings
 from activation.errors import StreamsError
-from activation.spool.atomic import read_json
 from activation.spool.cancel import Cancelled, CannotCancel, cancel_task, clear_request
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, read_record, result_record
 
 POLL = 0.05
 
@@ -52,10 +52,10 @@ def cancel_and_wait(
             )
         time.sleep(POLL)
     try:
-        result = read_json(path)
-    except (OSError, ValueError) as exc:
+        result = read_record(path, lambda value: result_record(value, task_id=task_id))
+    except (OSError, BadRecord) as exc:
         fail(f"{task_id}: ended, but its result cannot be read: {exc}")
-    status = result.get("status") if isinstance(result, dict) else None
+    status = result["status"]
     if status != "cancelled":
         clear_request(spool, worker, task_id)
         fail(f"cannot cancel {task_id}: it finished first ({status})")

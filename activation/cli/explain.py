@@ -1,16 +1,17 @@
-"""What a result means in words, for ``show`` and ``dispatch --wait``: how activation stopped the
-agent's tree (a timeout, a cancel), and whether the output was cut."""
+"""What a result means in words, for ``show``, ``cancel`` and ``dispatch --wait``: how activation
+stopped the agent's tree (a timeout, a cancel), and whether the output was cut. The result comes
+from spool.readers.result_record, so each field that is there has its type."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from activation.spool.records import ResultRecord
+    from activation.spool.records import KillRecord, ResultRecord
 
 
-def _seconds(value: Any) -> str:
-    return f"{value:g} s" if isinstance(value, int | float) and not isinstance(value, bool) else "? s"
+def _seconds(value: float | None) -> str:
+    return "? s" if value is None else f"{value:g} s"
 
 
 def _size(n: int) -> str:
@@ -20,12 +21,11 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def how_killed(kill: Any) -> str:
+def how_killed(kill: KillRecord | None) -> str:
     """``SIGINT, then SIGKILL after the 5 s grace``, from a result's ``kill`` record."""
-    if not isinstance(kill, dict):
+    if kill is None:
         return ""
-    found = kill.get("signals")
-    signals: list[Any] = found if isinstance(found, list) else []
+    signals = kill.get("signals", [])
     grace = _seconds(kill.get("kill_grace_s"))
     if "SIGKILL" in signals and "SIGINT" in signals:
         return f"SIGINT, then SIGKILL after the {grace} grace"
@@ -40,12 +40,11 @@ def outcome_notes(result: ResultRecord) -> list[str]:
     notes = []
     status, kill = result.get("status"), result.get("kill")
     if status == "timeout":
-        timeout = kill.get("timeout_s") if isinstance(kill, dict) else result.get("duration_s")
+        timeout = kill.get("timeout_s") if kill is not None else result.get("duration_s")
         how = how_killed(kill)
         notes.append(f"timed out after {_seconds(timeout)}" + (f": {how}" if how else ""))
     elif status == "cancelled":
-        record = result.get("cancelled")
-        cancelled: dict[str, Any] = record if isinstance(record, dict) else {}
+        cancelled = result.get("cancelled", {})
         was = cancelled.get("while", "pending")
         who = f" by {cancelled['by']}" if cancelled.get("by") else ""
         when = f" at {cancelled['at']}" if cancelled.get("at") else ""
@@ -54,12 +53,14 @@ def outcome_notes(result: ResultRecord) -> list[str]:
     if result.get("truncated"):
         limit = result.get("output_limit")
         cut = []
-        for stream in ("stdout", "stderr"):
-            total = result.get(f"{stream}_bytes")
-            kept = len(str(result.get(stream) or "").encode("utf-8", "surrogateescape"))
-            if isinstance(limit, int) and isinstance(total, int) and total > limit:
+        for total, text, stream in (
+            (result.get("stdout_bytes"), result.get("stdout", ""), "stdout"),
+            (result.get("stderr_bytes"), result.get("stderr", ""), "stderr"),
+        ):
+            kept = len(text.encode("utf-8", "surrogateescape"))
+            if limit is not None and total is not None and total > limit:
                 cut.append(f"{stream} {_size(total)}, kept the first {_size(limit)}")
-            elif isinstance(total, int) and total > kept:
+            elif total is not None and total > kept:
                 cut.append(f"{stream} {_size(total)}, kept {_size(kept)}")
         detail = "; ".join(cut) if cut else "output past the limit"
         notes.append(f"output truncated: {detail} (`activation logs {result.get('task_id')}` has more)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from activation.cli import main
+from activation.cli.explain import how_killed, outcome_notes
 from activation.cli.tasks import replica_lines
 from activation.orchestrator.dlq_fix import fix_dead_letter
 from activation.orchestrator.recovery import DeadLetterError
 from activation.orchestrator.relay import role_health
 from activation.spool.atomic import atomic_write_json
+from activation.spool.cancel import request_path
 from activation.spool.layout import Spool
-from activation.spool.readers import UNREADABLE_STATE, BadRecord, replica_state
+from activation.spool.readers import RESULT_STATUSES, UNREADABLE_STATE, BadRecord, replica_state, result_record
 from activation.spool.result_index import ResultIndex
 from activation.spool.retention import Sweeper, purge
 from activation.spool.task import task_record
 from activation.transport.streams.client import StreamsTransport
 from activation.transport.streams.keys import StreamKeys
+from tests.conftest import wait_for
 from tests.harness import RedisServer
 from tests.unit.test_records import HOSTILE, JSON, RECORDISH
 
@@ -298,3 +302,69 @@ def test_any_state_a_replica_key_holds_gives_a_health_and_lines(client: redis.Re
     health = role_health(W, found, 0, None)
     assert health.alive
     assert all("\n" not in line for line in replica_lines(found))
+
+
+# -- cancel and show: the words for a result --------------------------------------------------------
+
+
+SIGNALS = st.lists(st.sampled_from(["SIGINT", "SIGKILL", "SIGTERM"]), max_size=3)
+KILL = st.dictionaries(st.sampled_from(["reason", "timeout_s", "kill_grace_s", "signals"]), JSON | SIGNALS)
+CANCELLED = st.dictionaries(st.sampled_from(["at", "by", "while"]), JSON | st.sampled_from(["running", "pending"]))
+RESULTS = st.builds(
+    lambda record, status, kill, cancelled, truncated: {
+        **record,
+        "task_id": "t1",
+        "status": status,
+        **({"kill": kill} if kill is not None else {}),
+        **({"cancelled": cancelled} if cancelled is not None else {}),
+        "truncated": truncated,
+    },
+    RECORDISH,
+    st.sampled_from(RESULT_STATUSES),
+    st.none() | KILL,
+    st.none() | CANCELLED,
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=RESULTS)
+def test_the_words_for_any_result_the_reader_accepts_never_raise(value: dict[str, Any]) -> None:
+    try:
+        result = result_record(value)
+    except BadRecord:
+        return
+    for note in outcome_notes(result):
+        assert note and "\n" not in note
+    how_killed(result.get("kill"))
+
+
+@pytest.mark.parametrize(
+    ("result", "exit_code", "says"),
+    [
+        (b"[1]", 1, "its result cannot be read: t1.json: result is not a JSON object"),
+        (b'{"task_id": "t1", "status": "cancelled", "kill": "SIGKILL"}', 1, "kill must be an object, got str"),
+        (b'{"task_id": "other", "status": "cancelled"}', 1, "task_id 'other' is not t1"),
+        (b'{"task_id": "t1", "status": "cancelled", "kill": {"signals": ["SIGKILL", "SIGINT"]}}', 0, "SIGINT, then"),
+    ],
+)
+def test_cancel_of_a_running_task_whose_result_is_hostile_is_one_line(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, result: bytes, exit_code: int, says: str
+) -> None:
+    atomic_write_json(spool.task_path(W, "t1"), {"task_id": "t1", "description": "x"})
+    assert spool.claim(W, "t1") is not None
+
+    def executor() -> None:  # stands in for the executor: it answers the request with the result
+        wait_for(lambda: request_path(spool, W, "t1").exists(), 10, 0.01, "the cancel request")
+        spool.result_path(W, "t1").write_bytes(result)
+
+    answering = threading.Thread(target=executor)
+    answering.start()
+    monkeypatch.setenv("ACTIVATION_SPOOL", str(spool.root))
+    try:
+        ran = CliRunner().invoke(main, ["cancel", "t1", "--wait-timeout", "10"])
+    finally:
+        answering.join()
+    assert ran.exit_code == exit_code, ran.output
+    shown = ran.stdout if exit_code == 0 else ran.stderr
+    assert says in shown and shown.count("\n") == 1, shown
