@@ -15,6 +15,7 @@ from activation.cli.agent_log import PARSE_LIMIT, LineSplitter, render_line
 from activation.cli.explain import outcome_notes
 from activation.spool import tasklog
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, result_record
 from activation.worker.result_record import parse_envelope
 from tests.conftest import WORKER
 
@@ -238,9 +239,16 @@ def test_show_says_who_cancelled_and_when() -> None:
     ]
 
 
-@pytest.mark.parametrize("hostile", [None, "x", {"signals": "SIGKILL"}, {"signals": [1, None]}])
+@pytest.mark.parametrize("hostile", [None, "x", {"signals": "SIGKILL"}, {"signals": [1]}, {}, {"timeout_s": None}])
 def test_show_survives_a_hostile_kill_record(hostile: object) -> None:
-    assert outcome_notes({"status": "timeout", "kill": hostile})[0].startswith("timed out")
+    """show reads the result through result_record: an ill-typed kill record is its one line, any
+    other gives the words (tests/unit/test_hostile_records.py tries every shape)."""
+    try:
+        result = result_record({"task_id": "t1", "status": "timeout", "kill": hostile})
+    except BadRecord as exc:
+        assert str(exc).startswith(("result: kill", "result kill:")) and "\n" not in str(exc)
+        return
+    assert outcome_notes(result)[0].startswith("timed out")
 
 
 def test_a_log_the_results_folder_refuses_stays_beside_the_claim_and_never_raises(spool: Spool, caplog) -> None:
