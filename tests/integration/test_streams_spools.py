@@ -41,7 +41,7 @@ def run_by_hand(worker_spool: Spool, replica: StreamsTransport) -> str:
     claim = worker_spool.claim(WORKER, delivery.task_id)
     assert claim is not None
     held = delivery_of(load_task(claim))  # what the executor knows: only the file
-    result = {"task_id": held.task_id, "worker": WORKER, "status": "success", "attempts": held.attempt}
+    result = {"task_id": held.task_id, "worker": WORKER, "status": "completed", "attempts": held.attempt}
     worker_spool.write_result(WORKER, result)
     assert replica.complete(held, result).status == DONE
     return held.task_id
@@ -78,6 +78,32 @@ def test_a_stream_dead_letter_lands_in_the_orchestrators_dead_letter(spools, cli
     assert (record["task_id"], record["reason"], record["task"]) == ("poison", "max_attempts", task("poison"))
     assert "last owner a" in record["detail"] and "deliveries 1" in record["detail"]
     assert orchestrator_spool.count_inbox(WORKER) == 0
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"task_id": "t1", "status": 5},  # a status that is no string
+        {"task_id": "other", "status": "completed"},  # names another task
+        {"task_id": "t1", "status": "completed", "duration_s": "long"},
+    ],
+)
+def test_a_result_no_reader_could_take_lands_in_the_dead_letter_not_the_results(spools, client, hostile):
+    orchestrator_spool, worker_spool = spools
+    orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
+    orchestrator.ensure_groups()
+    replica = StreamsTransport(client, WORKER, consumer="a")
+    send(orchestrator, orchestrator_spool, WORKER, task("t1"))
+    delivery = replica.receive(0)
+    assert delivery is not None
+    assert replica.complete(delivery, hostile).status == DONE  # the script stores what it is given
+    assert mirror(orchestrator, orchestrator_spool, WORKER) == 1
+    location = orchestrator_spool.locate("t1")
+    assert location is not None and location.state == "dead", location
+    record = json.loads(location.path.read_text())
+    assert record["reason"] == "unreadable_result" and "no result record" in record["detail"]
+    assert record["task"] == task("t1")  # the outbox copy: `dlq retry` runs it again
+    assert orchestrator_spool.count_inbox(WORKER) == 0 and not orchestrator_spool.has_result(WORKER, "t1")
 
 
 def test_a_dead_letter_nested_past_any_limit_or_with_a_hostile_task_id_lands_safely(spools, client, tmp_path):

@@ -21,6 +21,7 @@ from activation.spool import codec
 from activation.spool.atomic import atomic_write_bytes, atomic_write_json
 from activation.spool.cancel import Cancelled, CannotCancel, cancelled_record, read_task
 from activation.spool.layout import Spool
+from activation.spool.readers import BadRecord, result_record
 from activation.spool.task import TASK_SUFFIX, is_valid_task_id, load_task, task_id_of
 from activation.transport.streams.client import (
     CANCELLED,
@@ -35,6 +36,7 @@ from activation.transport.streams.client import (
 log = logging.getLogger("activation.orchestrator")
 
 MAX_ATTEMPTS_REASON = "max_attempts"  # the spool's dead-letter reason for a task that kept failing
+UNREADABLE_RESULT = "unreadable_result"  # the dead-letter reason for a result no reader could take
 
 
 def send(transport: StreamsTransport, spool: Spool, worker: str, task: dict[str, Any]) -> Dispatched:
@@ -143,12 +145,19 @@ def _outbox_path(spool: Spool, worker: str, task_id: str) -> Path:
 
 
 def _land_result(spool: Spool, worker: str, outcome: Outcome) -> None:
-    result = _parsed(outcome.fields.get("result", ""))
-    if not isinstance(result, dict) or result.get("task_id") != outcome.task_id:
-        # Written by our own completion script, so this is a bug or tampering: keep it visibly.
-        result = {"task_id": outcome.task_id, "worker": worker, "status": "unreadable_result"}
-        log.error("result of %s from %s is unreadable; recorded as such", outcome.task_id, worker)
-    spool.write_result(worker, result)
+    raw = outcome.fields.get("result", "")
+    try:
+        result = result_record(_parsed(raw), task_id=outcome.task_id)
+    except BadRecord as exc:
+        # Written by our own completion script, so this is a bug or tampering. No reader could
+        # take it as a result: the task goes to the dead letter, where `dlq` shows it and retries it.
+        log.error("result of %s from %s is no result record (%s); dead-lettered", outcome.task_id, worker, exc)
+        detail = f"the result the stream returned is no result record: {exc}"
+        outbox = read_task(_outbox_path(spool, worker, outcome.task_id))
+        task = None if outbox is None else dict(outbox)
+        _dead_letter(spool, worker, outcome.task_id, UNREADABLE_RESULT, detail, task, raw)
+        return
+    spool.write_result(worker, dict(result))
     _outbox_path(spool, worker, outcome.task_id).unlink(missing_ok=True)
 
 
@@ -158,11 +167,18 @@ def _land_dead_letter(spool: Spool, worker: str, outcome: Outcome) -> None:
     reason_text = fields.get("reason", "")
     reason = MAX_ATTEMPTS_REASON if reason_text.startswith("max_deliveries") else reason_text.split(":", 1)[0]
     detail = f"{reason_text}; deliveries {fields.get('deliveries', '?')}, last owner {fields.get('last_owner', '?')}"
-    if not is_valid_task_id(outcome.task_id):
-        detail = f"entry for task id {ascii(outcome.task_id)[:160]}: {detail}"
-    source = _outbox_path(spool, worker, outcome.task_id)
-    if not isinstance(task, dict):
-        task = None
-        if not source.exists():  # no outbox copy (never dispatched here): keep the payload as it came
-            atomic_write_bytes(source, fields.get("task", "").encode("utf-8", "surrogatepass"), durable=False)
-    spool.dead_letter(source, reason=reason or "dead_letter", detail=detail, worker=worker, task=task)
+    task = task if isinstance(task, dict) else None
+    _dead_letter(spool, worker, outcome.task_id, reason or "dead_letter", detail, task, fields.get("task", ""))
+
+
+def _dead_letter(
+    spool: Spool, worker: str, task_id: str, reason: str, detail: str, task: dict[str, Any] | None, payload: str
+) -> None:
+    """Dead-letter the outbox copy of ``task_id``; without one (never dispatched here), ``payload``
+    as it came stands in for it."""
+    if not is_valid_task_id(task_id):
+        detail = f"entry for task id {ascii(task_id)[:160]}: {detail}"
+    source = _outbox_path(spool, worker, task_id)
+    if task is None and not source.exists():
+        atomic_write_bytes(source, payload.encode("utf-8", "surrogatepass"), durable=False)
+    spool.dead_letter(source, reason=reason, detail=detail, worker=worker, task=task)
