@@ -24,10 +24,10 @@ from typing import Any, TypeVar, cast
 from activation.config import Settings
 from activation.errors import BadTask, StreamsError
 from activation.spool import outcome as outcomes
-from activation.spool.atomic import read_json
 from activation.spool.layout import Spool
+from activation.spool.readers import peek_record, result_record
 from activation.spool.records import ResultRecord
-from activation.spool.task import task_id_of
+from activation.spool.task import task_id_of, task_record
 from activation.transport.streams.client import Delivery, StreamsTransport, Verdict
 from activation.transport.streams.connect import SOCKET_TIMEOUT
 from activation.transport.streams.inbox import STREAM_METADATA, delivery_metadata, delivery_of, take_one
@@ -300,11 +300,8 @@ class StreamFeed:
         as a duplicate later (the entry's lease then lapses to another replica, which does the same).
         """
         task_id = delivery.task_id
-        try:
-            result = read_json(self.spool.result_path(self.worker, task_id))
-        except (OSError, ValueError):
-            return
-        if not isinstance(result, dict) or result.get("task_id") != task_id:
+        result = peek_record(self.spool.result_path(self.worker, task_id), lambda v: result_record(v, task_id=task_id))
+        if result is None:
             return
         result["metadata"] = delivery_metadata(result.get("metadata"), delivery)
         verdict = self._call(self.link, lambda t: t.complete(delivery, result))
@@ -430,11 +427,8 @@ class StreamFeed:
     def local_delivery(self, task_id: str, *, claimed: bool) -> Delivery | None:
         """The delivery of the local claim (or inbox file) of ``task_id``; None if it is none."""
         path = self.spool.claim_path(self.worker, task_id) if claimed else self.spool.task_path(self.worker, task_id)
-        try:
-            task = read_json(path)
-        except (OSError, ValueError):
-            return None
-        return streamed(task) if isinstance(task, dict) and task.get("task_id") == task_id else None
+        task = peek_record(path, lambda v: task_record(v, task_id))
+        return None if task is None else streamed(cast(dict[str, Any], task))
 
     def drop_local(self, task_id: str, *, claimed: bool = True) -> None:
         """Forget the local copy of a delivery the stream has settled (or another replica holds)."""
