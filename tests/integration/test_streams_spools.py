@@ -89,7 +89,7 @@ def test_a_stream_dead_letter_lands_in_the_orchestrators_dead_letter(spools, cli
     ],
 )
 def test_a_result_no_reader_could_take_lands_in_the_dead_letter_not_the_results(spools, client, hostile):
-    orchestrator_spool, worker_spool = spools
+    orchestrator_spool, _worker_spool = spools
     orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
     orchestrator.ensure_groups()
     replica = StreamsTransport(client, WORKER, consumer="a")
