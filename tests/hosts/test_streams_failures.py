@@ -104,13 +104,15 @@ def test_three_replicas_racing_for_expired_entries_run_each_task_once_and_late_h
 ):
     ids = [f"x{n}" for n in range(7)]
     stack.dispatch_all(ids)
-    # A consumer of the probe's takes six and goes silent: their leases run out together.
+    # A replica takes one and is frozen mid-task. It starts first: a replica claims an expired
+    # entry before it reads a new one, so one that took longer than a lease to start (a loaded
+    # machine) would take one of the ghost's, and leave a new entry for a racer's first delivery.
+    frozen = worker(0, STREAMS_AGENT_SLEEP=SLOW)
+    wait_for(lambda: agent_of(frozen), 30, 0.02, lambda: f"the frozen-to-be host's agent; log:\n{frozen.log_tail()}")
+    (held,) = [i for i in ids if frozen.spool.claim_path(WORKER, i).exists()]
+    # A consumer of the probe's takes the other six and goes silent: their leases run out together.
     ghost = StreamsTransport(client, WORKER, consumer="ghost", lease=float(LEASE))
     taken = take(ghost, len(ids) - 1)
-    # A replica takes one (the seventh, or one of the ghost's once expired) and is frozen mid-task.
-    frozen = worker(0, STREAMS_AGENT_SLEEP=SLOW)
-    wait_for(lambda: agent_of(frozen), 30, 0.02, "the frozen-to-be host's agent running")
-    (held,) = [i for i in ids if frozen.spool.claim_path(WORKER, i).exists()]
     executor = frozen.pause("executor")
     racers: list[WorkerTree] = []
     try:
@@ -123,7 +125,7 @@ def test_three_replicas_racing_for_expired_entries_run_each_task_once_and_late_h
         stack.wait_results(len(ids), 90, racers)
         results = {task_id: stack.result(task_id) or {} for task_id in ids}
         assert stack.result_ids() == ids and completed_once(client) == ids  # one accepted completion each
-        assert all(r["status"] == "completed" and r["attempts"] >= 2 for r in results.values())
+        assert all(r["status"] == "completed" and r["attempts"] >= 2 for r in results.values()), results
         # Each task ran once among the racers: no second run, concurrent or not, left a local record.
         assert sorted(task_id for t in racers for task_id in t.result_ids()) == ids
         assert not any(consumer_of(frozen) in ran_by(r) for r in results.values())

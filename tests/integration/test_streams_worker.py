@@ -235,14 +235,23 @@ def test_a_task_that_kills_its_executor_each_time_ends_in_the_dead_letter_after_
 
 
 def agent_of(tree: WorkerTree) -> psutil.Process | None:
-    """The tree's running agent process (streams_agent.py), if any."""
+    """The tree's running agent process (streams_agent.py), if any.
+
+    Found among supervisord's descendants (only the executor starts agents) with no supervisorctl
+    call: a look costs milliseconds, so a short run is not missed between two looks under load.
+    """
+    if tree.process is None:
+        return None
     try:
-        executor = psutil.Process(tree.pid("executor"))
-        for child in executor.children(recursive=True):
-            if "streams_agent.py" in " ".join(child.cmdline()):
+        descendants = psutil.Process(tree.process.pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    for child in descendants:
+        try:
+            if "streams_agent.py" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
                 return child
-    except (psutil.Error, ValueError):
-        pass
+        except psutil.Error:
+            continue
     return None
 
 
@@ -279,11 +288,15 @@ def test_redis_away_degrades_the_worker_then_it_recovers_by_itself_and_loses_not
     try:
         orchestrator = StreamsTransport(connection, WORKER, consumer="orchestrator")
         orchestrator.ensure_groups()
-        # A lease long enough that the run outlives the outage: its completion is what waits.
-        a = replica("a", url=server.url, ACTIVATION_LEASE="30", STREAMS_AGENT_SLEEP="2")
+        # A lease long enough that the run outlives the outage: its completion is what waits. The run
+        # ends when the gate opens, once Redis is away: on a loaded machine a fixed sleep could end
+        # before the test sees the agent, or before it stops Redis.
+        gate = tmp_path / "mid-1.gate"
+        a = replica("a", url=server.url, ACTIVATION_LEASE="30", STREAMS_AGENT_GATE=str(gate))
         dispatch(orchestrator, "mid-1")
-        wait_for(lambda: agent_of(a), 30, 0.02, "a running mid-1")
+        wait_for(lambda: agent_of(a), 30, 0.02, lambda: f"a running mid-1; a:\n{a.log_tail()}")
         server.stop()
+        gate.touch()
         outcome = a.spool.processing(WORKER) / "mid-1.outcome"
         wait_for(outcome.exists, 30, 0.05, lambda: f"mid-1's outcome held; a:\n{a.log_tail()}")
         wait_for(lambda: heartbeat_of(a).get("redis") == "down", 20, 0.05, "the heartbeat saying redis is down")
@@ -298,7 +311,13 @@ def test_redis_away_degrades_the_worker_then_it_recovers_by_itself_and_loses_not
         dispatch(orchestrator, "after-1")
         wait_for(lambda: results_of(connection, "after-1"), 30, 0.05, "a task dispatched after the outage")
         assert [r["task_id"] for r in results(connection)] == ["mid-1", "after-1"]
-        assert not outcome.exists() and sorted(a.result_ids()) == ["after-1", "mid-1"]
+        # Locally a result is written once Redis confirmed the completion: a moment after the stream has it.
+        wait_for(
+            lambda: sorted(a.result_ids()) == ["after-1", "mid-1"] and not outcome.exists(),
+            30,
+            0.05,
+            lambda: f"a's results {a.result_ids()}, mid-1's outcome settled (held: {outcome.exists()})",
+        )
         log = log_of(a)
         assert log.count("(task stream): ") == 1  # one line when the outage starts, none per retry
         assert "reachable again at" in log
