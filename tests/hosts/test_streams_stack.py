@@ -218,11 +218,14 @@ def test_an_executor_stopped_past_the_lease_then_continued_submits_nothing_and_t
 
 
 def test_sigterm_to_a_host_mid_task_hands_the_task_back_and_the_other_host_runs_it_uncounted(client, stack, worker):
-    a = worker(0, STREAMS_AGENT_SLEEP=SLOW, ACTIVATION_DRAIN_TIMEOUT="1")
+    # Leases far longer than the drain: only the hand-back can get d1 to b uncounted. With the
+    # short LEASE, a loaded machine could hold a's renewals back past it mid-drain; b would then
+    # claim the lapsed entry as a second delivery.
+    a = worker(0, STREAMS_AGENT_SLEEP=SLOW, ACTIVATION_DRAIN_TIMEOUT="1", ACTIVATION_LEASE="20")
     stack.dispatch("d1")
     wait_for(lambda: held_by(client, a), 30, 0.02, "host a holding d1")
     wait_for(lambda: agent_of(a), 10, 0.02, "host a's agent running d1")
-    b = worker(1)
+    b = worker(1, ACTIVATION_LEASE="20")
     a.stop()
     result = wait_for(lambda: stack.result("d1"), 60, 0.1, lambda: f"b to run d1; b:\n{b.log_tail()}")
     assert consumer_of(b) in ran_by(result) and result["attempts"] == 1
