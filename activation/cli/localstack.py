@@ -22,7 +22,7 @@ from types import FrameType
 import click
 import psutil
 
-from activation.cli.stackcheck import READY_TIMEOUT, check_ports, required_ports, wait_ready
+from activation.cli.stackcheck import READY_TIMEOUT, check_ports, check_socket_paths, required_ports, wait_ready
 from activation.config import WORKER_NAME_PATTERN, Settings
 from activation.errors import ConfigError
 from activation.spool.layout import Spool
@@ -106,6 +106,8 @@ def run_local_stack(settings: Settings, workers: list[str], *, orchestrator: boo
         raise ConfigError(f"{WORKER_CONF} is missing: run `activation up` from a checkout of the repo")
     agent, fake = agent_command(settings)
     check_ports(required_ports(settings, workers, orchestrator=orchestrator))  # before anything starts
+    names = [*workers, *(["orchestrator"] if orchestrator else [])]
+    check_socket_paths({name: _run_base(settings) / name for name in names})
     spool = Spool(settings.spool)
     spool.init(workers)
     trees = [(w, WORKER_CONF, worker_environment(settings, w, i, agent)) for i, w in enumerate(workers)]

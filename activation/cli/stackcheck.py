@@ -1,5 +1,6 @@
-"""What ``activation up`` checks around the start: every port it needs is free (before), and
-every program is RUNNING (after), so that a newcomer gets one line either way."""
+"""What ``activation up`` checks around the start: every port it needs is free and every tree's
+sockets fit in a Unix socket address (before), and every program is RUNNING (after), so that a
+newcomer gets one line either way."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from activation.config import Settings
-from activation.errors import ActivationError
+from activation.errors import ActivationError, ConfigError
 from activation.spool.health import worker_health
 from activation.spool.layout import Spool
 
 READY_TIMEOUT = 60.0
+# A Unix socket path must fit in sun_path (108 bytes on Linux, with the NUL); the longest socket
+# a tree makes in its run folder is supervisord's (worker.conf, orchestrator.conf).
+MAX_SOCKET_PATH = 107
+LONGEST_SOCKET = "supervisor.sock"
 
 
 class PortTaken(ActivationError):
@@ -67,6 +73,19 @@ def check_ports(ports: list[Port]) -> None:
                     reason = "is taken" if exc.errno == errno.EADDRINUSE else "is not allowed"
                     raise PortTaken(f"port {port.port} ({port.what}) {reason}: {how}") from None
                 raise
+
+
+def check_socket_paths(run_dirs: dict[str, Path]) -> None:
+    """Raise ConfigError for the first tree whose sockets would not fit in a Unix socket address:
+    its supervisord would exit at once with "AF_UNIX path too long" (a checkout deep in the tree)."""
+    for name, run_dir in run_dirs.items():
+        path = run_dir / LONGEST_SOCKET
+        size = len(str(path).encode())
+        if size > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"{name}'s socket {path} would be {size} bytes, over the {MAX_SOCKET_PATH} a Unix socket "
+                "path may have: set ACTIVATION_RUN_DIR to a shorter folder (e.g. /tmp/activation-run)"
+            )
 
 
 def _api_answers(url: str) -> bool:

@@ -54,11 +54,14 @@ def test_make_up_with_a_taken_port_fails_in_one_line(tmp_path):
     assert not (tmp_path / "var" / "run" / "w1" / "supervisord.pid").exists()
 
 
-def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path):
+def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir):
+    # The project in a short folder (conftest's run_dir): its trees' sockets go under var/run/, and
+    # pytest-xdist's deeper tmp_path (popen-gw<N>/) left the orchestrator's one over 107 bytes.
+    project = run_dir
     env = _env()
     up = subprocess.Popen(
         [str(BIN / "activation"), "up", "--workers", "w1"],
-        cwd=tmp_path,
+        cwd=project,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -74,9 +77,9 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
         ready = next(line for line in seen if "activation: ready:" in line)
         assert "w1 RUNNING" in ready and env["ACTIVATION_ADMIN_BIND"] in ready and "var/log" in ready
         assert any(line.startswith("[w1] ") for line in seen), "supervisord's lines name the worker"
-        assert (tmp_path / "var" / "log" / "w1.log").stat().st_size > 0
+        assert (project / "var" / "log" / "w1.log").stat().st_size > 0
         # From a folder below the project, without ACTIVATION_SPOOL, the CLI finds var/spool.
-        below = tmp_path / "src" / "deep"
+        below = project / "src" / "deep"
         below.mkdir(parents=True)
         cli_env = {k: v for k, v in env.items() if k != "ACTIVATION_SPOOL"}
         sent = subprocess.run(
@@ -91,7 +94,7 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
         where = subprocess.run(
             [str(BIN / "activation"), "where"], cwd=below, env=cli_env, capture_output=True, text=True, timeout=30
         )
-        assert str(tmp_path / "var" / "spool") in where.stdout and "walking up" in where.stdout
+        assert str(project / "var" / "spool") in where.stdout and "walking up" in where.stdout
         listed = subprocess.run(
             [str(BIN / "activation"), "tasks", "--state", "done"],
             cwd=below,
@@ -117,7 +120,7 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(tmp_path
             timeout=30,
         )
         assert long_task.returncode == 0, long_task.stderr
-        claim = tmp_path / "var" / "spool" / "tasks" / "w1" / ".processing" / "long-1.json"
+        claim = project / "var" / "spool" / "tasks" / "w1" / ".processing" / "long-1.json"
         deadline = time.monotonic() + 30
         while not claim.exists():
             assert time.monotonic() < deadline, "long-1 never started"

@@ -16,6 +16,7 @@ from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
 from activation.spool.listing import Query, list_tasks
 from activation.spool.retention import Sweeper, purge
+from tests.harness import free_port
 
 DAY = 86400.0
 
@@ -436,6 +437,34 @@ def test_make_up_with_claude_on_path_uses_the_json_envelope_and_a_workdir_per_wo
     )
     assert localstack.agent_command(own)[0] == "claude -p -- {description}"
     assert localstack.worker_environment(own, "marie", 0, "x")["ACTIVATION_AGENT_WORKDIR"] == "/srv"
+
+
+def test_make_up_in_a_folder_too_deep_for_its_sockets_fails_in_one_line_and_starts_nothing(tmp_path):
+    # A checkout deep in the tree: supervisord would exit at once with "AF_UNIX path too long".
+    deep = tmp_path / ("d" * 60) / "var" / "run"
+    env = {
+        "ACTIVATION_SPOOL": str(tmp_path / "var" / "spool"),
+        "ACTIVATION_RUN_DIR": str(deep),
+        "ACTIVATION_METRICS_PORT": "0",
+        "ACTIVATION_ADMIN_BIND": f"127.0.0.1:{free_port()}",
+    }
+    out = CliRunner().invoke(main, ["up", "--workers", "marie"], env=env, catch_exceptions=False)
+    assert out.exit_code != 0
+    (line,) = out.output.strip().splitlines()
+    assert f"socket {deep / 'marie' / 'supervisor.sock'} would be" in line, line
+    assert "set ACTIVATION_RUN_DIR to a shorter folder" in line, line
+    assert not (tmp_path / "var").exists() and not deep.exists()
+
+
+def test_make_up_checks_every_tree_s_socket_and_takes_one_that_just_fits(tmp_path):
+    from activation.cli.stackcheck import LONGEST_SOCKET, MAX_SOCKET_PATH, check_socket_paths
+    from activation.errors import ConfigError
+
+    room = MAX_SOCKET_PATH - len(f"{tmp_path}//{LONGEST_SOCKET}".encode())
+    fits = tmp_path / ("f" * room)
+    check_socket_paths({"marie": tmp_path, "orchestrator": fits})  # exactly MAX_SOCKET_PATH bytes
+    with pytest.raises(ConfigError, match="orchestrator's socket"):
+        check_socket_paths({"marie": tmp_path, "orchestrator": tmp_path / ("f" * (room + 1))})
 
 
 # -- records another process wrote are not trusted (spool/readers.py) ----------------------------
