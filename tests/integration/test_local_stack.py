@@ -71,6 +71,8 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir)
         seen: list[str] = []
         deadline = time.monotonic() + 90
         while not any("activation: ready:" in line for line in seen):
+            if up.poll() is not None:  # what it said before it exited, for the message
+                seen.append(up.stderr.read().decode(errors="replace"))
             assert time.monotonic() < deadline and up.poll() is None, "".join(seen[-30:])
             if select.select([up.stderr], [], [], 1)[0]:
                 seen.append(up.stderr.readline().decode(errors="replace"))
