@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.observers.inotify_c import DEFAULT_NUM_EVENTS
 
 from activation.config import Settings
 from activation.spool.atomic import atomic_write_json
@@ -205,10 +206,13 @@ def test_a_real_inotify_overflow_is_reported(spool: Spool) -> None:
     ping.write_bytes(b"")
     try:
         # Hold the watch group's lock: watchdog's reader thread blocks on its first event and the
-        # kernel queue fills up behind it, exactly as under a burst larger than the queue.
+        # kernel queue fills up behind it, exactly as under a burst larger than the queue. Each
+        # rename queues one event (IN_MOVED_TO; IN_MOVED_FROM is not subscribed). The queue's worth
+        # and more, plus a full read buffer: on a loaded machine the reader thread wakes late, and
+        # its one read before it blocks takes up to DEFAULT_NUM_EVENTS events off the queue.
         lock = _watch_group(source)._lock  # type: ignore[attr-defined]
         with lock:
-            for _ in range(limit // 2 + 200):
+            for _ in range(limit // 2 + DEFAULT_NUM_EVENTS + 200):
                 os.rename(ping, pong)
                 os.rename(pong, ping)
         # watchdog handles the ~16k queued events first, in Python, before it reaches the overflow
