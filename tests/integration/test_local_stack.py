@@ -54,6 +54,32 @@ def test_make_up_with_a_taken_port_fails_in_one_line(tmp_path):
     assert not (tmp_path / "var" / "run" / "w1" / "supervisord.pid").exists()
 
 
+def read_until(up: subprocess.Popen[bytes], seen: list[str], marker: str, timeout: float) -> str:
+    """Read ``up``'s stderr into ``seen`` (whole lines) until one holds ``marker``; that line.
+
+    Straight from the pipe, with no buffer of Python's between: a line already read is never left
+    waiting behind a select() that only sees the pipe, and a later communicate() reads the rest.
+    """
+    assert up.stderr is not None
+    fd = up.stderr.fileno()
+    partial = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((line for line in seen if marker in line), None)
+        if found is not None:
+            if partial:
+                seen.append(partial.decode(errors="replace"))
+            return found
+        exited = up.poll() is not None
+        if select.select([fd], [], [], 1)[0]:
+            chunk = os.read(fd, 65536)
+            *lines, partial = (partial + chunk).split(b"\n")
+            seen.extend(line.decode(errors="replace") + "\n" for line in lines)
+            if chunk:
+                continue
+        assert time.monotonic() < deadline and not exited, f"no {marker!r} line:\n" + "".join(seen[-30:])
+
+
 def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir):
     # The project in a short folder (conftest's run_dir): its trees' sockets go under var/run/, and
     # pytest-xdist's deeper tmp_path (popen-gw<N>/) left the orchestrator's one over 107 bytes.
@@ -67,16 +93,8 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir)
         stderr=subprocess.PIPE,
     )
     try:
-        assert up.stderr is not None
         seen: list[str] = []
-        deadline = time.monotonic() + 90
-        while not any("activation: ready:" in line for line in seen):
-            if up.poll() is not None:  # what it said before it exited, for the message
-                seen.append(up.stderr.read().decode(errors="replace"))
-            assert time.monotonic() < deadline and up.poll() is None, "".join(seen[-30:])
-            if select.select([up.stderr], [], [], 1)[0]:
-                seen.append(up.stderr.readline().decode(errors="replace"))
-        ready = next(line for line in seen if "activation: ready:" in line)
+        ready = read_until(up, seen, "activation: ready:", 90)
         assert "w1 RUNNING" in ready and env["ACTIVATION_ADMIN_BIND"] in ready and "var/log" in ready
         assert any(line.startswith("[w1] ") for line in seen), "supervisord's lines name the worker"
         assert (project / "var" / "log" / "w1.log").stat().st_size > 0
@@ -112,9 +130,11 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir)
         )
         assert outside.returncode == 1 and "no spool here" in outside.stderr
         assert len(outside.stderr.strip().splitlines()) == 1 and not Path("/tmp/var/spool/tasks").exists()
-        # Ctrl-C says what it waits for, and at the end what is left.
+        # Ctrl-C says what it waits for, and at the end what is left. The task runs until the test
+        # opens its gate, once the drain is announced: a fixed sleep could end first under load.
+        gate = project / "long-1.gate"
         long_task = subprocess.run(
-            [str(BIN / "activation"), "dispatch", "w1", "sleep=3", "--task-id", "long-1"],
+            [str(BIN / "activation"), "dispatch", "w1", f"gate={gate}", "--task-id", "long-1"],
             cwd=below,
             env=cli_env,
             capture_output=True,
@@ -128,8 +148,11 @@ def test_up_says_ready_writes_var_log_and_the_cli_works_from_any_folder(run_dir)
             assert time.monotonic() < deadline, "long-1 never started"
             time.sleep(0.05)
         up.send_signal(signal.SIGINT)
-        rest = up.communicate(timeout=90)[1].decode(errors="replace")
-        assert "activation: stopping: draining w1's task long-1, up to 45 s" in rest, rest[-3000:]
+        stopping: list[str] = []
+        draining = read_until(up, stopping, "activation: stopping:", 60)
+        assert "activation: stopping: draining w1's task long-1, up to 45 s" in draining, "".join(stopping[-30:])
+        gate.touch()
+        rest = "".join(stopping) + up.communicate(timeout=90)[1].decode(errors="replace")
         assert "activation: stopped; no task left pending" in rest, rest[-3000:]
         # A normal start and stop (with a drain) prints no CRIT line, and no WARNING of ours.
         noise = [
