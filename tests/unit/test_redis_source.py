@@ -174,17 +174,22 @@ def test_each_hostile_message_is_refused_counted_and_survived(
 def test_a_flood_of_hostile_messages_logs_one_line_then_a_count(
     make_source, publish, redis_server: RedisServer, spool: Spool, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    monkeypatch.setattr(redis_wake, "REFUSAL_LOG_INTERVAL", 0.5)
+    interval = 0.5
+    monkeypatch.setattr(redis_wake, "REFUSAL_LOG_INTERVAL", interval)
     source, _recorder, _ = make_source(redis_server.url)
     with caplog.at_level(logging.WARNING, logger="activation.listener"):
+        started = time.monotonic()
         for _ in range(300):
             publish(b"/etc/passwd")
-        wait_for(lambda: source.refusals.counts[rs.INVALID_NAME] == 300, timeout=10, what="300 refusals")
+        wait_for(lambda: source.refusals.counts[rs.INVALID_NAME] == 300, timeout=30, what="300 refusals")
+        took = time.monotonic() - started
         lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-        assert len(lines) <= 2, lines  # the first, and at most one count if the flood took 0.5 s
+        # The first, then at most one count per interval the flood lasted: one at most when it
+        # takes under 0.5 s, a few when other tests share the cores and it takes seconds.
+        assert len(lines) <= 2 + int(took / interval), (took, lines)
         # Once the interval is up, the rest are reported as a count even though the flood stopped.
         wait_for(
-            lambda: any("(300 in all)" in r.getMessage() for r in caplog.records), timeout=5, what="the count line"
+            lambda: any("(300 in all)" in r.getMessage() for r in caplog.records), timeout=20, what="the count line"
         )
     assert source.alive() and source.connected
 
