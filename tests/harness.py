@@ -6,6 +6,7 @@ Shared by the integration tests, the chaos run and the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -72,31 +73,50 @@ PROGRAMS = ("listener", "executor", "heartbeat")
 
 # Under pytest-xdist (`make test`) each worker picks its ports from a block of its own, below the
 # kernel's ephemeral range (32768 and up on Linux): between the pick and the bind of the program
-# it is for, no other worker and no outgoing connection can take the same port.
+# it is for, no other worker and no outgoing connection can take the same port. A worker takes the
+# first block whose lock file no other process holds (the lock lives as long as the worker), so
+# two sessions on one machine (another checkout's `make test -n 4`) never share a block either.
 PORT_BLOCKS = range(20000, 32000, 500)
 PORT_STRIDE = 10
-_next_port: dict[str, int] = {}
+_held: dict[str, Any] = {}  # "block": this process's block (None: none free), "lock": its open lock file
+
+
+def _port_block() -> range | None:
+    """This xdist worker's block of ports (every PORT_STRIDE-th), or None outside xdist or when all are held."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    if "block" not in _held:
+        _held["block"] = None
+        for start in PORT_BLOCKS:
+            lock = open(Path(tempfile.gettempdir()) / f"activation-test-ports-{start}.lock", "a")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            # Every PORT_STRIDE-th port of the block: a test that uses the ports after one it was
+            # given (`activation up` numbers its workers' metrics ports from the one given) finds them free.
+            _held.update(block=range(start, start + PORT_BLOCKS.step, PORT_STRIDE), lock=lock, next=0)
+            break
+    block: range | None = _held["block"]
+    return block
 
 
 def free_port() -> int:
     """A loopback TCP port that nothing is bound to now."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
-    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else len(PORT_BLOCKS)
-    if index >= len(PORT_BLOCKS):
+    block = _port_block()
+    if block is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
-    # Every PORT_STRIDE-th port of the block: a test that uses the ports after one it was given
-    # (`activation up` numbers its workers' metrics ports from the one given) finds them free.
-    block = range(PORT_BLOCKS[index], PORT_BLOCKS[index] + PORT_BLOCKS.step, PORT_STRIDE)
     for _ in block:
-        offset = _next_port.get(worker, 0)
-        _next_port[worker] = (offset + 1) % len(block)
+        offset = _held["next"]
+        _held["next"] = (offset + 1) % len(block)
         port = block[offset]
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
             return port
-    raise OSError(f"no free port in {block.start}-{block.stop - 1}, the block of xdist worker {worker}")
+    raise OSError(f"no free port in {block.start}-{block.stop - 1}, the block of this xdist worker")
 
 
 class WorkerTree:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from importlib.metadata import version
 
 from xdist.scheduler import LoadScopeScheduling
 
 from tests.conftest import SERIAL_FOLDERS
+from tests.harness import PORT_BLOCKS, ROOT
 from tests.xdist_groups import FolderGroups, group_of
 
 
@@ -22,3 +26,30 @@ def test_the_scheduler_hook_xdist_calls_is_still_there() -> None:
     """An upgrade of xdist that renames it would run every test alone, silently: pinned, and checked."""
     assert version("pytest-xdist") == "3.8.0"
     assert "_split_scope" in vars(LoadScopeScheduling) and "_split_scope" in vars(FolderGroups)
+
+
+HOLD_A_PORT = "from tests.harness import free_port; print(free_port(), flush=True); input()"
+
+
+def test_two_xdist_workers_of_two_sessions_take_their_ports_from_two_blocks() -> None:
+    """Two processes that both call themselves gw0 (two checkouts' `make test -n 4` on one machine)."""
+    env = {**os.environ, "PYTEST_XDIST_WORKER": "gw0"}
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD_A_PORT],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        ports = [int(h.stdout.readline()) for h in holders if h.stdout is not None]
+        blocks = {(port - PORT_BLOCKS.start) // PORT_BLOCKS.step for port in ports}
+        assert len(ports) == 2 and len(blocks) == 2, ports
+        assert all(PORT_BLOCKS.start <= port < PORT_BLOCKS.stop <= 32768 for port in ports), ports  # not ephemeral
+    finally:
+        for holder in holders:
+            holder.communicate("\n", timeout=30)
