@@ -61,7 +61,8 @@ def main() -> int:
                 break
             time.sleep(0.01)
         if outcome == "ran":
-            outcome = complete(transport, delivery, {"task_id": delivery.task_id, "by": args.consumer})
+            result = {"task_id": delivery.task_id, "status": "completed", "by": args.consumer}
+            outcome = complete(transport, delivery, result)
         say(outcome, delivery.task_id, delivery.attempt)
     return 0
 

@@ -98,11 +98,13 @@ def test_both_images_build_from_the_local_base_and_the_worker_runs_the_pinned_cl
 
 
 def test_the_stack_comes_up_healthy_with_every_program_running(stack: Stack):
-    ps = stack("ps").stdout
     for service in ("redis", "orchestrator", *WORKERS):
         stack.wait_healthy(service)  # podman runs no healthcheck by itself without systemd
         assert stack.inspect(service)["State"]["Health"]["Status"] == "healthy", service
-        assert stack.container(service) in ps
+    # Listed once every service is up: a `ps` taken while compose still starts one may miss it.
+    ps = stack("ps").stdout
+    for service in ("redis", "orchestrator", *WORKERS):
+        assert stack.container(service) in ps, (service, ps)
     assert stack.inspect("prometheus")["State"]["Status"] == "running"
     assert "grafana" not in ps  # left out by the override: no image of it here
 
