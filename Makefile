@@ -109,12 +109,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-# The whole suite, serially by default. TEST_WORKERS=4 runs it in 4 pytest-xdist workers (about
-# 10 minutes instead of 24): tests/conftest.py puts the tests that share something of the machine
-# (podman, network namespaces, the chaos runs) in groups, a group in one worker a test at a time.
-# It is not the default yet: on these 2-core machines a few timing-bound tests still fail under
-# 4 workers' load (issue 11's note lists them).
-TEST_WORKERS ?= 0
+# The whole suite in 4 pytest-xdist workers (about 9 minutes instead of 24 serially;
+# TEST_WORKERS=0 runs it in one process): tests/xdist_groups.py puts the tests that share
+# something of the machine (podman, network namespaces, the chaos runs) in groups, a group in one
+# worker a test at a time, and tests/harness.free_port gives each worker its own ports.
+TEST_WORKERS ?= 4
 test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite (TEST_WORKERS=4: in parallel)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
