@@ -168,3 +168,15 @@ def test_take_one_writes_the_entry_into_the_inbox_and_dead_letters_bad_input(spo
     [(_id, dead)] = client.xrange(replica.keys.dead)
     assert (dead["task_id"], dead["reason"]) == ("bad", "missing_field: description is required")
     assert take_one(replica, worker_spool, WORKER, block=0) is None
+
+
+def test_an_empty_or_half_written_outbox_file_is_skipped_and_the_others_are_re_sent(spools, client, redis_server):
+    # The chaos run wedged the orchestrator here: NotReady ("empty file") failed every step.
+    orchestrator_spool, _worker_spool = spools
+    orchestrator = StreamsTransport(client, WORKER, consumer="orchestrator")
+    orchestrator.ensure_groups()
+    send(orchestrator, orchestrator_spool, WORKER, task("kept"))
+    orchestrator_spool.task_path(WORKER, "empty").write_bytes(b"")
+    orchestrator_spool.task_path(WORKER, "half").write_bytes(b'{"task_id": "half", "descr')
+    redis_server.restart(lose_data=True)
+    assert resend_outbox(orchestrator, orchestrator_spool, WORKER) == ["kept"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from activation.clock import iso_now
-from activation.errors import BadTask
+from activation.errors import BadTask, NotReady
 from activation.spool import codec
 from activation.spool.atomic import atomic_write_bytes, atomic_write_json
 from activation.spool.cancel import Cancelled, CannotCancel, cancelled_record, read_task
@@ -59,7 +59,7 @@ def resend_outbox(transport: StreamsTransport, spool: Spool, worker: str) -> lis
     for name in spool.inbox_names(worker):
         try:
             task = load_task(spool.task_path(worker, task_id_of(name)))
-        except (BadTask, OSError) as exc:
+        except (BadTask, NotReady, OSError) as exc:  # never the whole step: the others still go
             log.warning("outbox file %s/%s is unreadable, not re-sent: %s", worker, name, exc)
             continue
         if transport.dispatch(task["task_id"], task).status != DUPLICATE:
