@@ -13,6 +13,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -115,7 +116,10 @@ class MetricsServer:
             except OSError:
                 if self._closed.is_set():
                     return
-                continue  # a client that reset before accept (ECONNABORTED): serve the next one
+                # A client that reset before accept, or EMFILE, which would fail again at once:
+                # a short pause, as the work queue's accept loop does, so that it never spins.
+                time.sleep(0.05)
+                continue
             threading.Thread(target=self._serve, args=(client,), name="metrics-scrape", daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
