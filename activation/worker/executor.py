@@ -168,6 +168,8 @@ class Executor(Program):
             )
         self.pulse.beat()
         self.recover()
+        if self._feed is None:
+            self._finisher.start_writer()  # results written while the next task starts (files transport)
         self.connect()
         self._idle_check()
 
@@ -180,12 +182,14 @@ class Executor(Program):
 
     def loop(self) -> None:
         self.pulse.beat()
+        self._finisher.collect()
         if self._finisher.held:
             self._finisher.retry_held()
             return
         unsettled = self._recovery.unsettled
         if unsettled:
             if self.condition.trouble is None or self.condition.trouble.retry_at <= time.monotonic():
+                self._finisher.settle()  # recovery writes results too: never beside the writer thread
                 self._recovery.settle_claims(sorted(unsettled))
             if unsettled:
                 self.stopping.wait(self._queue_wait)
@@ -281,6 +285,8 @@ class Executor(Program):
         if self.stopping.is_set() or not tasks.is_valid_task_id(task_id):
             return None
         spool, worker = self.spool, self.worker
+        if self._finisher.writing(task_id):  # dispatched again while its result is on its way to disk
+            self._finisher.settle()
         try:
             visible_ns = self._visible_ns(task_id, source, seen_at)
             claim = self._claim(task_id)
@@ -369,7 +375,7 @@ class Executor(Program):
                 kill_grace=self.settings.kill_grace,
                 output_limit=self.settings.output_limit,
                 should_abort=should_abort,
-                on_tick=self.pulse.beat,
+                on_tick=self._tick,
                 cwd=self._cwd,
                 cgroups=self._cgroups,
                 stdin_data=launch.stdin,
@@ -387,7 +393,8 @@ class Executor(Program):
             if lease is not None:
                 assert self._feed is not None
                 self._feed.end_log()
-        self.condition.started()
+        if not self._finisher.held:  # a result held meanwhile keeps the executor degraded
+            self.condition.started()
         if run.aborted and self._feed is not None and lease is not None and lease.lost is not None:
             self._feed.drop_local(task_id)  # the keeper logged why; submit nothing, keep nothing
             return None
@@ -406,6 +413,11 @@ class Executor(Program):
         self.condition.note_run(failed, run.duration_s, run.exit_code, run.stderr.strip() or run.stdout.strip())
         tasklog.keep_log(self.spool, self.worker, task_id)  # before the result: a reader of it finds the whole log
         return self._finisher.finish(result, streamed=lease is not None)
+
+    def _tick(self) -> None:
+        """Each supervision tick of a run: beat, and report at once a result the writer could not write."""
+        self.pulse.beat()
+        self._finisher.collect()
 
     # -- stopping one run: the drain deadline, or an operator's cancel ----------------------
 

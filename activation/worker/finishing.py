@@ -3,6 +3,9 @@
 While the spool refuses the write, the run's outcome is held (saved beside its claim when the disk
 lets us), the executor reports itself degraded, and only the write is retried: nothing runs the
 agent again. In streams mode an outcome is completed on the stream first, then written locally.
+
+In files mode the executor's loop hands the write to a thread (result_writer.py) so that the next
+task starts meanwhile; what that thread cannot write comes back here and is held the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from activation.spool.records import ResultRecord
 from activation.worker import liveness
 from activation.worker.done_events import DoneEvents
 from activation.worker.result_record import FAILED, TIMEOUT
+from activation.worker.result_writer import ResultWriter
 
 if TYPE_CHECKING:
     from activation.worker.stream_feed import StreamFeed
@@ -44,25 +48,56 @@ class Finisher:
     done: DoneEvents | None
     feed: StreamFeed | None
     held: outcomes.HeldResults = field(init=False)  # finished runs, result not written yet
+    writer: ResultWriter | None = field(init=False, default=None)  # started by the executor's loop
 
     def __post_init__(self) -> None:
         self.held = outcomes.HeldResults(self.spool, self.worker)
 
+    def start_writer(self) -> None:
+        """Write results on a thread from now on (the executor's program; its unit tests stay synchronous)."""
+        if self.writer is None:
+            self.writer = ResultWriter(self._write, self.log)
+
     def finish(self, result: ResultRecord, *, streamed: bool) -> ResultRecord | None:
-        """Write a run's result (its log is kept already); None when it is held, or late on the stream."""
-        task_id = result["task_id"]
+        """Write a run's result (its log is kept already); None when it is held, or late on the stream.
+
+        With the writer started, the result is handed to it and returned at once, not yet durable.
+        """
         if streamed:
-            cancels.clear_request(self.spool, self.worker, task_id)
+            cancels.clear_request(self.spool, self.worker, result["task_id"])
             return self._finish_streamed(result)
+        self.collect()
+        if self.writer is not None and not self.held and self.writer.submit(result):
+            return result
+        self.collect()  # submit refused: a write failed meanwhile, and what it refused goes first
         try:
-            outcomes.finish_write(self.spool, self.worker, result)
+            self._write(result)
         except OSError as exc:
             # The run is done and paid for: keep its outcome and retry only the write.
             self.hold(result, exc)
             return None
-        cancels.clear_request(self.spool, self.worker, task_id)  # one that came too late is harmless
-        self.finished(result)
         return result
+
+    def _write(self, result: ResultRecord) -> None:
+        """The result durable and its claim gone, then announced (the writer thread's, or the caller's)."""
+        outcomes.finish_write(self.spool, self.worker, result)
+        cancels.clear_request(self.spool, self.worker, result["task_id"])  # one that came too late is harmless
+        self.finished(result)
+
+    def collect(self) -> None:
+        """Hold what the writer thread could not write (a cheap check; the executor calls it each step)."""
+        if self.writer is not None and self.writer.failed:
+            for result, exc in self.writer.take_back():
+                self.hold(result, exc)
+
+    def writing(self, task_id: str) -> bool:
+        return self.writer is not None and self.writer.pending(task_id)
+
+    def settle(self, deadline: float | None = None) -> None:
+        """Wait until the writer has written (or given back) everything handed to it."""
+        if self.writer is not None:
+            self.writer.wait_idle(deadline)
+            self.collect()
 
     def finished(self, result: ResultRecord) -> None:
         """A result is on disk: announce it, count it, log it."""
@@ -125,6 +160,10 @@ class Finisher:
 
     def flush_held(self, deadline: float | None) -> None:
         """At shutdown: keep trying until the drain deadline; what is left stays claimed for recovery."""
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            for result, exc in writer.close(deadline):
+                self.hold(result, exc)
         while self.held and not self.write_held():
             if deadline is None or time.monotonic() + SPOOL_BACKOFF >= deadline:
                 break

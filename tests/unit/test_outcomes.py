@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,90 @@ def test_a_result_that_cannot_be_written_is_held_and_only_the_write_is_retried(
     assert not spool.claim_path(WORKER, "held-1").exists()
     assert outcomes.saved_outcomes(spool, WORKER) == []
     assert beat_state(executor.settings)["state"] == "ok"
+
+
+def test_a_result_the_writer_thread_cannot_write_is_held_as_one_written_in_line(
+    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    record = tmp_path / "runs"
+    put_task(spool, "held-2", f"record={record}")
+    executor = Executor(make_settings())
+    executor._finisher.start_writer()  # as initialize() does in files mode
+    calls = failing_writes(monkeypatch, executor.spool)
+    executor._client = stub = StubQueue(["held-2"])
+    try:
+        executor.loop()
+        executor._finisher.settle()
+        assert runs_of(record) == 1 and calls
+        assert spool.claim_path(WORKER, "held-2").exists(), "the claim stays until the result is durable"
+        saved = outcomes.load_outcome(spool, WORKER, "held-2")
+        assert saved is not None and saved["status"] == "completed"
+        state = beat_state(executor.settings)
+        assert state["state"] == "degraded" and "cannot write the result of held-2" in state["detail"]
+        for _ in range(3):
+            executor.loop()
+        assert runs_of(record) == 1 and stub.gets == 1, "nothing runs again and no task starts while one is held"
+        monkeypatch.undo()
+        executor.loop()
+        assert read_json(spool.result_path(WORKER, "held-2")) == saved
+        assert not spool.claim_path(WORKER, "held-2").exists()
+        assert beat_state(executor.settings)["state"] == "ok"
+    finally:
+        executor.shutdown()
+
+
+def slow_writes(monkeypatch: pytest.MonkeyPatch, spool: Spool) -> threading.Event:
+    """Result writes wait at a gate the test opens."""
+    gate = threading.Event()
+    write = spool.write_result
+
+    def slow(worker: str, result: dict[str, Any]) -> Path:
+        assert gate.wait(10)
+        return write(worker, result)
+
+    monkeypatch.setattr(spool, "write_result", slow)
+    return gate
+
+
+def test_a_task_dispatched_again_while_its_result_is_on_its_way_is_a_duplicate_not_a_second_run(
+    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "runs"
+    put_task(spool, "twice", f"record={record}")
+    executor = Executor(make_settings())
+    executor._finisher.start_writer()
+    gate = slow_writes(monkeypatch, executor.spool)
+    executor._client = StubQueue(["twice", "twice"])
+    try:
+        executor.loop()
+        assert runs_of(record) == 1 and executor._finisher.writing("twice")
+        put_task(spool, "twice", f"record={record}")  # the same id again, while its result is unwritten
+        threading.Timer(0.2, gate.set).start()
+        executor.loop()  # waits for the result, then finds it: the new copy is dropped, not run
+        assert runs_of(record) == 1
+        assert spool.result_path(WORKER, "twice").exists() and not spool.claim_path(WORKER, "twice").exists()
+        assert spool.count_inbox(WORKER) == 0
+    finally:
+        gate.set()
+        executor.shutdown()
+
+
+def test_shutdown_writes_the_results_still_on_their_way(
+    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "runs"
+    put_task(spool, "last", f"record={record}")
+    executor = Executor(make_settings())
+    executor._finisher.start_writer()
+    gate = slow_writes(monkeypatch, executor.spool)
+    executor._client = StubQueue(["last"])
+    executor.loop()
+    executor.request_stop()
+    assert not spool.result_path(WORKER, "last").exists()
+    threading.Timer(0.2, gate.set).start()
+    executor.shutdown()
+    assert read_json(spool.result_path(WORKER, "last"))["status"] == "completed"
+    assert not spool.claim_path(WORKER, "last").exists()
 
 
 def test_a_restarted_executor_writes_the_saved_outcome_instead_of_running_the_agent_again(
