@@ -223,59 +223,36 @@ def failing_writes(monkeypatch: pytest.MonkeyPatch, spool: Spool, code: int = er
     return calls
 
 
+@pytest.mark.parametrize("on_thread", [False, True], ids=["in_line", "result_writer_thread"])
 def test_a_result_that_cannot_be_written_is_held_and_only_the_write_is_retried(
-    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_backoff: None
+    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_backoff: None, on_thread: bool
 ) -> None:
     record = tmp_path / "runs"
     put_task(spool, "held-1", f"record={record}")
     executor = Executor(make_settings())
+    if on_thread:
+        executor._finisher.start_writer()  # as initialize() does in files mode
     calls = failing_writes(monkeypatch, executor.spool)
     executor._client = stub = StubQueue(["held-1"])
-    executor.loop()
-    assert runs_of(record) == 1 and calls
-    assert spool.claim_path(WORKER, "held-1").exists(), "the claim stays: the run is done, its result owed"
-    saved = outcomes.load_outcome(spool, WORKER, "held-1")
-    assert saved is not None and saved["status"] == "completed" and saved["attempts"] == 1
-    state = beat_state(executor.settings)
-    assert state["state"] == "degraded" and "cannot write the result of held-1" in state["detail"]
-    for _ in range(5):
-        executor.loop()
-    assert len(calls) >= 5 and runs_of(record) == 1 and stub.gets == 1
-    monkeypatch.undo()
-    executor.loop()
-    result = read_json(spool.result_path(WORKER, "held-1"))
-    assert result == saved
-    assert runs_of(record) == 1
-    assert not spool.claim_path(WORKER, "held-1").exists()
-    assert outcomes.saved_outcomes(spool, WORKER) == []
-    assert beat_state(executor.settings)["state"] == "ok"
-
-
-def test_a_result_the_writer_thread_cannot_write_is_held_as_one_written_in_line(
-    spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_backoff: None
-) -> None:
-    record = tmp_path / "runs"
-    put_task(spool, "held-2", f"record={record}")
-    executor = Executor(make_settings())
-    executor._finisher.start_writer()  # as initialize() does in files mode
-    calls = failing_writes(monkeypatch, executor.spool)
-    executor._client = stub = StubQueue(["held-2"])
     try:
         executor.loop()
-        executor._finisher.settle()
+        executor._finisher.settle()  # the thread's failure comes back and is held
         assert runs_of(record) == 1 and calls
-        assert spool.claim_path(WORKER, "held-2").exists(), "the claim stays until the result is durable"
-        saved = outcomes.load_outcome(spool, WORKER, "held-2")
-        assert saved is not None and saved["status"] == "completed"
+        assert spool.claim_path(WORKER, "held-1").exists(), "the claim stays: the run is done, its result owed"
+        saved = outcomes.load_outcome(spool, WORKER, "held-1")
+        assert saved is not None and saved["status"] == "completed" and saved["attempts"] == 1
         state = beat_state(executor.settings)
-        assert state["state"] == "degraded" and "cannot write the result of held-2" in state["detail"]
-        for _ in range(3):
+        assert state["state"] == "degraded" and "cannot write the result of held-1" in state["detail"]
+        for _ in range(5):
             executor.loop()
-        assert runs_of(record) == 1 and stub.gets == 1, "nothing runs again and no task starts while one is held"
+        assert len(calls) >= 5 and runs_of(record) == 1 and stub.gets == 1, "only the write is retried"
         monkeypatch.undo()
         executor.loop()
-        assert read_json(spool.result_path(WORKER, "held-2")) == saved
-        assert not spool.claim_path(WORKER, "held-2").exists()
+        result = read_json(spool.result_path(WORKER, "held-1"))
+        assert result == saved
+        assert runs_of(record) == 1
+        assert not spool.claim_path(WORKER, "held-1").exists()
+        assert outcomes.saved_outcomes(spool, WORKER) == []
         assert beat_state(executor.settings)["state"] == "ok"
     finally:
         executor.shutdown()
@@ -294,15 +271,24 @@ def slow_writes(monkeypatch: pytest.MonkeyPatch, spool: Spool) -> threading.Even
     return gate
 
 
+def slow_writer_executor(
+    spool: Spool, make_settings, record: Path, monkeypatch: pytest.MonkeyPatch, *ids: str
+) -> tuple[Executor, threading.Event]:
+    """An executor with its result writer started, its queue handing out ``ids`` (one task put
+    for the first), and the gate its result writes wait at."""
+    put_task(spool, ids[0], f"record={record}")
+    executor = Executor(make_settings())
+    executor._finisher.start_writer()
+    gate = slow_writes(monkeypatch, executor.spool)
+    executor._client = StubQueue(list(ids))
+    return executor, gate
+
+
 def test_a_task_dispatched_again_while_its_result_is_on_its_way_is_a_duplicate_not_a_second_run(
     spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     record = tmp_path / "runs"
-    put_task(spool, "twice", f"record={record}")
-    executor = Executor(make_settings())
-    executor._finisher.start_writer()
-    gate = slow_writes(monkeypatch, executor.spool)
-    executor._client = StubQueue(["twice", "twice"])
+    executor, gate = slow_writer_executor(spool, make_settings, record, monkeypatch, "twice", "twice")
     try:
         executor.loop()
         assert runs_of(record) == 1 and executor._finisher.writing("twice")
@@ -321,11 +307,7 @@ def test_shutdown_writes_the_results_still_on_their_way(
     spool: Spool, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     record = tmp_path / "runs"
-    put_task(spool, "last", f"record={record}")
-    executor = Executor(make_settings())
-    executor._finisher.start_writer()
-    gate = slow_writes(monkeypatch, executor.spool)
-    executor._client = StubQueue(["last"])
+    executor, gate = slow_writer_executor(spool, make_settings, record, monkeypatch, "last")
     executor.loop()
     executor.request_stop()
     assert not spool.result_path(WORKER, "last").exists()
