@@ -17,19 +17,15 @@ from xdist.scheduler import LoadScopeScheduling
 
 
 def group_of(nodeid: str, folders: Sequence[str]) -> str | None:
-    """The entry of ``folders`` (a folder of tests/, or one file in it) that ``nodeid`` is in, if any."""
-    path = nodeid.split("::", 1)[0]
-    if not path.startswith("tests/"):
-        return None
-    inside = path.removeprefix("tests/")
-    for folder in folders:
-        if inside == folder or inside.startswith(f"{folder}/"):
-            return folder
+    """The folder of tests/ that ``nodeid`` is in, when it is one of ``folders``."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in folders:
+        return parts[1]
     return None
 
 
 class FolderGroups(LoadScopeScheduling):
-    """One work unit per entry of ``folders`` (run by one worker, a test at a time); every other test alone."""
+    """One work unit per folder of ``folders`` (run by one worker, a test at a time); every other test alone."""
 
     def __init__(self, config: pytest.Config, log: Any, folders: Sequence[str]) -> None:
         super().__init__(config, log)
