@@ -160,13 +160,15 @@ def test_stop_during_a_task_writes_its_result_and_supervisord_exits_0(stack: Sta
 
 
 def test_kill_mid_task_then_start_runs_it_again_once(stack: Stack):
-    # Long enough that the kill lands mid-run: each docker-compose command takes a second or two.
-    submit(stack, "marie", "sleep=15 record=/workspace/kill-1.runs", "kill-1")
+    # The run waits at a gate that opens only after the kill, so the kill lands mid-run however
+    # slow docker-compose is (a 15 s sleep was not always long enough on a loaded machine).
+    submit(stack, "marie", "gate=/workspace/kill-1.go record=/workspace/kill-1.runs", "kill-1")
     wait_state(stack, "kill-1", "processing", timeout=60)
     wait_for(lambda: stack.exec("marie", "test", "-s", "/workspace/kill-1.runs").returncode == 0, 30, 0.2)
     stack("kill", "marie")  # SIGKILL to supervisord: nothing gets to drain
     wait_for(lambda: stack.inspect("marie")["State"]["Status"] != "running", 30, 0.2)
     stack("start", "marie")
+    assert stack.exec("marie", "touch", "/workspace/kill-1.go").returncode == 0  # the rerun may finish
     result = wait_state(stack, "kill-1", "done", timeout=120)["result"]
     assert result["status"] == "completed" and result["attempts"] == 2, result
     runs = stack.exec("marie", "cat", "/workspace/kill-1.runs").stdout.splitlines()
