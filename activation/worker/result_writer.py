@@ -37,7 +37,7 @@ class ResultWriter:
         self._changed = threading.Condition(self._lock)
         self._queue: deque[ResultRecord] = deque()
         self._writing: ResultRecord | None = None
-        self._failed: list[tuple[ResultRecord, OSError]] = []
+        self._failed: tuple[ResultRecord, OSError] | None = None  # the write that stopped the writer
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
         self._thread.start()
@@ -58,7 +58,7 @@ class ResultWriter:
     @property
     def failed(self) -> bool:
         """A write failed: ``take_back`` returns the results the executor must hold (read without the lock)."""
-        return bool(self._failed)
+        return self._failed is not None
 
     def pending(self, task_id: str) -> bool:
         """Whether ``task_id``'s result is handed over and not written yet."""
@@ -81,14 +81,9 @@ class ResultWriter:
     def take_back(self) -> list[tuple[ResultRecord, OSError]]:
         """After a failure: the failed results and those queued behind them; the writer takes new ones again."""
         with self._changed:
-            if not self._failed or self._writing is not None:
+            if self._failed is None or self._writing is not None:
                 return []
-            back, self._failed = self._failed, []
-            error = back[-1][1]
-            back += [(result, error) for result in self._queue]
-            self._queue.clear()
-            self._changed.notify_all()
-            return back
+            return self._give_back_locked(self._failed[1])
 
     def close(self, deadline: float | None = None) -> list[tuple[ResultRecord, OSError]]:
         """Stop taking results; wait for the queued ones until ``deadline``; return those not written.
@@ -99,15 +94,25 @@ class ResultWriter:
         self.wait_idle(deadline)
         with self._changed:
             self._closed = True
-            back, self._failed = self._failed, []
-            error = back[-1][1] if back else OSError(errno.ETIMEDOUT, "the result writer did not finish in time")
-            back += [(result, error) for result in self._queue]
-            self._queue.clear()
-            self._changed.notify_all()
+            error = (
+                self._failed[1]
+                if self._failed
+                else OSError(errno.ETIMEDOUT, "the result writer did not finish in time")
+            )
+            back = self._give_back_locked(error)
         if deadline is None:
             self._thread.join()
         else:
             self._thread.join(max(deadline - time.monotonic(), 0.0))
+        return back
+
+    def _give_back_locked(self, error: OSError) -> list[tuple[ResultRecord, OSError]]:
+        """The failed result and every queued one, each with the error to hold it under; the writer is clear again."""
+        back = [self._failed] if self._failed is not None else []
+        back += [(result, error) for result in self._queue]
+        self._failed = None
+        self._queue.clear()
+        self._changed.notify_all()
         return back
 
     # -- the thread ------------------------------------------------------------------------------
@@ -131,5 +136,5 @@ class ResultWriter:
             with self._changed:
                 self._writing = None
                 if failure is not None:
-                    self._failed.append((result, failure))
+                    self._failed = (result, failure)
                 self._changed.notify_all()
