@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -97,9 +98,34 @@ def _port_block() -> range | None:
             # Every PORT_STRIDE-th port of the block: a test that uses the ports after one it was
             # given (`activation up` numbers its workers' metrics ports from the one given) finds them free.
             _held.update(block=range(start, start + PORT_BLOCKS.step, PORT_STRIDE), lock=lock, next=0)
+            _held["forwarded"] = forwarded_ports()
             break
     block: range | None = _held["block"]
     return block
+
+
+def forwarded_ports(rules: str | None = None) -> frozenset[int]:
+    """The ports a NAT rule redirects (iptables-save -t nat), which a free bind does not show.
+
+    A container engine that died without its teardown (netavark, a killed conmon) leaves its
+    DNAT rules behind: a connection to 127.0.0.1 on such a port goes to a container that is
+    gone ("No route to host"), though nothing on the host holds the port. Read once per worker:
+    the rules of live stacks come with a held port, only a dead run's stay unseen.
+    """
+    if rules is None:
+        binary = shutil.which("iptables-save")
+        if binary is None or os.geteuid() != 0:
+            return frozenset()
+        try:
+            rules = subprocess.run(
+                [binary, "-t", "nat"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return frozenset()
+    ports: set[int] = set()
+    for first, last in re.findall(r"--dports? (\d+)(?::(\d+))?", rules):
+        ports.update(range(int(first), int(last or first) + 1))
+    return frozenset(ports)
 
 
 def free_port() -> int:
@@ -113,6 +139,8 @@ def free_port() -> int:
         offset = _held["next"]
         _held["next"] = (offset + 1) % len(block)
         port = block[offset]
+        if port in _held["forwarded"]:
+            continue
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
             return port
@@ -411,12 +439,25 @@ class RedisServer:
         if self.password:
             argv += ["--requirepass", self.password]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        wait_until(self._answers, 10, 0.02, "redis-server to answer")
+        try:
+            # 30 s: a saturated machine (the image builds beside four xdist workers) took over 10.
+            wait_until(self._answers, 30, 0.02, lambda: f"redis-server to answer; its log: {self._log_tail()}")
+        except BaseException:
+            self.stop()  # the fixture's teardown never runs for a setup that failed: no leaked server
+            raise
         return self
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.folder / "redis.log").read_text(errors="replace")[-1500:]
+        return "(none)"
 
     def _answers(self) -> bool:
         import redis
 
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited {self.process.returncode} on {self.url}: {self._log_tail()}")
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())

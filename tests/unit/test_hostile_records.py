@@ -26,6 +26,7 @@ from activation.cli.tasks import replica_lines
 from activation.orchestrator.dlq_fix import fix_dead_letter
 from activation.orchestrator.recovery import DeadLetterError
 from activation.orchestrator.relay import role_health
+from activation.spool import cancel as cancel_module
 from activation.spool.atomic import atomic_write_json
 from activation.spool.cancel import request_path
 from activation.spool.layout import Spool
@@ -35,7 +36,6 @@ from activation.spool.retention import Sweeper, purge
 from activation.spool.task import task_record
 from activation.transport.streams.client import StreamsTransport
 from activation.transport.streams.keys import StreamKeys
-from tests.conftest import wait_for
 from tests.harness import RedisServer
 from tests.unit.test_records import HOSTILE, JSON, RECORDISH
 
@@ -353,9 +353,22 @@ def test_cancel_of_a_running_task_whose_result_is_hostile_is_one_line(
 ) -> None:
     atomic_write_json(spool.task_path(W, "t1"), {"task_id": "t1", "description": "x"})
     assert spool.claim(W, "t1") is not None
+    requested = threading.Event()
+
+    def request_then_say(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_request(*args, **kwargs)
+        finally:
+            requested.set()
+
+    # The result must come after the canceller's own look for one, or the cancel is honestly
+    # "it has just finished" (the race the product reports); the event orders the two.
+    real_request = cancel_module.request_cancel
+    monkeypatch.setattr(cancel_module, "request_cancel", request_then_say)
 
     def executor() -> None:  # stands in for the executor: it answers the request with the result
-        wait_for(lambda: request_path(spool, W, "t1").exists(), 10, 0.01, "the cancel request")
+        assert requested.wait(10), "the cancel request"
+        assert request_path(spool, W, "t1").exists()
         spool.result_path(W, "t1").write_bytes(result)
 
     answering = threading.Thread(target=executor)
