@@ -254,10 +254,15 @@ def test_exactly_one_of_three_concurrent_reclaimers_wins_each_entry(make, client
     won: dict[str, list[str]] = {r.consumer: [] for r in reclaimers}
     start = threading.Barrier(3)
 
+    failed: dict[str, BaseException] = {}
+
     def reclaim(reclaimer: StreamsTransport) -> None:
         start.wait()
-        while (delivery := reclaimer.claim()) is not None:
-            won[reclaimer.consumer].append(delivery.entry_id)
+        try:
+            while (delivery := reclaimer.claim()) is not None:
+                won[reclaimer.consumer].append(delivery.entry_id)
+        except BaseException as exc:  # shown in the assertion below, not lost in a thread's stderr
+            failed[reclaimer.consumer] = exc
 
     threads = [threading.Thread(target=reclaim, args=(r,)) for r in reclaimers]
     for thread in threads:
@@ -267,6 +272,7 @@ def test_exactly_one_of_three_concurrent_reclaimers_wins_each_entry(make, client
     assert not any(thread.is_alive() for thread in threads), f"reclaimers still claiming: {won}"
     for connection in connections:
         connection.close()
+    assert not failed, f"a reclaimer raised: {failed!r}"
     claimed = [entry for entries in won.values() for entry in entries]
     assert sorted(claimed) == sorted(d.entry_id for d in held)  # each entry once, none lost
     owners = {p["message_id"]: (p["consumer"], p["times_delivered"]) for p in pending(client)}
