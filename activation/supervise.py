@@ -11,12 +11,21 @@ Imports stay few: this process lives as long as the container, and its memory co
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import sys
 
-from activation.procctl import PR_SET_CHILD_SUBREAPER, make_undumpable, prctl
+# supervisord never needs OpenSSL: its only socket is a Unix one, with no TLS, and the sha1 of its
+# optional password is in Python's own hashes. Left free to load, hashlib and http.client pull in
+# libcrypto and libssl: 4.6 MB of this process, which lives as long as the container. hashlib
+# then falls back to its built-in hashes and http.client to no HTTPS. The programs supervisord
+# starts are fresh interpreters and load what they need.
+for _library in ("_hashlib", "_ssl"):
+    sys.modules.setdefault(_library, None)  # type: ignore[arg-type]
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+
+from activation.procctl import PR_SET_CHILD_SUBREAPER, make_undumpable, prctl  # noqa: E402
 
 QUEUE_KEY_VARIABLE = "ACTIVATION_QUEUE_KEY"
 
