@@ -153,7 +153,9 @@ def test_a_results_path_that_is_not_a_folder_keeps_the_outcome_and_never_reruns_
     result = tree.wait_result("kept-1")
     assert result == saved
     assert runs_of(record) == 1 and result["attempts"] == 1
-    assert not tree.spool.claim_path("w1", "kept-1").exists()
+    # The result lands first, then the claim goes: wait for the second step, not race it.
+    claim = tree.spool.claim_path("w1", "kept-1")
+    wait_for(lambda: not claim.exists(), 10, 0.05, "the claim removed after the result")
     assert outcomes.saved_outcomes(tree.spool, "w1") == []
     wait_healthy(tree)
 

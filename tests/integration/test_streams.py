@@ -241,11 +241,13 @@ def test_a_completion_for_another_task_id_is_refused(make, client):
 
 
 def test_exactly_one_of_three_concurrent_reclaimers_wins_each_entry(make, client, redis_server):
-    orchestrator, dead = make("orchestrator"), make("dead")
+    # The holder's lease is long: with the short one, a slow loop re-claims what it already holds.
+    orchestrator, dead = make("orchestrator"), make("dead", lease=600)
     held = []
     for n in range(60):
         orchestrator.dispatch(f"t{n}", task(f"t{n}"))
         held.append(dead.receive(0))
+    assert len({d.entry_id for d in held}) == 60, "the holder received one entry twice"
     # Age every entry past a 30 s lease at once (no delivery counted), so that no entry a
     # reclaimer has just won can lapse again while the others are still claiming.
     client.xclaim(KEYS.tasks, KEYS.group, "dead", 0, [d.entry_id for d in held], idle=60_000, justid=True)
