@@ -22,8 +22,10 @@ from activation.clock import iso_now
 from activation.spool.atomic import atomic_write_json, read_json
 
 BEAT_NAME = "executor.beat"
-QUEUE_WAIT_MAX = 2.0  # the executor's longest queue wait: its idle cost, one wake-up per wait
+QUEUE_WAIT_MAX = 15.0  # the executor's longest queue wait: its idle cost, one wake-up per wait
 MIN_WEDGE_AFTER = 1.0  # below this, a loaded machine's scheduling hiccups would look like a wedge
+# What a beat may be late by (a loaded machine, a slow disk) before it would look like a wedge.
+BEAT_SLACK = 4.0
 OK, DEGRADED = "ok", "degraded"
 # While no task can start or no result can be written: wait this long before trying again,
 # doubling up to the maximum. A fault that preflight can see is re-checked every beat instead.
@@ -46,8 +48,13 @@ def wedge_after(heartbeat_interval: float) -> float:
 
 
 def beat_period(heartbeat_interval: float) -> float:
-    """How often the executor beats when idle: its queue wait, a quarter of the wedge threshold."""
-    return min(QUEUE_WAIT_MAX, wedge_after(heartbeat_interval) / 4)
+    """How often the executor beats when idle: its queue wait, so each one is a wake-up.
+
+    Half the wedge threshold where the other half still leaves BEAT_SLACK for a late beat (5 s
+    at the default 10 s interval), else a quarter of it: short intervals (tests) keep their margin.
+    """
+    wedge = wedge_after(heartbeat_interval)
+    return min(QUEUE_WAIT_MAX, max(wedge / 4, min(wedge / 2, wedge - BEAT_SLACK)))
 
 
 def beat_path(run_dir: Path) -> Path:

@@ -365,9 +365,18 @@ def test_an_outcome_file_is_never_taken_for_a_task(spool: Spool) -> None:
 # -- class 5: health tells the truth -----------------------------------------------------------------
 
 
-def test_the_beat_period_is_a_quarter_of_the_wedge_threshold_and_at_most_the_old_queue_wait() -> None:
-    assert liveness.beat_period(10) == 2.0 and liveness.wedge_after(10) == 10
-    assert liveness.beat_period(0.5) == 0.25 and liveness.wedge_after(0.5) == 1.0
+def test_the_beat_period_leaves_a_late_beat_its_slack_before_the_wedge_threshold() -> None:
+    assert liveness.beat_period(10) == 5.0 and liveness.wedge_after(10) == 10  # the default: a wake-up per 5 s
+    assert liveness.beat_period(0.5) == 0.25 and liveness.wedge_after(0.5) == 1.0  # short: a quarter
+    assert liveness.beat_period(6) == 2.0  # the slack comes first
+    assert liveness.beat_period(3600) == liveness.QUEUE_WAIT_MAX
+
+
+@given(st.floats(min_value=0.01, max_value=1e6))
+def test_a_beat_on_time_is_never_within_its_slack_of_the_wedge_threshold(interval: float) -> None:
+    wedge, period = liveness.wedge_after(interval), liveness.beat_period(interval)
+    assert 0 < period <= liveness.QUEUE_WAIT_MAX
+    assert wedge - period >= min(liveness.BEAT_SLACK, 3 * wedge / 4)
 
 
 def test_judge_calls_a_beat_older_than_one_interval_wedged(run_dir: Path) -> None:
