@@ -133,7 +133,7 @@ def idle(r: dict[str, Any]) -> list[str]:
                 "2",
                 f"idle tree CPU over {i['seconds']:g} s",
                 f"{i['cpu_percent']:.3f} % of a core",
-                f"resolution {i['resolution_percent']:.3f} %",
+                f"resolution {i['resolution_percent']:.1g} %",
                 "<= 0.05 %",
                 i["cpu_percent"] <= 0.05,
             ),

@@ -229,3 +229,30 @@ def test_the_profile_probe_sums_a_steps_cumulative_time_and_calls_from_pstats(tm
     total, calls = cumulative_ms(stats, ("tests/unit/test_bench_helpers.py", "_profiled_step"))
     assert calls == 3 and total > 0
     assert cumulative_ms(stats, ("elsewhere.py", "_profiled_step")) == (0.0, 0)
+
+
+def test_idle_cpu_is_schedstats_nanoseconds_while_the_threads_stay_and_ticks_when_one_ends():
+    import threading
+    import time
+
+    import psutil
+
+    from benchmarks import idle
+
+    def spin(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            pass
+
+    window = idle._Window(psutil.Process())
+    spin(0.05)
+    used, precise = window.seconds()
+    assert precise and 0.04 <= used < 1
+
+    window = idle._Window(psutil.Process())
+    worker = threading.Thread(target=spin, args=(0.2,))
+    worker.start()
+    worker.join()
+    used, precise = window.seconds()
+    assert not precise and used >= 0.15  # the ended thread's time is in the ticks, not lost
+    assert idle._run_times(2**22 + 12345) is None  # no such process: no figure, not a zero
