@@ -109,13 +109,14 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check activation tests benchmarks scripts/restart-workers
 	$(BIN)/mypy activation
 
-# The whole suite in 4 pytest-xdist workers (about 9 minutes instead of 24 serially;
+# The whole suite in 4 pytest-xdist workers (about 9 minutes instead of 24 serially; the 15
+# slowest tests are listed at the end, for whoever makes it faster;
 # TEST_WORKERS=0 runs it in one process): tests/xdist_groups.py puts the tests that share
 # something of the machine (podman, network namespaces, the chaos runs) in groups, a group in one
 # worker a test at a time, and tests/harness.free_port gives each worker its own ports.
 TEST_WORKERS ?= 4
 test: $(STAMP) redis-server iproute prometheus claude-cli docker-compose podman lint ## install the test tools, lint, run the whole suite (TEST_WORKERS=4: in parallel)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 unit: $(STAMP) ## the unit tests only
 	$(BIN)/pytest tests/unit

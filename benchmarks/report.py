@@ -376,6 +376,18 @@ def streams(r: dict[str, Any]) -> list[str]:
             ),
             _row("7", "streams: p99", ms(lat["p99"]), f"{times(lat['p99'], files['p99'])} files p99", "", "reported"),
         ]
+        everysec = s.get("latency_everysec")
+        if everysec:
+            lines.append(
+                _row(
+                    "7",
+                    "  with appendfsync everysec: p50 / p99",
+                    f"{ms(everysec['p50'])} / {ms(everysec['p99'])}",
+                    f"{times(everysec['p50'], lat['p50'])} always",
+                    "(same run)",
+                    "",
+                )
+            )
         local = s.get("latency_local") or {}
         if local.get("n"):
             lines.append(

@@ -160,6 +160,14 @@ def streams(
             delays = latency.one_at_a_time(subject, samples, "xadd")
             r["latency"] = summary(delays)
             r.update(_split(trees[0], delays, "xadd"))
+            # The same, with the AOF fsynced once a second: every script of the path waits for
+            # Redis's fsync under `always` (the reply to a blocked reader goes out after it), and
+            # `everysec` is what a user trades a second of acknowledged writes for.
+            client.config_set("appendfsync", "everysec")
+            try:
+                r["latency_everysec"] = summary(latency.one_at_a_time(subject, samples, "xadd-everysec"))
+            finally:
+                client.config_set("appendfsync", "always")
             r["throughput"] = {}
             for replicas in REPLICAS:
                 while len(trees) < replicas:

@@ -186,6 +186,7 @@ def test_the_report_puts_each_streams_figure_beside_its_target():
             lease_s=5.0,
             hosts={"redis": "a", "dispatcher": "b", "worker-1": "c"},
             latency=lat,
+            latency_everysec={**lat, "p50": 0.75, "p99": 2.0},
             latency_local={**lat, "p50": 1.0},
             latency_transport={**lat, "p50": 0.5},
             files_inotify=files,
@@ -200,6 +201,8 @@ def test_the_report_puts_each_streams_figure_beside_its_target():
     assert "1 worker hosts" in text and "lease 5 s" in text
     xadd = next(line for line in lines if "XADD -> agent started, p50" in line)
     assert "1.50x files" in xadd and "<= 2 ms" in xadd and xadd.endswith("met")
+    everysec = next(line for line in lines if "appendfsync everysec" in line)
+    assert "0.750 ms / 2.00 ms" in everysec and "0.50x always" in everysec
     local = next(line for line in lines if "taken -> agent started" in line)
     assert "XADD -> taken p50 0.500 ms" in local
     one, two = (line for line in lines if "tasks to" in line)
