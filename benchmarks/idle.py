@@ -45,11 +45,6 @@ def _run_times(pid: int) -> dict[str, int] | None:
     return times
 
 
-def _ticks(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
 class _Window:
     """One process's CPU over a window: schedstat's nanoseconds, unless the kernel's ticks (which
     keep what ended threads used; a thread that ends takes its schedstat with it) say more."""
@@ -57,18 +52,15 @@ class _Window:
     def __init__(self, proc: psutil.Process) -> None:
         self.proc = proc
         self.threads = _run_times(proc.pid)
-        self.ticks = _ticks(proc)
-        self.children = self._children()
-
-    def _children(self) -> float:
-        times = self.proc.cpu_times()
-        return float(times.children_user + times.children_system)
+        self.times = proc.cpu_times()
 
     def seconds(self) -> tuple[float, bool]:
         """CPU seconds since the start of the window, and whether they are schedstat's (precise)."""
-        reaped = self._children() - self.children  # children that exited and were reaped meanwhile
         threads = _run_times(self.proc.pid)
-        ticked = _ticks(self.proc) - self.ticks
+        now, then = self.proc.cpu_times(), self.times
+        ticked = now.user + now.system - then.user - then.system
+        # Children that exited and were reaped meanwhile.
+        reaped = now.children_user + now.children_system - then.children_user - then.children_system
         if self.threads is not None and threads is not None:
             # Only the threads there at both ends: one that ended and one that started are not comparable.
             ran = sum(t - self.threads[tid] for tid, t in threads.items() if tid in self.threads) / 1e9
