@@ -1,12 +1,13 @@
 """The orchestrator's admin HTTP API: routing, authentication, request bodies and JSON errors.
 
-It is built on the standard library's ``http.server.ThreadingHTTPServer`` on purpose: the
-surface is a dozen small JSON routes for an operator and Prometheus, so a web framework would
-add a dependency (and its CVEs) for nothing; and one thread per request keeps a slow client
-from stalling the others. Abuse is bounded here: at most ``max_connections`` requests are
-served at once (the next ones get 503 at once, from the accepting thread), and a connection
-still open past ``request_timeout`` is cut, however slowly it dribbles bytes in or reads them
-out. What each route does is the `AdminService`'s job (the orchestrator).
+It is built on the standard library's ``http.server`` on purpose: the surface is a dozen small
+JSON routes for an operator and Prometheus, so a web framework would add a dependency (and its
+CVEs) for nothing. Each request is served by a thread of its own, taken from a pool that keeps
+the threads it started (orchestrator/request_pool), so a slow client does not stall the
+others. Abuse is bounded here: at most ``max_connections`` requests are served at once (the next
+ones get 503 at once, from the accepting thread), and a connection still open past
+``request_timeout`` is cut, however slowly it dribbles bytes in or reads them out. What each
+route does is the `AdminService`'s job (the orchestrator).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from activation.errors import ActivationError, Broken, ConfigError, Conflict, Invalid, NotFound, Unavailable
+from activation.orchestrator.request_pool import RequestPool
 from activation.spool import codec
 
 log = logging.getLogger("activation.orchestrator")
@@ -328,10 +330,7 @@ def _match(method: str, path: str) -> tuple[_Route | None, tuple[str, ...], str]
     return None, (), ", ".join(allowed)
 
 
-class _Server(ThreadingHTTPServer):
-    # Request threads are joined on close (not daemons), so stop() leaves no thread behind.
-    daemon_threads = False
-    block_on_close = True
+class _Server(HTTPServer):
     allow_reuse_address = True
 
     def __init__(
@@ -353,12 +352,14 @@ class _Server(ThreadingHTTPServer):
         self._next_check = 0.0
         self.turned_away = 0
         self.cut = 0
+        # Request threads are joined on close (not daemons), so stop() leaves no thread behind.
+        self._pool = RequestPool(self._serve, name="admin-api-request")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve in a thread of its own if a slot is free; else answer 503 from here, without one."""
+        """Serve in a pool thread if a slot is free; else answer 503 from here, without one."""
         if not self._slots.acquire(blocking=False):
             self.turned_away += 1
             self._turn_away(request)
@@ -366,16 +367,20 @@ class _Server(ThreadingHTTPServer):
         with self._open_lock:
             self._open[request] = time.monotonic() + self.request_timeout
         try:
-            super().process_request(request, client_address)
+            self._pool.submit(request, client_address)
         except BaseException:  # no thread could be started: give the slot back
             self._release(request)
             self.shutdown_request(request)
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve(self, request: Any, client_address: Any) -> None:
+        """One connection, in a pool thread (socketserver's ThreadingMixIn does the same per thread)."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self._release(request)
 
     def _release(self, request: Any) -> None:
@@ -414,6 +419,10 @@ class _Server(ThreadingHTTPServer):
                 "admin API: cut a connection still open after %gs", self.request_timeout, extra={"event": "api_cut"}
             )
             _cut(conn)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.close()  # after cut_all(), the threads are free to end
 
     def cut_all(self) -> None:
         """Cut every open connection: their threads end, and server_close() can join them."""

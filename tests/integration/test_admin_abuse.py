@@ -56,6 +56,19 @@ def get_config(tree: WorkerTree) -> int:
         return 0
 
 
+def turned_away(tree: WorkerTree) -> bool:
+    """Whether a new connection gets the 503 at once: every slot is taken (slots are taken in
+    accept order, so the connections made before this one hold them)."""
+    conn = connect(tree)
+    try:
+        conn.settimeout(1)
+        return conn.recv(4096).startswith(b"HTTP/1.0 503 ")
+    except TimeoutError:
+        return False  # it got a slot; closing it frees the slot again
+    finally:
+        conn.close()
+
+
 def connect(tree: WorkerTree) -> socket.socket:
     conn = socket.create_connection(address(tree), timeout=5)
     conn.settimeout(0.05)
@@ -120,7 +133,7 @@ def test_connection_threads_are_bounded_and_the_rest_get_503(orchestrator: Worke
     try:
         for conn in held:
             conn.sendall(b"GET /config HTTP/1.1\r\n")  # and nothing more: each holds a slot
-        wait_for(lambda: process.num_threads() >= idle_threads + MAX_CONNECTIONS, 10, what="every slot taken")
+        wait_for(lambda: turned_away(orchestrator), 10, what="every slot taken")
         answers = []
         for _ in range(3 * MAX_CONNECTIONS):
             conn = connect(orchestrator)
@@ -129,9 +142,11 @@ def test_connection_threads_are_bounded_and_the_rest_get_503(orchestrator: Worke
             answers.append(conn.recv(4096))
         assert all(answer.startswith(b"HTTP/1.0 503 ") for answer in answers), answers
         assert process.num_threads() <= idle_threads + MAX_CONNECTIONS
-        # The held ones are cut at their deadline; then the API serves again.
+        # The held ones are cut at their deadline; then the API serves again, from the threads it kept.
         wait_for(lambda: all(closed_by_server(conn) for conn in held), BOUND, 0.1, "the held connections cut")
         wait_for(lambda: get_config(orchestrator) == 200, BOUND, 0.1, "the API to serve again")
+        assert [get_config(orchestrator) for _ in range(3 * MAX_CONNECTIONS)] == [200] * (3 * MAX_CONNECTIONS)
+        assert process.num_threads() <= idle_threads + MAX_CONNECTIONS
     finally:
         for conn in held + extra:
             conn.close()
@@ -154,15 +169,13 @@ def test_it_stops_within_stopwaitsecs_while_slow_clients_hold_every_slot(tmp_pat
     try:
         tree.start()
         wait_for(lambda: get_config(tree) == 200, 20, 0.1, "the admin API to answer")
-        process = psutil.Process(tree.pid("orchestrator"))
-        idle_threads = process.num_threads()
         for _ in range(MAX_CONNECTIONS):
             conn = connect(tree)
             conn.sendall(b"POST /tasks HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
             held.append(conn)
             dribblers.append(threading.Thread(target=slow_client, args=(conn,)))
             dribblers[-1].start()
-        wait_for(lambda: process.num_threads() >= idle_threads + MAX_CONNECTIONS, 10, what="every slot taken")
+        wait_for(lambda: turned_away(tree), 10, what="every slot taken")
         assert tree.stop(timeout=60) == 0
         log = tree.log.read_text(errors="replace")
         assert "stopped: orchestrator (exit status 0)" in log, log[-2000:]
