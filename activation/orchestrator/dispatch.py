@@ -166,9 +166,6 @@ def _write(spool: Spool, worker: str, task: dict[str, Any], check_unique: bool) 
         if exc.errno == errno.ENOSPC:
             raise DispatchError(f"cannot write task {task_id}: no space left on {spool.root}") from None
         raise DispatchError(f"cannot write task {task_id} to {inbox}: {exc.strerror}") from None
-    log.info(
-        "dispatched %s to %s", task_id, worker, extra={"worker": worker, "task_id": task_id, "event": "dispatched"}
-    )
     return Dispatched(task_id=task_id, worker=worker, path=path)
 
 

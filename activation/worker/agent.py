@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from activation.procctl import PR_SET_CHILD_SUBREAPER, prctl
+from activation.process_start import start_ticks, ticks_now
 from activation.worker.containment import TaskCgroups
 
 log = logging.getLogger("activation.agent")
@@ -124,6 +125,7 @@ def run_agent(
     the per-task log (spool.tasklog). An exception from it is logged once and the sink dropped.
     """
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    born_after = ticks_now()  # the agent, and all it forks, start at this tick or later
     stdin: int = subprocess.DEVNULL
     if stdin_data is not None:
         stdin = _memory_file(stdin_data)
@@ -148,7 +150,7 @@ def run_agent(
             os.close(stdin)
     started_at_wall = time.time()
     started_mono = time.monotonic()
-    tree = _Tree(popen, started_mono, kill_grace, output_limit, cgroups, on_output)
+    tree = _Tree(popen, born_after, kill_grace, output_limit, cgroups, on_output)
     try:
         tree.supervise(started_mono + timeout, should_abort, on_tick)
     finally:
@@ -210,7 +212,7 @@ class _Tree:
     def __init__(
         self,
         popen: subprocess.Popen[bytes],
-        started: float,
+        born_after: int,
         kill_grace: float,
         limit: int,
         cgroups: TaskCgroups | None,
@@ -234,13 +236,12 @@ class _Tree:
         self.signals_sent: list[str] = []
         self.my_pid = os.getpid()
         self._me: psutil.Process | None = None
-        # The agent's start time tells its re-parented descendants apart from older children of
-        # this process (relevant when the caller is not the executor, e.g. a test run).
-        try:
-            self.agent: psutil.Process | None = psutil.Process(self.pid)
-            self.agent_ctime = self.agent.create_time()
-        except psutil.Error:
-            self.agent, self.agent_ctime = None, started
+        # The tick before the agent's spawn tells its re-parented descendants apart from older
+        # children of this process (relevant when the caller is not the executor, e.g. a test
+        # run). Not the agent's own start time: reading /proc/<pid>/stat while the new process
+        # is still in exec takes longer than the whole rest of the spawn's bookkeeping.
+        self.born_after = born_after
+        self._agent: psutil.Process | None = None  # made when first needed: the RSS sample
         assert popen.stdout is not None and popen.stderr is not None
         self.selector = selectors.DefaultSelector()
         self.open_pipes: dict[int, int] = {}  # fd -> stream index
@@ -435,10 +436,8 @@ class _Tree:
             top = parent
         if top == self.pid:
             return True
-        try:
-            return by_pid[top].create_time() >= self.agent_ctime
-        except (KeyError, psutil.Error):
-            return False
+        started = start_ticks(top) if top in by_pid else None
+        return started is not None and int(started) >= self.born_after
 
     def _alive_tree(self) -> list[psutil.Process]:
         """The tree's live processes: a fresh snapshot, plus any signalled one still running.
@@ -542,11 +541,13 @@ class _Tree:
                     os.waitpid(child.pid, os.WNOHANG)
 
     def _sample_rss(self) -> None:
-        if self.agent is None or self.exit_code is not None:
-            return
+        if self.exit_code is not None:
+            return  # reaped: the pid may be another process's by now
         total = 0
         try:
-            procs = [self.agent, *self.agent.children(recursive=True)]
+            if self._agent is None:
+                self._agent = psutil.Process(self.pid)
+            procs = [self._agent, *self._agent.children(recursive=True)]
         except psutil.Error:
             return
         for proc in procs:

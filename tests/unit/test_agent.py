@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from activation.errors import ConfigError
+from activation.process_start import start_ticks, ticks_now
 from activation.worker import agent
 from activation.worker.agent import AgentRun, run_agent
 from activation.worker.agent_inputs import agent_environment, build_argv
@@ -214,6 +216,23 @@ def test_a_grandchild_left_behind_by_a_fast_agent_is_killed(subreaper: None, tmp
     assert result.exit_code == 0 and not result.timed_out
     assert grandchild in result.killed_pids and agent_pid not in result.killed_pids
     assert gone(grandchild)
+
+
+def test_an_older_child_of_the_caller_is_not_taken_for_the_agents(subreaper: None, tmp_path: Path) -> None:
+    # Both are children of this process when the run looks for leftovers; only the one born
+    # after the agent's spawn is the agent's. Start times count in clock ticks (10 ms): one born
+    # in the agent's own tick would count as the agent's, so the run waits for the next tick.
+    older = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_for(lambda: ticks_now() > int(start_ticks(older.pid) or ticks_now()), 5, 0.005, "the next clock tick")
+        pidfile = tmp_path / "pids"
+        result = run(f"grandchild=60 pidfile={pidfile}", kill_grace=0.3)
+        _, grandchild = read_pids(pidfile)
+        assert grandchild in result.killed_pids and gone(grandchild)
+        assert older.pid not in result.killed_pids and older.poll() is None
+    finally:
+        older.kill()
+        older.wait()
 
 
 def test_a_run_leaves_no_zombie_child_behind(subreaper: None, tmp_path: Path) -> None:
