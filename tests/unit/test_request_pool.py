@@ -66,3 +66,16 @@ def test_a_thread_that_cannot_start_queues_nothing(monkeypatch: pytest.MonkeyPat
     wait_for(lambda: served, 5, 0.01, "the next connection served")
     pool.close()
     assert served == ["next"]  # the refused one was not left in the queue for a later thread
+
+
+def test_threads_idle_past_their_time_end_and_a_later_connection_starts_one() -> None:
+    served: list[Any] = []
+    pool = RequestPool(lambda request, address: served.append(request), name="t", idle_seconds=0.2)
+    before = threading.active_count()
+    pool.submit("first", None)
+    wait_for(lambda: pool.size == 0, 10, 0.02, "the idle thread to end")
+    assert threading.active_count() == before
+    pool.submit("second", None)
+    wait_for(lambda: served == ["first", "second"], 10, 0.01, "the second connection served")
+    pool.close()
+    assert threading.active_count() == before
