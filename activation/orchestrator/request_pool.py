@@ -37,14 +37,14 @@ class RequestPool:
                 self._spare -= 1
             else:
                 # Started before the put: if the start fails, nothing waits in the queue for it.
-                thread = threading.Thread(target=self._run, name=f"{self._name}-{self._started}")
+                # Not a daemon (the accepting thread is one, and would pass that on): close() joins it.
+                thread = threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=False)
                 thread.start()
                 self._started += 1
                 self._threads.append(thread)
         self._queue.put((request, client_address))
 
     def _run(self) -> None:
-        item: tuple[Any, Any] | None = None
         while True:
             try:
                 item = self._queue.get(timeout=self._idle_seconds)

@@ -79,3 +79,16 @@ def test_threads_idle_past_their_time_end_and_a_later_connection_starts_one() ->
     wait_for(lambda: served == ["first", "second"], 10, 0.01, "the second connection served")
     pool.close()
     assert threading.active_count() == before
+
+
+def test_request_threads_are_not_daemons_even_when_a_daemon_accepts() -> None:
+    # The admin API's accepting thread is a daemon; a daemon request thread would be cut off at
+    # exit mid-answer instead of being joined by close().
+    daemons: list[bool] = []
+    pool = RequestPool(lambda request, address: daemons.append(threading.current_thread().daemon), name="t")
+    accepting = threading.Thread(target=pool.submit, args=("r", None), daemon=True)
+    accepting.start()
+    accepting.join(10)
+    wait_for(lambda: daemons, 5, 0.01, "the connection served")
+    pool.close()
+    assert daemons == [False]
