@@ -1,8 +1,9 @@
 """Result retention: deleting results older than ACTIVATION_RESULT_TTL, each with its agent log.
 
 Two ways in: ``purge`` (``activation results purge``), one full pass; and ``Sweeper``, the
-orchestrator's periodic work, which looks at a bounded number of entries per step and rests
-between passes, so that its cost per step stays the same however many results there are.
+orchestrator's periodic work, which looks at a bounded number of entries per step, so that its
+cost per step stays the same however many results there are, and rests between passes until the
+oldest result it kept can expire.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from activation.spool.tasklog import log_of_result
 log = logging.getLogger("activation.retention")
 DEFAULT_TTL = 7 * 86400.0
 SWEEP_BUDGET = 500  # entries looked at per step
-SWEEP_REST = 60.0  # seconds between the end of a pass and the next
+SWEEP_REST = 60.0  # the least rest, in seconds, between the end of a pass and the next
+LATE_SHARE = 0.1  # the longest rest, as a share of the TTL: how late an unusual result may go
 SWEEP_INTERVAL = 10.0  # seconds between steps: 500 lstat calls per 10 s is about 0.03 % of a core
 
 
@@ -99,8 +101,13 @@ class Sweeper:
     """Applies the TTL a bounded step at a time: ``step()`` looks at most ``budget`` entries,
     at most once per ``interval`` seconds, so its cost per second is fixed whatever the history.
 
-    A pass walks every worker's results folder once, resumably; then the sweeper rests for
-    ``rest`` seconds. Results are never rewritten, so a pass finds every expired one.
+    A pass walks every worker's results folder once, resumably. Results are never rewritten and
+    new ones are written now, so after a pass nothing can expire before the oldest result it kept
+    does: the sweeper rests until then, at least ``rest`` seconds and at most LATE_SHARE of the
+    TTL. Without that, a history that takes longer to walk than ``rest`` (100k results at 500
+    entries per 10 s is a 33-minute pass) would be walked over and over for nothing. Only a file
+    that arrives with an old mtime (a restore that keeps times) can expire sooner, and it is
+    deleted at most a tenth of the TTL late.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class Sweeper:
         self._entries: Iterator[os.DirEntry[str]] | None = None
         self._worker: str | None = None
         self._resume_at = 0.0
+        self._oldest: float | None = None  # the oldest mtime this pass kept
         self.deleted = 0
         self.skipped = 0  # expired results it could not delete, over its life
 
@@ -136,7 +144,8 @@ class Sweeper:
         while looked < self.budget:
             if self._entries is None:
                 if not self._workers:
-                    self._resume_at = now + self.rest
+                    self._resume_at = now + self._rest_after(now)
+                    self._oldest = None
                     break
                 self._worker = self._workers.pop(0)
                 try:
@@ -150,11 +159,16 @@ class Sweeper:
             looked += 1
             if not is_task_name(entry.name):
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 mtime = entry.stat(follow_symlinks=False).st_mtime
-                item = Purged(self._worker or "", task_id_of(entry.name), entry.path, mtime)
-                if mtime < cutoff and _delete(item, skipped):
-                    deleted += 1
+            except FileNotFoundError:
+                continue
+            if mtime < cutoff and _delete(
+                Purged(self._worker or "", task_id_of(entry.name), entry.path, mtime), skipped
+            ):
+                deleted += 1
+            elif self._oldest is None or mtime < self._oldest:
+                self._oldest = mtime  # kept, or expired and not deleted: then the next pass is due soon
         if deleted:
             self.deleted += deleted
             log.info(
@@ -169,6 +183,13 @@ class Sweeper:
                 extra={"event": "results_not_expired"},
             )
         return deleted
+
+    def _rest_after(self, now: float) -> float:
+        """Seconds from the end of a pass to the next: until the oldest kept result expires, bounded."""
+        longest = max(self.rest, self.ttl * LATE_SHARE)
+        if self._oldest is None:
+            return longest  # no result at all: the next one expires a TTL from its arrival
+        return min(max(self._oldest + self.ttl - now, self.rest), longest)
 
     def _close(self) -> None:
         closer = getattr(self._entries, "close", None)

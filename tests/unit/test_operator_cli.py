@@ -218,8 +218,40 @@ def test_sweeper_applies_the_ttl_a_bounded_step_at_a_time(spool):
     assert sum(steps) == 25 and all(0 < n <= 10 for n in steps), steps
     assert sweeper.step(now) == 0  # resting after a full pass: no scan at all
     assert spool.has_result("marie", "recent") and sweeper.deleted == 25
-    _result(spool, "marie", "later", "completed", age=8 * DAY)
-    assert sweeper.step(now + 3601) == 1
+    # A result that arrives with an old mtime (a restore) waits for the next pass: at most a
+    # tenth of the TTL, since the oldest kept ("recent", a day old) expires only in 6 days.
+    _result(spool, "marie", "restored", "completed", age=8 * DAY)
+    assert sweeper.step(now + 3601) == 0
+    assert sweeper.step(now + 0.7 * DAY + 1) == 1 and not spool.has_result("marie", "restored")
+
+
+def test_after_a_pass_the_sweeper_rests_until_the_oldest_kept_result_can_expire(spool):
+    spool.init(["marie", "anga"])
+    _result(spool, "marie", "young", "completed", age=DAY)
+    _result(spool, "anga", "oldest", "completed", age=7 * DAY - 7200)  # expires in two hours
+    sweeper = Sweeper(spool, 7 * DAY, budget=100, rest=60, interval=0)
+    now = time.time()
+    assert sweeper.step(now) == 0  # one pass over both folders, nothing expired yet
+    assert sweeper.step(now + 7200 - 120) == 0 and spool.has_result("anga", "oldest"), "not due: no scan"
+    assert sweeper.step(now + 7200 + 1) == 1 and not spool.has_result("anga", "oldest")
+    assert spool.has_result("marie", "young")
+
+
+def test_the_sweepers_rest_is_bounded_by_the_least_rest_and_a_tenth_of_the_ttl(spool):
+    spool.init(["marie"])
+    sweeper = Sweeper(spool, 7 * DAY, budget=100, rest=60, interval=0)
+    now = time.time()
+    assert sweeper.step(now) == 0  # an empty history: the longest rest, a tenth of the TTL
+    _result(spool, "marie", "copied-in", "completed", age=30 * DAY)
+    assert sweeper.step(now + 0.7 * DAY - 1) == 0
+    assert sweeper.step(now + 0.7 * DAY) == 1
+    # A result it cannot delete (a folder under a result's name) keeps the next pass a minimum rest away.
+    stuck = spool.result_path("marie", "stuck")
+    stuck.mkdir()
+    os.utime(stuck, (now - 30 * DAY, now - 30 * DAY))
+    later = now + 1.4 * DAY  # the pass that deleted "copied-in" kept nothing: the longest rest again
+    assert sweeper.step(later) == 0 and sweeper.skipped == 1
+    assert sweeper.step(later + 61) == 0 and sweeper.skipped == 2, "tried again after the least rest"
 
 
 def test_purge_and_sweeper_ignore_dot_files(spool):
