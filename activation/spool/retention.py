@@ -25,7 +25,7 @@ DEFAULT_TTL = 7 * 86400.0
 SWEEP_BUDGET = 500  # entries looked at per step
 SWEEP_REST = 60.0  # the least rest, in seconds, between the end of a pass and the next
 LATE_SHARE = 0.1  # the longest rest, as a share of the TTL: how late an unusual result may go
-SWEEP_INTERVAL = 10.0  # seconds between steps: 500 lstat calls per 10 s is about 0.03 % of a core
+SWEEP_INTERVAL = 10.0  # seconds between steps: 500 lstats per 10 s, 0.03-0.07 % of a core while a pass runs
 
 
 @dataclass(frozen=True)
@@ -200,3 +200,4 @@ class Sweeper:
     def close(self) -> None:
         self._close()
         self._workers = []
+        self._oldest = None  # a pass cut short tells nothing about the next one
