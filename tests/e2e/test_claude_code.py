@@ -200,16 +200,27 @@ def test_timeout_kills_the_tools_claude_started(
     fake_api.on("e2e-tool", tool_use("Bash", command=sleeper, description="wait a while"))
     url = fake_api.url
 
-    def sleeper_procs() -> list[psutil.Process]:
-        # The python itself, not the bash wrapper whose command line also carries the tag.
-        return processes(lambda p: uses_fake(p, url) and p.cmdline()[:2] == [sys.executable, "-c"])
+    def sleeper_running() -> tuple[psutil.Process, list[str], int, int] | None:
+        """The tool, its command line and both sessions, read while the tool and claude both live.
 
-    task_id, _, tools = time_out_mid_run(claude_tree, "tool", "e2e-tool: run the sleeper", sleeper_procs)
+        Read at once: the timeout may kill them a moment later. If it already has, this try is not
+        the one, and time_out_mid_run sees its timeout result instead.
+        """
+        # The python itself, not the bash wrapper whose command line also carries the tag.
+        tools = processes(lambda p: uses_fake(p, url) and p.cmdline()[:2] == [sys.executable, "-c"])
+        agents = processes(lambda p: uses_fake(p, url) and is_claude(p, claude_bin))
+        if not tools or len(agents) != 1:
+            return None
+        try:
+            return tools[0], tools[0].cmdline(), os.getsid(tools[0].pid), os.getsid(agents[0].pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            return None
+
+    task_id, _, seen = time_out_mid_run(claude_tree, "tool", "e2e-tool: run the sleeper", sleeper_running)
     asked = len(fake_api.messages())  # a try killed before the tool ran may have asked too
-    tool = tools[0]
-    assert tag in tool.cmdline()
-    (agent_proc,) = processes(lambda p: uses_fake(p, url) and is_claude(p, claude_bin))
-    assert os.getsid(tool.pid) != os.getsid(agent_proc.pid)  # DESIGN.md's trap: the tool has its own session
+    tool, tool_cmdline, tool_sid, agent_sid = seen
+    assert tag in tool_cmdline
+    assert tool_sid != agent_sid  # DESIGN.md's trap: the tool has its own session
     result = claude_tree.wait_result(task_id, timeout=40)
 
     assert result["status"] == "timeout", result

@@ -105,6 +105,9 @@ def write_bad_task(tree: WorkerTree, name: str) -> None:
 
 def test_a_real_tree_serves_the_right_counters_and_histograms(make_tree):
     tree: WorkerTree = make_tree(ACTIVATION_LOG_FORMAT="json")
+    # Files written before the start rescan has listed the inbox are taken by it; those written
+    # after it can only be woken by inotify, which the listener_events_total check below needs.
+    wait_for(lambda: "rescanned the inbox (start)" in tree.log.read_text(), 30, 0.05, "the start rescan")
     for i in range(3):
         tree.write_task(f"ok-{i}", "hello")
     tree.write_task("fail-1", "exit=3")
