@@ -1,10 +1,11 @@
 """The heartbeat program: the worker's last sign of life, and its metrics endpoint.
 
 Every interval it writes ``heartbeats/<worker>.json`` atomically, with the state of its sibling
-programs (read over supervisord's XML-RPC socket) and the listener's own report (over the work
-queue's socket). It serves the whole worker's Prometheus metrics (observability/metrics.py reads
-every program's samples file at each scrape). In streams mode it also publishes
-the same record as this replica's heartbeat in Redis (replica_beat.py).
+programs (from the states file supervisord writes on each change, or else over its XML-RPC
+socket) and the listener's own report (over the work queue's socket). It serves the whole
+worker's Prometheus metrics (observability/metrics.py reads every program's samples file at each
+scrape). In streams mode it also publishes the same record as this replica's heartbeat in Redis
+(replica_beat.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from activation.worker.supervision import (
     program_states,
     supervisor_socket,
     supervisor_state,
+    told_program_infos,
 )
 
 # supervisord's RPC lives in supervision.py (the executor reads it too); the old names stay here.
@@ -214,7 +216,9 @@ class Heartbeat(Program):
         if not sock.exists():
             return None  # not under supervisord (a test, or a hand-run program)
         try:
-            infos = program_infos(sock)
+            infos = told_program_infos(self.settings.run_dir)
+            if infos is None:  # supervisord without worker.conf's states_file, or not our parent
+                infos = program_infos(sock)
         except OSError as exc:
             # SHUTDOWN_STATE: supervisord is stopping the tree and we are the last to go.
             level = logging.DEBUG if "SHUTDOWN_STATE" in str(exc) else logging.WARNING

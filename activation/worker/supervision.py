@@ -8,6 +8,8 @@ The transport is our own, with a timeout on each connection (no process-wide soc
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from xml.etree import ElementTree
 from activation.config import check_stop_margin
 
 SUPERVISOR_SOCKET = "supervisor.sock"
+STATES_FILE = "programs.json"  # worker.conf's states_file (activation/supervisor_loop.py writes it)
+MAX_STATES = 64 << 10  # bytes; three programs' states are about 300
 
 
 def supervisor_socket(run_dir: Path) -> Path:
@@ -26,6 +30,29 @@ def program_infos(sock: Path, timeout: float = 2.0) -> dict[str, dict[str, Any]]
     """``{program: getProcessInfo()}`` (statename, pid, start, …); raises OSError."""
     infos: list[dict[str, Any]] = _call(sock, timeout, "supervisor.getAllProcessInfo")
     return {str(info["name"]): info for info in infos}
+
+
+def told_program_infos(run_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """What our parent supervisord last wrote of its programs: ``{program: {statename, pid, start}}``.
+
+    supervisord writes the file on every change of a state (supervisor_loop.py), so reading it
+    is reading its answer to getAllProcessInfo without the call. None when the file is absent,
+    unreadable, or not written by this process's parent (supervisord restarted, gone, or this
+    program runs under another one): ask over XML-RPC then. Raises OSError when supervisord is
+    not RUNNING, as its RPC answers SHUTDOWN_STATE.
+    """
+    try:
+        with open(Path(run_dir) / STATES_FILE, "rb") as file:
+            record = json.loads(file.read(MAX_STATES))
+        if record["supervisord_pid"] != os.getppid():
+            return None
+        statename, programs = record["statename"], record["programs"]
+        infos = {str(name): {**info, "name": name} for name, info in programs.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if statename != "RUNNING":
+        raise OSError(f"supervisord refused: SHUTDOWN_STATE (it is {statename})")
+    return infos
 
 
 def program_states(sock: Path, timeout: float = 2.0) -> dict[str, str]:
