@@ -25,9 +25,15 @@ def test_a_running_task_shows_elapsed_time_and_attempt_live(make_tree):
     assert [r["task_id"] for r in rows] == ["next-1"]
     plain = tree.cli("tasks").stdout
     assert "long-1" in plain and "running" in plain and "next-1" in plain
-    (status,) = json.loads(tree.cli("status", "w1", "--json").stdout)
+    all_running = {"listener": "RUNNING", "executor": "RUNNING", "heartbeat": "RUNNING"}
+
+    def status_all_running() -> dict | None:
+        # The heartbeat's first beats saw the programs STARTING (startsecs): wait for its next one.
+        (status,) = json.loads(tree.cli("status", "w1", "--json").stdout)
+        return status if status["programs"] == all_running else None
+
+    status = wait_for(status_all_running, 20, 0.1, "the heartbeat to show every program RUNNING")
     assert status["current_task"] == "long-1" and status["queue_size"] == 1
-    assert status["programs"] == {"listener": "RUNNING", "executor": "RUNNING", "heartbeat": "RUNNING"}
 
 
 def test_tasks_state_failed_since_1h_on_a_real_tree(make_tree):
