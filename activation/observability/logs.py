@@ -65,8 +65,8 @@ WATCHDOG_SHUTDOWN_RACE = "InotifyEmitter.queue_events() called when the thread i
 class _WatchdogShutdownRace(logging.Filter):
     """watchdog logs an ERROR when its emitter thread reads once more after ``Observer.stop()``
     closed the watch (watchdog PR #963: its chosen answer to a benign race). Stopping a watch is
-    routine here (every ``dispatch --wait``, every listener stop), so that line would only
-    alarm the operator; every other watchdog record passes."""
+    routine here (every ``dispatch --wait`` watches the results with watchdog; the listener reads
+    inotify itself), so that line would only alarm the operator; every other watchdog record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != WATCHDOG_SHUTDOWN_RACE

@@ -204,7 +204,7 @@ class Listener(Program):
         self._wake.set()
 
     def _on_overflow(self) -> None:
-        """Called on watchdog's reader thread: events were lost, so rescan now."""
+        """Called on the inotify reader thread: events were lost, so rescan now."""
         self._overflows += 1
         self.metrics.inotify_overflows.inc()
         self.log.warning(

@@ -10,12 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from watchdog.observers.inotify_c import DEFAULT_NUM_EVENTS
 
 from activation.config import Settings
 from activation.spool.atomic import atomic_write_json
 from activation.spool.layout import Spool
-from activation.worker.wake import build_sources
+from activation.worker.wake import build_sources, inotify
 from activation.worker.wake.base import StubSource, WakeSource
 from activation.worker.wake.inotify import InotifySource
 from activation.worker.wake.messages import vet_message
@@ -152,7 +151,7 @@ def test_a_claim_does_not_delay_the_next_event(make_source: Callable[[str], Wake
         assert time.monotonic() - started < 0.25
 
 
-def test_a_failing_notify_does_not_kill_the_observer(
+def test_a_failing_notify_does_not_kill_the_reader(
     make_source: Callable[[str], WakeSource], spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = make_source("inotify")
@@ -174,23 +173,66 @@ def test_inotify_dies_visibly_when_its_inbox_is_removed(make_source: Callable[[s
     wait_for(lambda: not source.alive(), timeout=5, what="alive() to flip after the inbox vanished")
 
 
-def _watch_group(source: InotifySource) -> object:
-    observer = source._observer
-    assert observer is not None
-    (emitter,) = list(observer.emitters)
-    return emitter._inotify
+def test_events_are_parsed_from_the_kernel_struct() -> None:
+    def event(mask: int, name: bytes = b"", wd: int = 1) -> bytes:
+        padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+        return inotify.EVENT_HEADER.pack(wd, mask, 0, len(padded)) + padded
+
+    buffer = (
+        event(inotify.IN_MOVED_TO, b"a.json")
+        + event(inotify.IN_Q_OVERFLOW, wd=-1)
+        + event(inotify.IN_CLOSE_WRITE, "é.json".encode())
+    )
+    assert list(inotify.parse_events(buffer)) == [
+        (inotify.IN_MOVED_TO, "a.json"),
+        (inotify.IN_Q_OVERFLOW, ""),
+        (inotify.IN_CLOSE_WRITE, "é.json"),
+    ]
+    assert list(inotify.parse_events(buffer[:5])) == []  # a cut header is not an event
 
 
-def test_overflow_hook_calls_on_overflow(spool: Spool) -> None:
-    overflows: list[int] = []
-    source = InotifySource(spool.inbox(WORKER), on_overflow=lambda: overflows.append(1))
-    source.start(Recorder())
+def test_an_inbox_the_kernel_cannot_watch_is_a_one_line_error(spool: Spool, tmp_path: Path) -> None:
+    source = InotifySource(tmp_path / "missing")
+    with pytest.raises(inotify.InotifyError, match=r"inotify_add_watch on .*missing: No such file or directory"):
+        source.start(Recorder())
+    assert not source.alive()
+    plain_file = tmp_path / "file"
+    plain_file.write_text("")
+    with pytest.raises(inotify.InotifyError, match="Not a directory"):  # IN_ONLYDIR
+        InotifySource(plain_file).start(Recorder())
+
+
+def test_the_reader_is_one_thread_that_sleeps_between_events(spool: Spool) -> None:
+    threads_before = set(threading.enumerate())
+    source = InotifySource(spool.inbox(WORKER))
+    recorder = Recorder()
+    source.start(recorder)
     try:
-        _watch_group(source).on_queue_overflow()  # type: ignore[attr-defined]
-        assert overflows == [1]
-        assert source.alive()
+        (reader,) = [t for t in threading.enumerate() if t not in threads_before]
+        assert reader.name == "inotify-reader"
+        write_task(spool, "w")
+        wait_for(lambda: recorder.seen("w.json"), timeout=5)
+        switches = _context_switches(reader)
+        time.sleep(0.3)
+        assert _context_switches(reader) == switches  # asleep in poll(), no timer
     finally:
         source.stop()
+
+
+def _context_switches(thread: threading.Thread) -> int:
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+
+
+def test_a_failing_overflow_hook_does_not_kill_the_reader(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("hook broke")
+
+    source = InotifySource(spool.inbox(WORKER), on_overflow=broken)
+    recorder = Recorder()
+    overflow = inotify.EVENT_HEADER.pack(-1, inotify.IN_Q_OVERFLOW, 0, 0)
+    assert source._dispatch(overflow, recorder) is True
+    assert any("overflow hook failed" in r.getMessage() for r in caplog.records)
 
 
 def test_a_real_inotify_overflow_is_reported(spool: Spool) -> None:
@@ -198,31 +240,33 @@ def test_a_real_inotify_overflow_is_reported(spool: Spool) -> None:
     if limit > 100_000:
         pytest.skip(f"max_queued_events is {limit}: too many renames for a unit test")
     overflows = threading.Event()
+    release = threading.Event()
     source = InotifySource(spool.inbox(WORKER), on_overflow=overflows.set)
     recorder = Recorder()
-    source.start(recorder)
+
+    def notify(name: str, source_name: str, /, *, complete: bool = False) -> None:
+        recorder(name, source_name, complete=complete)
+        if name == "block.json":
+            release.wait(60)  # the reader thread is held here: the kernel's queue fills behind it
+
+    source.start(notify)
     inbox = spool.inbox(WORKER)
     ping, pong = inbox / ".ping", inbox / ".pong"
     ping.write_bytes(b"")
     try:
-        # Hold the watch group's lock: watchdog's reader thread blocks on its first event and the
-        # kernel queue fills up behind it, exactly as under a burst larger than the queue. Each
-        # rename queues one event (IN_MOVED_TO; IN_MOVED_FROM is not subscribed). The queue's worth
-        # and more, plus a full read buffer: on a loaded machine the reader thread wakes late, and
-        # its one read before it blocks takes up to DEFAULT_NUM_EVENTS events off the queue.
-        lock = _watch_group(source)._lock  # type: ignore[attr-defined]
-        with lock:
-            for _ in range(limit // 2 + DEFAULT_NUM_EVENTS + 200):
-                os.rename(ping, pong)
-                os.rename(pong, ping)
-        # watchdog handles the ~16k queued events first, in Python, before it reaches the overflow
-        # at the queue's end: about 2 s here, ten times that and more when other tests share the
-        # two cores (`make test -n 4`). The deadlines are for a stuck source, not a slow one.
+        write_task(spool, "block")
+        wait_for(lambda: recorder.seen("block.json"), timeout=10)
+        # Each rename queues one event (IN_MOVED_TO; IN_MOVED_FROM is not subscribed): the queue's worth and more.
+        for _ in range(limit // 2 + 200):
+            os.rename(ping, pong)
+            os.rename(pong, ping)
+        release.set()
         assert overflows.wait(90), "the overflow was not reported"
         assert source.alive()
         write_task(spool, "after")
         wait_for(lambda: recorder.seen("after.json"), timeout=20, what="events after an overflow")
     finally:
+        release.set()
         source.stop()
 
 

@@ -1,202 +1,175 @@
-"""The inotify wake source: watchdog's inotify observer on the inbox, subscribed to renames into it
-and closes after writing only, with queue overflows reported so the listener rescans.
+"""The inotify wake source: one thread reads the kernel's events on the inbox and notifies.
 
-It subclasses watchdog internals (private attributes), so watchdog is pinned to one exact
-version and tests/unit/test_watchdog_contract.py fails loudly on an upgrade.
+It subscribes to renames into the inbox and closes after writing only, reports a queue overflow
+so the listener rescans, and dies visibly (alive() turns False, the listener restarts it) when
+the inbox itself is removed, moved or unmounted.
+
+The kernel interface is libc's inotify_init1/inotify_add_watch through ctypes, read on one
+thread asleep in poll() on the inotify fd and a stop pipe. watchdog's observer put two threads
+between the kernel and the handler (its fd reader, then its emitter): one thread wake-up more on
+every task's path, and it took private attributes to get its overflow and to stop its move
+pairing. Four flags and one struct are all this source needs of inotify.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
+import select
+import struct
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-from watchdog.events import DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyConstants, Mask
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper, PathedInotifyEvent
 
 from activation.worker.wake.base import JOIN_TIMEOUT, Notify, WakeSource
 
 log = logging.getLogger("activation.listener")
 
+# <sys/inotify.h>
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+
 # Only what proves a file complete: a rename into the inbox (atomic write, requeue) and a close
 # after writing (plain write). No IN_CREATE: a plain write's create fires on an empty file. No
-# IN_MOVED_FROM: watchdog holds each one 0.5 s to pair it with its IN_MOVED_TO, and every claim
-# (a rename out of the inbox into the unwatched .processing/) would stall every later event
-# behind it for those 0.5 s (watchdog#649, measured here). Unpaired IN_MOVED_TO events arrive as
-# FileMovedEvent(src_path="", dest_path=...) because the observer generates full events.
-INBOX_MASK = Mask(
-    InotifyConstants.IN_MOVED_TO
-    | InotifyConstants.IN_CLOSE_WRITE
-    | InotifyConstants.IN_DELETE_SELF
-    | InotifyConstants.IN_ONLYDIR
-)
+# IN_MOVED_FROM: every claim is a rename out of the inbox, and nothing here needs to hear it.
+INBOX_MASK = IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+ARRIVED = IN_MOVED_TO | IN_CLOSE_WRITE
+# The watch is gone (the inbox removed, renamed away or unmounted): the kernel sends IN_IGNORED last.
+WATCH_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 
-_WANTED_EVENTS = (FileMovedEvent, DirMovedEvent, FileClosedEvent)
+EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
+READ_SIZE = 64 * 1024  # bytes per read: about 2,000 events of task-sized names, far above one event's maximum
 
 
-class _UnpairedMoves(InotifyMoveEventGrouper):
-    """watchdog's move grouper, minus the pairing: we never subscribe to IN_MOVED_FROM.
-
-    Pairing scans every queued event for a matching IN_MOVED_FROM, twice per IN_MOVED_TO; with
-    a backlog of thousands of renames that made the listener quadratic (a profiled 2,000-task
-    burst spent a third of its time there), and it can never find one.
-    """
-
-    def _group_moved_to_event(self, to_event: PathedInotifyEvent) -> PathedInotifyEvent:
-        return to_event
-
-    def get_queued_moved_from_event(self, cookie: int) -> None:
-        return None
+class InotifyError(OSError):
+    """The kernel would not give this inbox a watch (limits reached, no such folder)."""
 
 
-@dataclass
-class _WatchGroup(InotifyWatchGroup):
-    """watchdog's watch group, plus a hook run when the kernel reports IN_Q_OVERFLOW.
-
-    watchdog 7.1 calls ``on_queue_overflow`` on every watch group (and logs one warning that
-    nobody reads): this is where we learn that events were lost and a rescan is due.
-    """
-
-    overflow_hook: Callable[[], None] | None = None
-    _move_event_grouper: InotifyMoveEventGrouper = field(default_factory=_UnpairedMoves, init=False)
-
-    def on_queue_overflow(self) -> None:
-        super().on_queue_overflow()
-        if self.overflow_hook is not None:
-            try:
-                self.overflow_hook()
-            except Exception:  # an exception here would kill watchdog's reader thread
-                log.exception("inotify overflow hook failed", extra={"event": "overflow"})
+def parse_events(buffer: bytes) -> Iterator[tuple[int, str]]:
+    """Each (mask, file name) in what one read() returned; the name is "" for events on the watch itself."""
+    offset = 0
+    while offset + EVENT_HEADER.size <= len(buffer):
+        _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(buffer, offset)
+        offset += EVENT_HEADER.size
+        raw = buffer[offset : offset + length]
+        offset += length
+        yield mask, os.fsdecode(raw.split(b"\0", 1)[0])
 
 
-class _InboxEmitter(InotifyFullEmitter):
-    """An emitter that subscribes to `INBOX_MASK`, reports queue overflows, and hands its events
-    straight to the handler.
-
-    Dispatching on the emitter thread instead of queueing for the observer thread saves one
-    thread wake-up per task (about 0.1 ms of the rename-to-get latency measured here); the
-    handler catches everything, so this thread cannot die of it either.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        on_overflow: Callable[[], None] | None = None,
-        handler: FileSystemEventHandler | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_overflow = on_overflow
-        self._handler = handler
-        self.name = "inotify-emitter"
-
-    def get_event_mask_from_filter(self) -> Mask:
-        return INBOX_MASK
-
-    def on_thread_start(self) -> None:
-        # Same as InotifyEmitter.on_thread_start, with our group so the hook is set before the
-        # watch exists (no window where an overflow goes unreported).
-        self._inotify = _WatchGroup(
-            self._inotify_fd,
-            os.fsencode(self.watch.path),
-            event_mask=self.get_event_mask_from_filter(),
-            is_recursive=False,
-            follow_symlink=False,
-            overflow_hook=self._on_overflow,
-        )
-
-    def queue_event(self, event: FileSystemEvent) -> None:
-        if self._handler is None:
-            super().queue_event(event)
-        elif isinstance(event, _WANTED_EVENTS):
-            self._handler.dispatch(event)
+@cache
+def _libc() -> ctypes.CDLL:
+    # The symbols of the running process, libc's among them: no library search (find_library forks).
+    return ctypes.CDLL(None, use_errno=True)
 
 
-class _InboxObserver(InotifyObserver):
-    def __init__(self, on_overflow: Callable[[], None], handler: FileSystemEventHandler) -> None:
-        super().__init__(generate_full_events=True)
-        self._emitter_class = _InboxEmitter
-        self._emitter_kwargs.update(on_overflow=on_overflow, handler=handler)
-        self.name = "inotify-observer"
-        self._inotify_fd.name = "inotify-reader"
-
-    def threads(self) -> list[threading.Thread]:
-        return [self, self._inotify_fd, *list(self.emitters)]
+def _failed(call: str, folder: Path) -> InotifyError:
+    code = ctypes.get_errno()
+    hint = {
+        errno.EMFILE: " (fs.inotify.max_user_instances reached)",
+        errno.ENOSPC: " (fs.inotify.max_user_watches reached)",
+    }.get(code, "")
+    return InotifyError(code, f"{call} on {folder}: {os.strerror(code)}{hint}")
 
 
-class _InboxHandler(FileSystemEventHandler):
-    """Turns watchdog events into notify calls. Catches everything: an exception escaping a
-    handler kills the watchdog thread that runs it for good, and the listener would go deaf."""
-
-    def __init__(self, notify: Notify, source: str) -> None:
-        self._notify = notify
-        self._source = source
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        try:
-            if isinstance(event, (FileMovedEvent, DirMovedEvent)):
-                path = event.dest_path  # an atomic write arrives only as a rename into the inbox
-            elif isinstance(event, FileClosedEvent):
-                path = event.src_path
-            else:
-                return
-            if path:
-                self._notify(os.path.basename(os.fsdecode(path)), self._source, complete=True)
-        except Exception:
-            log.exception("inotify handler failed on %s", event, extra={"event": "handler_error"})
+def open_watch(folder: Path) -> int:
+    """A non-blocking inotify fd with one watch on ``folder``; InotifyError when the kernel refuses."""
+    libc = _libc()
+    fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    if fd < 0:
+        raise _failed("inotify_init1", folder)
+    # The real path: a symlinked inbox would otherwise be watched through a link that can change.
+    if int(libc.inotify_add_watch(fd, os.fsencode(os.path.realpath(folder)), INBOX_MASK)) < 0:
+        error = _failed("inotify_add_watch", folder)
+        os.close(fd)
+        raise error
+    return fd
 
 
 class InotifySource(WakeSource):
-    """watchdog's inotify observer on the inbox (not recursive: .processing/ is not watched)."""
+    """The inbox's inotify watch (not recursive: .processing/ is not watched), read on one thread."""
 
     name = "inotify"
 
     def __init__(self, inbox: Path, on_overflow: Callable[[], None] | None = None) -> None:
         self.inbox = Path(inbox)
         self._on_overflow = on_overflow or (lambda: None)
-        self._observer: _InboxObserver | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_write: int | None = None
 
     def start(self, notify: Notify) -> None:
         self.stop()
-        handler = _InboxHandler(notify, self.name)
-        observer = _InboxObserver(self._on_overflow, handler)  # starts its reader thread right away
+        fd = open_watch(self.inbox)
+        stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
+        thread = threading.Thread(target=self._read, args=(fd, stop_read, notify), name="inotify-reader", daemon=True)
         try:
-            # The real path: with IN_DONT_FOLLOW a symlinked inbox would watch the link itself.
-            observer.schedule(handler, os.path.realpath(self.inbox), recursive=False, event_filter=list(_WANTED_EVENTS))
-            observer.start()
+            thread.start()
         except BaseException:
-            _stop_observer(observer)
+            for end in (fd, stop_read, stop_write):
+                os.close(end)
             raise
-        self._observer = observer
+        self._thread, self._stop_write = thread, stop_write
 
     def stop(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            _stop_observer(observer)
+        thread, self._thread = self._thread, None
+        stop_write, self._stop_write = self._stop_write, None
+        if stop_write is not None:
+            with contextlib.suppress(OSError):
+                os.write(stop_write, b"x")
+        if thread is not None:
+            thread.join(JOIN_TIMEOUT)
+            if thread.is_alive():  # stuck in a notify; it closes its own fds when it comes back
+                log.warning("inotify thread %s did not stop in time", thread.name, extra={"event": "source_stop"})
+        if stop_write is not None:
+            os.close(stop_write)
 
     def alive(self) -> bool:
-        observer = self._observer
-        if observer is None:
-            return False
+        return self._thread is not None and self._thread.is_alive()
+
+    def _read(self, fd: int, stop_read: int, notify: Notify) -> None:
+        """The reader thread: asleep until the kernel has events or stop() writes to the pipe."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(stop_read, select.POLLIN)
         try:
-            return all(thread.is_alive() for thread in observer.threads())
-        except RuntimeError:  # the emitter set changed while we looked
-            return observer.is_alive()
+            while True:
+                ready = poller.poll()
+                if any(ready_fd == stop_read for ready_fd, _ in ready):
+                    return
+                try:
+                    buffer = os.read(fd, READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not self._dispatch(buffer, notify):
+                    return
+        except Exception:  # its death is seen by alive(); the listener restarts it and says so
+            log.exception("inotify reader failed on %s", self.inbox, extra={"event": "source_error"})
+        finally:
+            os.close(fd)
+            os.close(stop_read)
 
-
-def _stop_observer(observer: _InboxObserver) -> None:
-    threads = observer.threads()
-    with contextlib.suppress(Exception):
-        observer.stop()  # also stops and joins the emitter and the reader thread
-    for thread in threads:
-        with contextlib.suppress(RuntimeError):  # never started
-            thread.join(JOIN_TIMEOUT)
-        if thread.is_alive():
-            log.warning("inotify thread %s did not stop in time", thread.name, extra={"event": "source_stop"})
+    def _dispatch(self, buffer: bytes, notify: Notify) -> bool:
+        """Hand each event on; False once the watch itself is gone."""
+        for mask, name in parse_events(buffer):
+            if mask & IN_Q_OVERFLOW:
+                try:
+                    self._on_overflow()
+                except Exception:
+                    log.exception("inotify overflow hook failed", extra={"event": "overflow"})
+            elif mask & WATCH_GONE and not name:
+                return False
+            elif mask & ARRIVED and name:
+                try:
+                    notify(name, self.name, complete=True)
+                except Exception:  # a handler's error must not make the listener deaf
+                    log.exception("inotify handler failed on %s", name, extra={"event": "handler_error"})
+        return True
