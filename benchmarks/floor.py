@@ -1,58 +1,35 @@
 """The floors every figure is divided by, measured in the same run: what the kernel and one spawn cost.
 
 - raw inotify delivery: rename a file in a watched folder and ``os.read`` the event from an
-  inotify fd in the same thread (ctypes inotify_init1/inotify_add_watch, no watchdog);
+  inotify fd in the same thread (the listener's own inotify_init1/inotify_add_watch, no thread);
 - a bare spawn: ``Popen`` of the same agent, returning (and, for the burst, reaped too);
 - a durable write: write, fsync, rename, fsync the folder (what the spool's results need).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import struct
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from activation.worker.wake.inotify import IN_MOVED_TO, open_watch, parse_events
 from benchmarks.stats import summary
-
-IN_MOVED_TO = 0x00000080
-IN_CLOEXEC = 0o2000000
-_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
-
-
-def parse_events(buffer: bytes) -> list[tuple[int, int, int, str]]:
-    """The (wd, mask, cookie, name) of each ``struct inotify_event`` in what one read returned."""
-    events = []
-    offset = 0
-    while offset + _EVENT.size <= len(buffer):
-        wd, mask, cookie, length = _EVENT.unpack_from(buffer, offset)
-        offset += _EVENT.size
-        raw = buffer[offset : offset + length]
-        offset += length
-        events.append((wd, mask, cookie, raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")))
-    return events
 
 
 class Inotify:
-    """A raw inotify fd watching one folder for IN_MOVED_TO, straight from libc."""
+    """A raw inotify fd watching one folder for IN_MOVED_TO, read blocking in the caller's thread.
+
+    The listener's own kernel calls (activation/worker/wake/inotify.py), without its thread.
+    """
 
     def __init__(self, folder: Path, mask: int = IN_MOVED_TO) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self.fd = libc.inotify_init1(IN_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        wd = libc.inotify_add_watch(self.fd, os.fsencode(folder), mask)
-        if wd < 0:
-            errno = ctypes.get_errno()
-            os.close(self.fd)
-            raise OSError(errno, f"inotify_add_watch {folder}")
+        self.fd = open_watch(folder, mask, blocking=True)
 
-    def read(self) -> list[tuple[int, int, int, str]]:
-        return parse_events(os.read(self.fd, 64 * 1024))
+    def read(self) -> list[tuple[int, str]]:
+        """The (mask, name) of each event of one read."""
+        return list(parse_events(os.read(self.fd, 64 * 1024)))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -71,7 +48,7 @@ def inotify_delivery(folder: Path, samples: int) -> list[float]:
             os.rename(tmp, final)
             events = watch.read()
             delays.append((time.perf_counter() - began) * 1000)
-            if not any(name == final.name for _, _, _, name in events):
+            if not any(name == final.name for _, name in events):
                 raise RuntimeError(f"inotify floor: expected {final.name}, read {events}")
             final.unlink()
     finally:

@@ -81,14 +81,14 @@ def _failed(call: str, folder: Path) -> InotifyError:
     return InotifyError(code, f"{call} on {folder}: {os.strerror(code)}{hint}")
 
 
-def open_watch(folder: Path) -> int:
-    """A non-blocking inotify fd with one watch on ``folder``; InotifyError when the kernel refuses."""
+def open_watch(folder: Path, mask: int = INBOX_MASK, *, blocking: bool = False) -> int:
+    """An inotify fd with one watch on ``folder`` (the bench's floor reads one blocking); InotifyError when refused."""
     libc = _libc()
-    fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    fd = int(libc.inotify_init1(os.O_CLOEXEC if blocking else os.O_NONBLOCK | os.O_CLOEXEC))
     if fd < 0:
         raise _failed("inotify_init1", folder)
     # The real path: a symlinked inbox would otherwise be watched through a link that can change.
-    if int(libc.inotify_add_watch(fd, os.fsencode(os.path.realpath(folder)), INBOX_MASK)) < 0:
+    if int(libc.inotify_add_watch(fd, os.fsencode(os.path.realpath(folder)), mask)) < 0:
         error = _failed("inotify_add_watch", folder)
         os.close(fd)
         raise error
