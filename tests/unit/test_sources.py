@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import threading
@@ -200,6 +202,17 @@ def test_an_inbox_the_kernel_cannot_watch_is_a_one_line_error(spool: Spool, tmp_
     plain_file.write_text("")
     with pytest.raises(inotify.InotifyError, match="Not a directory"):  # IN_ONLYDIR
         InotifySource(plain_file).start(Recorder())
+
+
+@pytest.mark.parametrize(
+    ("code", "sysctl"),
+    [(errno.ENOSPC, "fs.inotify.max_user_watches"), (errno.EMFILE, "fs.inotify.max_user_instances")],
+)
+def test_an_exhausted_inotify_limit_names_the_sysctl_to_raise(code: int, sysctl: str, tmp_path: Path) -> None:
+    ctypes.set_errno(code)  # what libc leaves behind when the kernel refuses the watch or the instance
+    error = inotify._failed("inotify_add_watch", tmp_path)
+    assert error.errno == code
+    assert str(error).endswith(f"{os.strerror(code)} ({sysctl} reached)")
 
 
 def test_the_reader_is_one_thread_that_sleeps_between_events(spool: Spool) -> None:
