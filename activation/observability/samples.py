@@ -117,10 +117,16 @@ class Store:
         self._dirty = True
         if self._stop.is_set():
             return  # closed, the process exits: flush() writes it, no thread starts now
-        if self._writer is None:
+        self.start_writer()
+        self._wake.set()
+
+    def start_writer(self) -> None:
+        """Start the writer thread (asleep until a change) unless it runs: at a program's start,
+        so that starting a thread is not on its first task's path (a start waits for the new
+        thread to run: a wake-up of the other vCPU, 0.1-0.5 ms here)."""
+        if self._writer is None and self.path is not None and not self._stop.is_set():
             self._writer = threading.Thread(target=self._write_loop, name="metrics-writer", daemon=True)
             self._writer.start()
-        self._wake.set()
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -352,6 +358,7 @@ def record_to(run_dir: Path, program: str) -> Store:
         _store.path = metrics_folder(run_dir) / f"{program}{SUFFIX}"
         _store.load()
         atexit.register(_store.close)
+        _store.start_writer()
     return _store
 
 

@@ -297,6 +297,39 @@ def test_changes_are_written_by_the_writer_thread_and_the_file_is_not_world_read
         store.close()
 
 
+def test_the_writer_thread_starts_with_the_program_and_sleeps_until_a_change(folder: Path) -> None:
+    """Started at the program's start (record_to), not by its first task's first metric: a thread
+    start waits for the new thread to run, which would be on that task's path."""
+    import threading
+
+    store = Store(folder / "executor.json")
+    try:
+        store.start_writer()
+        store.start_writer()  # idempotent: one thread
+        writers = [t for t in threading.enumerate() if t.name == "metrics-writer" and t is store._writer]
+        assert len(writers) == 1 and writers[0].is_alive()
+        assert not (folder / "executor.json").exists()  # nothing changed: nothing written
+        WorkerMetrics(store).agent_timeouts.inc()
+        from tests.conftest import wait_for
+
+        wait_for(lambda: (folder / "executor.json").exists(), 10, 0.01, "the executor's metrics file")
+    finally:
+        store.close()
+    assert not writers[0].is_alive()
+    store.start_writer()  # a closed store starts no thread again
+    assert store._writer is None
+
+
+def test_a_programs_start_starts_its_metrics_writer(tmp_path: Path) -> None:
+    code = (
+        "import sys, threading; from pathlib import Path; from activation.observability.samples import record_to; "
+        "record_to(Path(sys.argv[1]), 'listener'); print(sorted(t.name for t in threading.enumerate()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "'metrics-writer'" in out.stdout
+
+
 def test_real_programs_write_their_files_and_a_killed_ones_gauge_goes(folder: Path) -> None:
     """Fresh interpreters record the way the CLI's programs do (record_to, then the singleton)."""
     run_dir = folder.parent
