@@ -8,7 +8,7 @@ The kernel interface is libc's inotify_init1/inotify_add_watch through ctypes, r
 thread asleep in poll() on the inotify fd and a stop pipe. watchdog's observer put two threads
 between the kernel and the handler (its fd reader, then its emitter): one thread wake-up more on
 every task's path, and it took private attributes to get its overflow and to stop its move
-pairing. Four flags and one struct are all this source needs of inotify.
+pairing. A handful of flags and one struct are all this source needs of inotify.
 """
 
 from __future__ import annotations
