@@ -256,3 +256,27 @@ def test_a_starting_tree_is_reported_healthy_soon_not_an_interval_later(make_tre
     tree: WorkerTree = make_tree(ACTIVATION_HEARTBEAT_INTERVAL="30")
     # The first beat saw its siblings STARTING; the next one must not wait 30 s to say RUNNING.
     wait_for(lambda: tree.cli("check", "w1").returncode == 0, 6, 0.2, "check to pass after start")
+
+
+def test_an_inbox_removed_under_a_running_listener_is_made_again_and_watched_again(make_tree):
+    """An operator's rm -rf of the inbox ends the inotify watch with it: the listener says so, makes
+    the inbox again, restarts the watch, and a task written after that is woken by inotify, not
+    found a rescan later."""
+    import shutil
+
+    tree: WorkerTree = make_tree()
+    tree.write_task("before", "x")
+    assert tree.wait_result("before")["status"] == "completed"
+    shutil.rmtree(tree.spool.inbox(tree.worker))
+    wait_for(
+        lambda: "wake source inotify died; restarting it" in tree.log_text(),
+        20,
+        0.05,
+        "the listener to see the watch end",
+    )
+    wait_for(lambda: tree.log_text().count("wake source inotify started") >= 2, 20, 0.05, "the watch restarted")
+    assert tree.spool.inbox(tree.worker).is_dir()
+    tree.write_task("after", "x")
+    result = tree.wait_result("after")
+    assert (result["status"], result["source"]) == ("completed", "inotify")
+    assert tree.states() == {p: "RUNNING" for p in PROGRAMS}  # nothing crashed on the way
