@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from activation.worker.wake.inotify import IN_MOVED_TO, open_watch, parse_events
+from activation.worker.wake.inotify import IN_MOVED_TO, READ_SIZE, open_watch, parse_events
 from benchmarks.stats import summary
 
 
@@ -29,7 +29,7 @@ class Inotify:
 
     def read(self) -> list[tuple[int, str]]:
         """The (mask, name) of each event of one read."""
-        return list(parse_events(os.read(self.fd, 64 * 1024)))
+        return list(parse_events(os.read(self.fd, READ_SIZE)))
 
     def close(self) -> None:
         os.close(self.fd)

@@ -109,7 +109,11 @@ class InotifySource(WakeSource):
     def start(self, notify: Notify) -> None:
         self.stop()
         fd = open_watch(self.inbox)
-        stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
+        except BaseException:  # out of fds: the watch goes with it
+            os.close(fd)
+            raise
         thread = threading.Thread(target=self._read, args=(fd, stop_read, notify), name="inotify-reader", daemon=True)
         try:
             thread.start()
