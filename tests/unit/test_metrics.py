@@ -300,14 +300,13 @@ def test_changes_are_written_by_the_writer_thread_and_the_file_is_not_world_read
 def test_the_writer_thread_starts_with_the_program_and_sleeps_until_a_change(folder: Path) -> None:
     """Started at the program's start (record_to), not by its first task's first metric: a thread
     start waits for the new thread to run, which would be on that task's path."""
-    import threading
-
     store = Store(folder / "executor.json")
     try:
         store.start_writer()
+        writer = store._writer
         store.start_writer()  # idempotent: one thread
-        writers = [t for t in threading.enumerate() if t.name == "metrics-writer" and t is store._writer]
-        assert len(writers) == 1 and writers[0].is_alive()
+        assert writer is not None and store._writer is writer
+        assert writer.name == "metrics-writer" and writer.is_alive()
         assert not (folder / "executor.json").exists()  # nothing changed: nothing written
         WorkerMetrics(store).agent_timeouts.inc()
         from tests.conftest import wait_for
@@ -315,7 +314,7 @@ def test_the_writer_thread_starts_with_the_program_and_sleeps_until_a_change(fol
         wait_for(lambda: (folder / "executor.json").exists(), 10, 0.01, "the executor's metrics file")
     finally:
         store.close()
-    assert not writers[0].is_alive()
+    assert not writer.is_alive()
     store.start_writer()  # a closed store starts no thread again
     assert store._writer is None
 

@@ -177,7 +177,7 @@ def test_inotify_dies_visibly_when_its_inbox_is_removed(make_source: Callable[[s
 
 def test_events_are_parsed_from_the_kernel_struct() -> None:
     def event(mask: int, name: bytes = b"", wd: int = 1) -> bytes:
-        padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+        padded = name + b"\0" * (16 - len(name) % 16) if name else b""  # NUL-padded, as the kernel does
         return inotify.EVENT_HEADER.pack(wd, mask, 0, len(padded)) + padded
 
     buffer = (
